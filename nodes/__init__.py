@@ -1,0 +1,17 @@
+"""ComfyUI V3 nodes of DreamBooth Studio.
+
+The only layer that imports ComfyUI (comfy_api, comfy, folder_paths, server). Each node maps its
+inputs onto a trainers/ config and its results back onto ComfyUI types.
+"""
+
+from comfy_api.latest import ComfyExtension, io
+
+
+class DreamBoothStudioExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return all_nodes()
+
+
+def all_nodes() -> list[type[io.ComfyNode]]:
+    # Imported here so that loading the extension object stays cheap.
+    return []
