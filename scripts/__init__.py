@@ -1,0 +1,1 @@
+"""Dev and demo tooling: ComfyUI server launcher, API client, demo and benchmarks."""
