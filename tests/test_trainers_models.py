@@ -527,7 +527,7 @@ def test_placeholder_cli_writes_tiny_files_and_skips_existing(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(repo_root())}
     first = subprocess.run(command, cwd=repo_root(), env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
-    names = sorted(p.name for p in (tmp_path / "models").iterdir())
+    names = sorted(p.name for p in (tmp_path / "models").iterdir() if not p.name.startswith("."))
     assert names == [placeholder.TINY_CONTROLNET_NAME, placeholder.TINY_CHECKPOINT_NAME]
     assert "checkpoint:" in first.stdout and "controlnet:" in first.stdout
     stamp = (tmp_path / "models" / placeholder.TINY_CHECKPOINT_NAME).stat().st_mtime_ns

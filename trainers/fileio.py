@@ -102,3 +102,14 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def sha256_file(path: str | os.PathLike, chunk_bytes: int = 16 * 1024 * 1024) -> str:
+    """SHA-256 hex digest of a file's bytes (a base-model fingerprint; ~2-5 s for an SD1.5 file)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()

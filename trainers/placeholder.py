@@ -181,10 +181,29 @@ def write_random_controlnet(
     return path
 
 
+def _is_current(path: Path, seed: int) -> bool:
+    from .checkpoint import CheckpointError, read_safetensors_header
+
+    if not path.is_file():
+        return False
+    try:
+        _, metadata, _ = read_safetensors_header(path)
+    except (CheckpointError, OSError):
+        return False
+    return (metadata.get("dbs.placeholder_version") == PLACEHOLDER_VERSION
+            and metadata.get("dbs.seed") == str(seed))
+
+
 def write_placeholder_models(
     out_dir: str | os.PathLike, tiny: bool = False, seed: int = 0
 ) -> dict[str, Path]:
-    """Write the checkpoint and ControlNet into ``out_dir`` unless present; returns both paths."""
+    """The checkpoint and ControlNet in ``out_dir``, written unless a current copy is there.
+
+    Safe for concurrent callers (tests, servers, the demo): generation runs under an exclusive
+    lock on ``out_dir/.generate.lock``; files of an older generator version are replaced.
+    """
+    import fcntl
+
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     size = "tiny" if tiny else "full"
@@ -193,14 +212,17 @@ def write_placeholder_models(
         "controlnet": folder / (TINY_CONTROLNET_NAME if tiny else CONTROLNET_NAME),
     }
     writers = {"checkpoint": write_random_sd15_checkpoint, "controlnet": write_random_controlnet}
-    for kind, path in paths.items():
-        if path.exists():
-            logger.info("keeping existing %s", path)
-            continue
+    with open(folder / ".generate.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            writers[kind](path, seed=seed, size=size)
-        except FileExistsError:  # written by a concurrent run meanwhile
-            logger.info("keeping %s, written concurrently", path)
+            for kind, path in paths.items():
+                if _is_current(path, seed):
+                    logger.info("keeping existing %s", path)
+                    continue
+                logger.info("generating %s (random %s SD1.5 %s)", path, size, kind)
+                writers[kind](path, seed=seed, size=size, overwrite=path.exists())
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
     return paths
 
 

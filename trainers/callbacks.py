@@ -1,0 +1,57 @@
+"""How training reports progress and how it stops.
+
+The trainers call a :class:`TrainingCallbacks` object; the ComfyUI nodes adapt it to progress
+bars, the cancel check and the live loss curve, the CLI to a terminal progress line. Whatever a
+callback raises (including ``BaseException`` subclasses such as ComfyUI's
+``InterruptProcessingException``) propagates out of the trainer unchanged, after the trainer has
+put the base models back as they were; nothing is saved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class StepState:
+    """What happened in one optimizer step."""
+
+    step: int  # 1-based number of the optimizer step just taken
+    total_steps: int
+    loss: float  # total loss of the step (instance + weighted prior)
+    lr: float  # learning rate of the UNet parameters used for this step
+    elapsed: float  # seconds since training began (after caching)
+    phase: str = "train"
+    instance_loss: float | None = None
+    prior_loss: float | None = None
+
+
+class TrainingCallbacks:
+    """No-op base; override what you need."""
+
+    def on_train_begin(self, total_steps: int) -> None:
+        """Called once the data is cached, right before the first step."""
+
+    def on_step_end(self, state: StepState) -> None:
+        """Called after every optimizer step. Raise to stop training (nothing is saved)."""
+
+    def on_train_end(self, losses: list[float]) -> None:
+        """Called after the last step, before the result is assembled."""
+
+
+class TrainingStopped(Exception):
+    """Raise from a callback to stop training early on purpose; the trainer re-raises it after cleanup."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or a trained weight) became NaN or infinite; training stopped and nothing was saved."""
+
+    def __init__(self, step: int, what: str = "loss", lr: float | None = None) -> None:
+        self.step = step
+        self.what = what
+        at = f" (learning rate {lr:g})" if lr is not None else ""
+        super().__init__(
+            f"training diverged: the {what} became NaN or infinite at step {step}{at}. Nothing was saved. "
+            f"Lower the learning rate (e.g. by 10x), keep gradient clipping on (max_grad_norm 1.0), or use "
+            f"fp32 precision."
+        )

@@ -1,0 +1,265 @@
+"""Training configs as typed, validated data: one source of truth for nodes, CLI and file metadata.
+
+Each trainer has a frozen dataclass whose fields carry ``metadata`` (help text, bounds, choices).
+:func:`field_spec` hands that metadata to the ComfyUI nodes, which build their widgets from it;
+:func:`add_config_arguments` builds the CLI's argparse options from it; ``__post_init__``
+validates against it, so a bad value is refused with the same bounds everywhere, before any model
+is loaded.
+
+Bounds in metadata:
+
+- ``min`` / ``max``: inclusive limits; ``min_exclusive=True`` makes ``min`` exclusive.
+- ``zero_means``: 0 is also allowed and means what the text says ("off", "same as rank").
+- ``choices``: allowed strings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, get_type_hints
+
+LR_SCHEDULERS = (
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+)
+PRECISIONS = ("fp32", "bf16", "fp16")
+MAX_SEED = 2**32 - 1
+
+
+class ConfigError(ValueError):
+    """A config value is out of range; the message names the field, the value and what is allowed."""
+
+
+def _spec(default: Any, help: str, **bounds: Any) -> Any:  # noqa: A002 - mirrors argparse's name
+    return field(default=default, metadata={"help": help, **bounds})
+
+
+def field_spec(cls: type, name: str) -> dict[str, Any]:
+    """The widget/CLI description of one config field.
+
+    Keys: ``name``, ``type`` ("int", "float", "bool" or "str"), ``default``, ``help`` and, where
+    they apply, ``min``, ``max``, ``min_exclusive``, ``zero_means``, ``choices``, ``step``.
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if name not in fields:
+        raise KeyError(f"{cls.__name__} has no field {name!r}; fields: {', '.join(fields)}")
+    spec = dict(fields[name].metadata)
+    spec["name"] = name
+    spec["type"] = _type_name(cls, name)
+    spec["default"] = fields[name].default
+    if "choices" in spec:
+        spec["choices"] = list(spec["choices"])
+    return spec
+
+
+def field_specs(cls: type) -> list[dict[str, Any]]:
+    """:func:`field_spec` of every field, in declaration order."""
+    return [field_spec(cls, f.name) for f in dataclasses.fields(cls)]
+
+
+def _type_name(cls: type, name: str) -> str:
+    hint = get_type_hints(cls)[name]
+    return {int: "int", float: "float", bool: "bool", str: "str"}[hint]
+
+
+def _allowed_text(spec: dict[str, Any], kind: str) -> str:
+    if "choices" in spec:
+        return "one of " + ", ".join(repr(c) for c in spec["choices"])
+    noun = "a whole number" if kind == "int" else "a finite number"
+    low = spec.get("min")
+    high = spec.get("max")
+    parts = []
+    if low is not None:
+        parts.append(f"{'>' if spec.get('min_exclusive') else '>='} {low}")
+    if high is not None:
+        parts.append(f"<= {high}")
+    text = f"{noun} {' and '.join(parts)}".strip()
+    if "zero_means" in spec:
+        text = f"0 ({spec['zero_means']}) or {text}"
+    return text
+
+
+def _check_field(cls_name: str, name: str, kind: str, spec: dict[str, Any], value: Any) -> Any:
+    """Return ``value`` coerced to the field's type, or raise ConfigError."""
+
+    given = value
+
+    def fail() -> ConfigError:
+        return ConfigError(f"{name} must be {_allowed_text(spec, kind)} (got {given!r})")
+
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false (got {value!r})")
+        return value
+    if kind == "str":
+        if not isinstance(value, str) or value not in spec.get("choices", (value,)):
+            raise fail()
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise fail()
+    if kind == "int":
+        if isinstance(value, float):
+            if not math.isfinite(value) or not value.is_integer():
+                raise fail()
+            value = int(value)
+    else:
+        value = float(value)
+        if not math.isfinite(value):
+            raise fail()
+    if "zero_means" in spec and value == 0:
+        return value
+    low, high = spec.get("min"), spec.get("max")
+    if low is not None and (value < low or (spec.get("min_exclusive") and value == low)):
+        raise fail()
+    if high is not None and value > high:
+        raise fail()
+    return value
+
+
+class _ValidatedConfig:
+    """Mixin: field validation from metadata, dict round trip. Subclasses are frozen dataclasses."""
+
+    def __post_init__(self) -> None:
+        for spec in field_specs(type(self)):
+            name = spec["name"]
+            value = _check_field(type(self).__name__, name, spec["type"], spec, getattr(self, name))
+            object.__setattr__(self, name, value)
+        self._check_together()
+
+    def _check_together(self) -> None:
+        """Checks that involve several fields; subclasses extend."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Any:
+        """Build from a dict such as ``to_dict()`` wrote; unknown keys are an error, missing ones default."""
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown {cls.__name__} field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}"
+            )
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class LoRATrainConfig(_ValidatedConfig):
+    """Hyper-parameters of LoRA training on SD1.5 (UNet attention, optionally the text encoder)."""
+
+    rank: int = _spec(16, "LoRA rank (dimension of the low-rank update). 4-32 is typical for a subject.", min=1, max=128)
+    alpha: float = _spec(
+        0.0,
+        "LoRA alpha; the update is scaled by alpha/rank. 0 means alpha = rank (scale 1).",
+        min=0, max=1024, min_exclusive=True, zero_means="same as rank", step=1.0,
+    )
+    steps: int = _spec(500, "Optimizer steps to train.", min=1, max=100_000)
+    unet_lr: float = _spec(
+        1e-4, "Learning rate of the UNet LoRA (AdamW). 1e-4 is a good start.",
+        min=0, max=1.0, min_exclusive=True, step=1e-6,
+    )
+    text_encoder_lr: float = _spec(
+        0.0,
+        "Learning rate of the text-encoder LoRA. 0 keeps the text encoder frozen (faster; its "
+        "embeddings are computed once). 1e-5 to 5e-5 is typical when trained.",
+        min=0, max=1.0, min_exclusive=True, zero_means="frozen text encoder", step=1e-6,
+    )
+    lr_scheduler: str = _spec(
+        "constant", "How the learning rate changes over the steps (after the warmup).", choices=LR_SCHEDULERS
+    )
+    lr_warmup_steps: int = _spec(
+        0, "Steps over which the learning rate ramps up from 0 (not used by 'constant').", min=0, max=100_000
+    )
+    batch_size: int = _spec(1, "Images per optimizer step.", min=1, max=64)
+    seed: int = _spec(0, "Random seed: the same seed, data and settings give the same LoRA.", min=0, max=MAX_SEED)
+    precision: str = _spec(
+        "fp32",
+        "Compute precision. bf16/fp16 use autocast on CUDA GPUs (LoRA weights stay fp32); on the CPU "
+        "training runs in fp32 and a warning says so.",
+        choices=PRECISIONS,
+    )
+    gradient_checkpointing: bool = _spec(
+        False, "Recompute UNet activations in the backward pass: less memory, about 30% slower."
+    )
+    cache_latents: bool = _spec(
+        True, "Encode the images with the VAE once instead of every step (faster, same result)."
+    )
+    max_grad_norm: float = _spec(
+        1.0, "Clip the gradient norm to this value; 0 turns clipping off.",
+        min=0, max=1000, min_exclusive=True, zero_means="no clipping", step=0.1,
+    )
+    noise_offset: float = _spec(
+        0.0, "Offset noise strength (helps very dark/bright images); 0 is off, 0.05-0.1 is typical.",
+        min=0, max=1.0, step=0.01,
+    )
+    min_snr_gamma: float = _spec(
+        0.0, "Min-SNR loss weighting gamma (5 is typical); 0 is off.",
+        min=0, max=100, min_exclusive=True, zero_means="off", step=0.5,
+    )
+
+    def _check_together(self) -> None:
+        if self.lr_warmup_steps > self.steps:
+            raise ConfigError(
+                f"lr_warmup_steps must be between 0 and steps ({self.steps}) (got {self.lr_warmup_steps})"
+            )
+        if self.lr_warmup_steps and self.lr_scheduler == "constant":
+            raise ConfigError(
+                f"lr_warmup_steps={self.lr_warmup_steps} has no effect with lr_scheduler 'constant'; "
+                f"use 'constant_with_warmup' or set lr_warmup_steps to 0"
+            )
+
+    @property
+    def effective_alpha(self) -> float:
+        return float(self.rank) if self.alpha == 0 else float(self.alpha)
+
+    @property
+    def train_text_encoder(self) -> bool:
+        return self.text_encoder_lr > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# argparse from the same metadata
+# ---------------------------------------------------------------------------------------------
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one ``--field-name`` option per config field, with the field's help, default and choices."""
+    group = parser.add_argument_group(f"{cls.__name__} options")
+    for spec in field_specs(cls):
+        flag = "--" + spec["name"].replace("_", "-")
+        text = spec["help"].replace("%", "%%")
+        allowed = ""
+        if spec["type"] in ("int", "float") and "min" in spec:
+            allowed = f" Allowed: {_allowed_text(spec, spec['type'])}."
+        help_text = f"{text}{allowed} Default: {spec['default']}."
+        if spec["type"] == "bool":
+            group.add_argument(
+                flag, dest=spec["name"], action=argparse.BooleanOptionalAction, default=spec["default"],
+                help=help_text,
+            )
+        elif spec["type"] == "str":
+            group.add_argument(
+                flag, dest=spec["name"], choices=spec["choices"], default=spec["default"], help=help_text
+            )
+        else:
+            group.add_argument(
+                flag, dest=spec["name"], type=int if spec["type"] == "int" else float, default=spec["default"],
+                metavar=spec["type"].upper(), help=help_text,
+            )
+
+
+def config_from_args(cls: type, args: argparse.Namespace) -> Any:
+    """The config built from parsed options added by :func:`add_config_arguments`."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})

@@ -1,0 +1,454 @@
+"""The diffusion training loop shared by the LoRA and DreamBooth trainers.
+
+Objective: SD1.5's epsilon-prediction MSE on the DDPM schedule (``v_prediction`` schedulers are
+handled too), uniform random timesteps, optional min-SNR-gamma weighting and offset noise.
+
+Data, prepared once by :func:`prepare_training_set`:
+
+- Latents: the VAE encodes every image once (and its mirror image when flip augmentation is on)
+  and the mean and standard deviation of its latent distribution are cached, scaled by the VAE's
+  scaling factor (0.18215). Each step draws a fresh sample ``mean + std * eps`` with the training
+  generator, as encoding every step would. Without ``cache_latents`` the VAE encodes the batch
+  every step and the sample is drawn the same way, so both paths train on the same distribution.
+- Text: captions are tokenized once; with a frozen text encoder their embeddings (CLIP's last
+  hidden state, as SD1.5 uses) are computed once too.
+- Batches: image indices come from a stream of random permutations (every image once per epoch),
+  each image is mirrored with probability 1/2 when flip is on. Every random draw (indices, flips,
+  latent samples, noise, timesteps) comes from one CPU generator seeded from the config seed, so
+  the same seed gives the same LoRA on the same hardware.
+
+A second :class:`TrainingSet` (class images for prior preservation) can ride along: its samples
+are appended to each batch and its loss, weighted by ``prior_loss_weight``, is added and reported
+separately. The trainers of this issue pass none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .callbacks import NonFiniteLossError, StepState, TrainingCallbacks
+
+logger = logging.getLogger(__name__)
+
+# Images per VAE / text-encoder call while caching.
+ENCODE_BATCH = 4
+
+
+def derive_seed(seed: int, purpose: str) -> int:
+    """An independent 63-bit seed for one use (data order, weight init) of the config seed."""
+    digest = hashlib.sha256(f"{seed}:{purpose}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def model_device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def model_dtype(model: Any) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingSet:
+    """Images of one concept, prepared for the loop by :func:`prepare_training_set`."""
+
+    count: int
+    flip: bool
+    caption_index: torch.Tensor  # (N,) index into input_ids / embeddings
+    input_ids: torch.Tensor  # (P, 77) token ids of the distinct captions
+    embeddings: torch.Tensor | None = None  # (P, 77, D) when the text encoder is frozen
+    latent_mean: torch.Tensor | None = None  # (V, N, 4, h, w), V = 2 with flip (index 1 mirrored)
+    latent_std: torch.Tensor | None = None
+    pixels: torch.Tensor | None = None  # (N, 3, H, W) in [-1, 1] when latents are not cached
+
+    @property
+    def cached_latents(self) -> bool:
+        return self.latent_mean is not None
+
+
+def tokenize(tokenizer: Any, captions: Sequence[str]) -> torch.Tensor:
+    """Token ids padded/truncated to the tokenizer's length (77 for SD1.5); warns about truncation."""
+    length = tokenizer.model_max_length
+    full = tokenizer(list(captions), padding=False, truncation=False)["input_ids"]
+    for caption, ids in zip(captions, full, strict=True):
+        if len(ids) > length:
+            logger.warning(
+                "caption is %d tokens long and is cut to %d: %r", len(ids), length, caption[:120]
+            )
+    batch = tokenizer(
+        list(captions), padding="max_length", max_length=length, truncation=True, return_tensors="pt"
+    )
+    return batch["input_ids"]
+
+
+def encode_text(text_encoder: Any, input_ids: torch.Tensor) -> torch.Tensor:
+    """CLIP's last hidden state, the conditioning SD1.5 was trained with (no clip skip)."""
+    output = text_encoder(input_ids.to(model_device(text_encoder)))
+    return output[0]
+
+
+@torch.no_grad()
+def encode_latent_stats(vae: Any, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled mean and std of the VAE's latent distribution for images in [-1, 1]."""
+    device, dtype = model_device(vae), model_dtype(vae)
+    scale = float(vae.config.scaling_factor)
+    means, stds = [], []
+    for start in range(0, len(pixels), ENCODE_BATCH):
+        chunk = pixels[start : start + ENCODE_BATCH].to(device, dtype)
+        dist = vae.encode(chunk).latent_dist
+        means.append((dist.mean.float() * scale).cpu())
+        stds.append((dist.std.float() * scale).cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
+@torch.no_grad()
+def prepare_training_set(
+    pixels: torch.Tensor,
+    captions: Sequence[str],
+    *,
+    vae: Any,
+    text_encoder: Any,
+    tokenizer: Any,
+    flip: bool,
+    cache_latents: bool,
+    cache_text: bool,
+) -> TrainingSet:
+    """Tokenize captions and, as asked, encode latents and text embeddings once.
+
+    ``pixels`` is N x 3 x H x W in [0, 1] on the CPU. Cached tensors stay on the CPU in fp32.
+    """
+    if len(captions) != len(pixels):
+        raise ValueError(f"{len(pixels)} images but {len(captions)} captions")
+    distinct = sorted(set(captions))
+    caption_index = torch.tensor([distinct.index(c) for c in captions], dtype=torch.long)
+    input_ids = tokenize(tokenizer, distinct)
+    embeddings = None
+    if cache_text:
+        embeddings = torch.cat(
+            [
+                encode_text(text_encoder, input_ids[i : i + ENCODE_BATCH]).float().cpu()
+                for i in range(0, len(input_ids), ENCODE_BATCH)
+            ]
+        )
+    signed = pixels.float().clamp(0, 1) * 2 - 1
+    training_set = TrainingSet(
+        count=len(pixels), flip=flip, caption_index=caption_index, input_ids=input_ids, embeddings=embeddings
+    )
+    if cache_latents:
+        variants = [signed, signed.flip(-1)] if flip else [signed]
+        stats = [encode_latent_stats(vae, variant) for variant in variants]
+        training_set.latent_mean = torch.stack([mean for mean, _ in stats])
+        training_set.latent_std = torch.stack([std for _, std in stats])
+    else:
+        training_set.pixels = signed
+    return training_set
+
+
+class IndexStream:
+    """Image indices from consecutive random permutations: each image once per epoch."""
+
+    def __init__(self, count: int, generator: torch.Generator) -> None:
+        self.count = count
+        self.generator = generator
+        self._pending: list[int] = []
+
+    def take(self, n: int) -> torch.Tensor:
+        while len(self._pending) < n:
+            self._pending += torch.randperm(self.count, generator=self.generator).tolist()
+        taken, self._pending = self._pending[:n], self._pending[n:]
+        return torch.tensor(taken, dtype=torch.long)
+
+
+def draw_flips(training_set: TrainingSet, n: int, generator: torch.Generator) -> torch.Tensor:
+    if not training_set.flip:
+        return torch.zeros(n, dtype=torch.long)
+    return torch.randint(0, 2, (n,), generator=generator)
+
+
+def batch_latents(
+    training_set: TrainingSet,
+    indices: torch.Tensor,
+    flips: torch.Tensor,
+    vae: Any,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """A latent sample per chosen image (fp32, CPU), from the cache or by encoding now."""
+    if training_set.cached_latents:
+        assert training_set.latent_mean is not None and training_set.latent_std is not None
+        mean = training_set.latent_mean[flips, indices]
+        std = training_set.latent_std[flips, indices]
+    else:
+        assert training_set.pixels is not None
+        chosen = training_set.pixels[indices]
+        chosen = torch.where(flips.view(-1, 1, 1, 1).bool(), chosen.flip(-1), chosen)
+        mean, std = encode_latent_stats(vae, chosen)
+    eps = torch.randn(mean.shape, generator=generator)
+    return mean + std * eps
+
+
+def batch_conditioning(
+    training_set: TrainingSet, indices: torch.Tensor, text_encoder: Any
+) -> torch.Tensor:
+    """Text embeddings of the chosen images' captions: cached, or through the (trained) text encoder."""
+    rows = training_set.caption_index[indices]
+    if training_set.embeddings is not None:
+        return training_set.embeddings[rows]
+    return encode_text(text_encoder, training_set.input_ids[rows])
+
+
+# ---------------------------------------------------------------------------------------------
+# Objective
+# ---------------------------------------------------------------------------------------------
+
+
+def add_training_noise(
+    latents: torch.Tensor,
+    noise_scheduler: Any,
+    generator: torch.Generator,
+    noise_offset: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(noisy latents, noise, timesteps) for a batch of CPU latents; optional offset noise."""
+    batch = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=generator)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn((batch, latents.shape[1], 1, 1), generator=generator)
+    timesteps = torch.randint(
+        0, int(noise_scheduler.config.num_train_timesteps), (batch,), generator=generator, dtype=torch.long
+    )
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    return noisy, noise, timesteps
+
+
+def training_target(
+    noise_scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unsupported prediction type {kind!r}; SD1.5 uses 'epsilon'")
+
+
+def snr(noise_scheduler: Any, timesteps: torch.Tensor) -> torch.Tensor:
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(torch.float64)[timesteps.cpu()]
+    return (alphas_cumprod / (1.0 - alphas_cumprod)).float()
+
+
+def min_snr_weights(noise_scheduler: Any, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample loss weights of Min-SNR-gamma (Hang et al. 2023): min(SNR, gamma) / SNR for epsilon."""
+    ratio = snr(noise_scheduler, timesteps)
+    clipped = torch.minimum(ratio, torch.full_like(ratio, gamma))
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return clipped / (ratio + 1.0)
+    return clipped / ratio
+
+
+def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of each sample, in fp32."""
+    error = prediction.float() - target.float()
+    return error.pow(2).flatten(1).mean(dim=1)
+
+
+@torch.no_grad()
+def fixed_noise_loss(
+    unet: Any,
+    latents: torch.Tensor,
+    conditioning: torch.Tensor,
+    noise_scheduler: Any,
+    timesteps: Sequence[int],
+    seed: int = 0,
+) -> float:
+    """Mean denoising loss over every latent x timestep pair with noise fixed by ``seed``.
+
+    A repeatable measure of how well ``unet`` fits the given latents (e.g. before vs after
+    training); ``conditioning`` has one row per latent.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    device, dtype = model_device(unet), model_dtype(unet)
+    losses = []
+    for step in timesteps:
+        noise = torch.randn(latents.shape, generator=generator)
+        t = torch.full((len(latents),), int(step), dtype=torch.long)
+        noisy = noise_scheduler.add_noise(latents, noise, t)
+        prediction = unet(
+            noisy.to(device, dtype), t.to(device), encoder_hidden_states=conditioning.to(device, dtype)
+        ).sample
+        target = training_target(noise_scheduler, latents, noise, t)
+        losses.append(per_sample_mse(prediction.cpu(), target).mean())
+    return float(torch.stack(losses).mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoopModels:
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    noise_scheduler: Any
+
+
+@dataclass
+class LoopSettings:
+    steps: int
+    batch_size: int
+    seed: int
+    noise_offset: float = 0.0
+    min_snr_gamma: float = 0.0
+    max_grad_norm: float = 1.0
+    prior_loss_weight: float = 1.0
+    autocast_dtype: torch.dtype | None = None  # CUDA mixed precision; None = no autocast
+
+
+@dataclass
+class Optimization:
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    parameters: list[torch.nn.Parameter]
+    grad_scaler: Any = None  # torch.amp.GradScaler for fp16
+
+
+@dataclass
+class LoopResult:
+    losses: list[float] = field(default_factory=list)
+    instance_losses: list[float] = field(default_factory=list)
+    prior_losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
+    if dtype is None or device.type != "cuda":
+        return nullcontext()
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def compute_step_loss(
+    models: LoopModels,
+    sets: Sequence[TrainingSet],
+    streams: Sequence[IndexStream],
+    settings: LoopSettings,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Draw one batch from every set, run the UNet once on all of it; (total loss, loss per set)."""
+    device, dtype = model_device(models.unet), model_dtype(models.unet)
+    with _autocast(device, settings.autocast_dtype):
+        latents, conditioning, sizes = [], [], []
+        for training_set, stream in zip(sets, streams, strict=True):
+            indices = stream.take(settings.batch_size)
+            flips = draw_flips(training_set, len(indices), generator)
+            latents.append(batch_latents(training_set, indices, flips, models.vae, generator))
+            conditioning.append(batch_conditioning(training_set, indices, models.text_encoder).to(device))
+            sizes.append(len(indices))
+        clean = torch.cat(latents)
+        noisy, noise, timesteps = add_training_noise(
+            clean, models.noise_scheduler, generator, settings.noise_offset
+        )
+        target = training_target(models.noise_scheduler, clean, noise, timesteps)
+        weights = (
+            min_snr_weights(models.noise_scheduler, timesteps, settings.min_snr_gamma)
+            if settings.min_snr_gamma > 0
+            else torch.ones(len(clean))
+        )
+        context = torch.cat(conditioning)
+        if settings.autocast_dtype is None:
+            context = context.to(dtype)
+        prediction = models.unet(
+            noisy.to(device, dtype), timesteps.to(device), encoder_hidden_states=context
+        ).sample
+    per_sample = per_sample_mse(prediction, target.to(device)) * weights.to(device)
+    parts = [chunk.mean() for chunk in per_sample.split(sizes)]
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + settings.prior_loss_weight * part
+    return total, parts
+
+
+def apply_gradients(loss: torch.Tensor, optimization: Optimization, max_grad_norm: float, step: int) -> float:
+    """Backward, clip, optimizer and scheduler step; returns the gradient norm before clipping.
+
+    Raises NonFiniteLossError before the optimizer step if an fp32 gradient is not finite (with
+    fp16 the grad scaler skips such steps itself).
+    """
+    optimizer, scaler = optimization.optimizer, optimization.grad_scaler
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    limit = max_grad_norm if max_grad_norm > 0 else math.inf
+    norm = float(torch.nn.utils.clip_grad_norm_(optimization.parameters, limit))
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        if not math.isfinite(norm):
+            raise NonFiniteLossError(step, "gradient", float(optimizer.param_groups[0]["lr"]))
+        optimizer.step()
+    optimization.lr_scheduler.step()
+    return norm
+
+
+def run_training_loop(
+    models: LoopModels,
+    instance: TrainingSet,
+    optimization: Optimization,
+    settings: LoopSettings,
+    callbacks: TrainingCallbacks,
+    prior: TrainingSet | None = None,
+) -> LoopResult:
+    """Train for ``settings.steps`` optimizer steps, calling ``callbacks.on_step_end`` after each.
+
+    Raises NonFiniteLossError at the first non-finite loss or gradient, before the optimizer
+    applies it; anything a callback raises propagates unchanged. The caller owns model setup and
+    cleanup (adapters, requires_grad, train mode).
+    """
+    generator = torch.Generator().manual_seed(derive_seed(settings.seed, "data"))
+    sets = [instance] if prior is None else [instance, prior]
+    streams = [IndexStream(s.count, generator) for s in sets]
+    result = LoopResult()
+    callbacks.on_train_begin(settings.steps)
+    started = time.monotonic()
+    for step in range(1, settings.steps + 1):
+        lr = float(optimization.optimizer.param_groups[0]["lr"])
+        loss, parts = compute_step_loss(models, sets, streams, settings, generator)
+        if not bool(torch.isfinite(loss)):
+            raise NonFiniteLossError(step, "loss", lr)
+        apply_gradients(loss, optimization, settings.max_grad_norm, step)
+        value = float(loss.detach())
+        result.losses.append(value)
+        result.instance_losses.append(float(parts[0].detach()))
+        if prior is not None:
+            result.prior_losses.append(float(parts[1].detach()))
+        callbacks.on_step_end(
+            StepState(
+                step=step,
+                total_steps=settings.steps,
+                loss=value,
+                lr=lr,
+                elapsed=time.monotonic() - started,
+                instance_loss=result.instance_losses[-1],
+                prior_loss=result.prior_losses[-1] if prior is not None else None,
+            )
+        )
+    result.seconds = time.monotonic() - started
+    callbacks.on_train_end(list(result.losses))
+    return result
