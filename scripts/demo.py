@@ -1,0 +1,178 @@
+"""`make demo`: the main job through a real ComfyUI's HTTP API.
+
+Draws a small sample subject, starts the dev ComfyUI headless, and queues
+LoadSubjectImages -> LoRATrain -> ApplyLoRAScaled -> KSampler -> SaveImage, with progress on the
+terminal. Without SD15_CHECKPOINT the base model is a random-weight SD1.5 placeholder: the run
+proves the plumbing in a few minutes on a CPU, and its images are noise.
+SD15_CHECKPOINT=/path/model.safetensors uses a real SD1.5 model and real settings (512 px).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from scripts.comfyclient import ComfyClient  # noqa: E402
+from scripts.comfyserver import ComfyServer, comfyui_path  # noqa: E402
+
+SUBJECT_FOLDER = "dreambooth_studio_demo_subject"
+
+QUICK = dict(resolution=64, steps=12, rank=4, unet_lr=1e-4, text_encoder_lr=1e-5, size=64, sample_steps=4)
+REAL = dict(resolution=512, steps=400, rank=16, unet_lr=1e-4, text_encoder_lr=1e-5, size=512, sample_steps=25)
+
+
+def draw_sample_subject(folder: Path, count: int = 6, size: int = 384) -> list[Path]:
+    """A toy subject (a red robot with a yellow antenna) on varied backgrounds, from several
+    angles and distances: enough to show the pipeline, drawn so no download is needed."""
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    backgrounds = [(180, 210, 235), (90, 140, 90), (230, 220, 200), (60, 60, 80), (200, 170, 140), (150, 190, 200)]
+    paths = []
+    for i in range(count):
+        img = Image.new("RGB", (size, size + 64 * (i % 2)), backgrounds[i % len(backgrounds)])
+        d = ImageDraw.Draw(img)
+        scale = 0.7 + 0.1 * (i % 3)
+        cx, cy = size // 2 + (i - count // 2) * 12, img.height // 2 + 10
+        w, h = int(120 * scale), int(150 * scale)
+        d.rectangle([cx - w // 2, cy - h // 2, cx + w // 2, cy + h // 2], fill=(200, 40, 40), outline=(40, 0, 0), width=3)
+        head = int(70 * scale)
+        d.rectangle([cx - head // 2, cy - h // 2 - head, cx + head // 2, cy - h // 2], fill=(220, 60, 60))
+        for ex in (-1, 1):
+            d.ellipse([cx + ex * head // 4 - 8, cy - h // 2 - head // 2 - 8,
+                       cx + ex * head // 4 + 8, cy - h // 2 - head // 2 + 8], fill=(255, 255, 255))
+        d.line([cx, cy - h // 2 - head, cx, cy - h // 2 - head - 30], fill=(240, 200, 0), width=5)
+        d.ellipse([cx - 9, cy - h // 2 - head - 42, cx + 9, cy - h // 2 - head - 24], fill=(250, 220, 0))
+        path = folder / f"robot_{i + 1:02d}.png"
+        img.save(path)
+        paths.append(path)
+    return paths
+
+
+def demo_graph(ckpt_name: str, lora_name: str, s: dict, seed: int = 123) -> dict:
+    prompt = "a photo of sks robot on the beach"
+    return {
+        "subject": {"class_type": "LoadSubjectImages", "inputs": {
+            "folder": SUBJECT_FOLDER, "instance_prompt": "a photo of sks robot", "class_prompt": "a photo of robot",
+            "resolution": s["resolution"], "max_images": 0, "flip": False}},
+        "train": {"class_type": "LoRATrain", "inputs": {
+            "subject": ["subject", 0], "ckpt_name": ckpt_name, "output_name": lora_name, "overwrite": False,
+            "rank": s["rank"], "alpha": float(s["rank"]), "steps": s["steps"], "unet_lr": s["unet_lr"],
+            "text_encoder_lr": s["text_encoder_lr"], "lr_scheduler": "constant", "lr_warmup_steps": 0,
+            "batch_size": 1, "seed": seed, "precision": "fp32", "gradient_checkpointing": False,
+            "cache_latents": True}},
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt_name}},
+        "apply": {"class_type": "ApplyLoRAScaled", "inputs": {
+            "model": ["ckpt", 0], "clip": ["ckpt", 1], "lora_name": "(use the lora input)",
+            "unet_scale": 1.0, "text_encoder_scale": 1.0, "lora": ["train", 0]}},
+        "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": ["apply", 1]}},
+        "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry, lowres, deformed", "clip": ["apply", 1]}},
+        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": s["size"], "height": s["size"], "batch_size": 1}},
+        "sample": {"class_type": "KSampler", "inputs": {
+            "model": ["apply", 0], "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0],
+            "seed": seed, "steps": s["sample_steps"], "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal",
+            "denoise": 1.0}},
+        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["ckpt", 2]}},
+        "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": "dreambooth_studio_demo"}},
+        "save_loss": {"class_type": "SaveImage", "inputs": {"images": ["train", 2],
+                                                              "filename_prefix": "dreambooth_studio_demo_loss"}},
+    }
+
+
+class TerminalProgress:
+    NAMES = {"subject": "LoadSubjectImages", "train": "LoRATrain", "apply": "ApplyLoRAScaled",
+             "sample": "KSampler", "decode": "VAEDecode"}
+
+    def __init__(self):
+        self.start = time.monotonic()
+
+    def __call__(self, event: dict) -> None:
+        kind, data = event.get("type"), event.get("data") or {}
+        stamp = f"[{time.monotonic() - self.start:6.1f}s]"
+        if kind == "executing" and data.get("node"):
+            node = data["node"]
+            print(f"\n{stamp} running {self.NAMES.get(node, node)}", flush=True)
+        elif kind == "progress":
+            node = self.NAMES.get(data.get("node"), data.get("node"))
+            value, total = data.get("value", 0), max(1, data.get("max", 1))
+            bar = "#" * int(30 * value / total)
+            print(f"\r{stamp} {node}: [{bar:<30}] {value}/{total}", end="", flush=True)
+        elif kind == "execution_cached" and data.get("nodes"):
+            print(f"{stamp} cached: {', '.join(data['nodes'])}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default=os.environ.get("SD15_CHECKPOINT"),
+                        help="real SD1.5 .safetensors checkpoint (default: $SD15_CHECKPOINT, else the random placeholder)")
+    parser.add_argument("--port", type=int, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    comfy = comfyui_path()
+    ckpt_dir = comfy / "models" / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    if args.checkpoint:
+        source = Path(args.checkpoint).expanduser().resolve()
+        if not source.is_file():
+            print(f"SD15_CHECKPOINT={source} does not exist", file=sys.stderr)
+            return 2
+        settings, placeholder = REAL, False
+    else:
+        from trainers.placeholder import CHECKPOINT_NAME, write_placeholder_models
+
+        cache = Path(os.environ.get("DBS_TEST_MODELS", REPO / ".cache" / "test-models"))
+        print("No SD15_CHECKPOINT given: using the random-weight SD1.5 PLACEHOLDER. The run shows the whole "
+              "pipeline working; its images are noise. Use SD15_CHECKPOINT=/path/model.safetensors for real images.")
+        write_placeholder_models(cache)
+        source, settings, placeholder = cache / CHECKPOINT_NAME, QUICK, True
+    target = ckpt_dir / source.name
+    if not target.exists():
+        target.symlink_to(source)
+    ckpt_name = target.name
+
+    subject_dir = comfy / "input" / SUBJECT_FOLDER
+    if not subject_dir.is_dir():
+        draw_sample_subject(subject_dir)
+    lora_name = f"demo_{Path(ckpt_name).stem}_lora"
+
+    server = ComfyServer(comfy_dir=comfy, port=args.port, log_path=REPO / "demo-output" / "comfyui-server.log")
+    print(f"starting ComfyUI at {comfy} (log: {server.log_path})")
+    with server:
+        client = ComfyClient(server.url)
+        graph = demo_graph(ckpt_name, lora_name, settings)
+        result = client.run(graph, timeout=6 * 3600, on_event=TerminalProgress())
+        print()
+        if result.status != "success":
+            err = result.error or {}
+            print(f"FAILED in node {err.get('node_id')} ({err.get('node_type')}): {err.get('exception_message')}",
+                  file=sys.stderr)
+            return 1
+        out = REPO / "demo-output"
+        out.mkdir(exist_ok=True)
+        copied = []
+        for node in ("save", "save_loss"):
+            for f in result.files(node):
+                src = server.output_dir / f["subfolder"] / f["filename"]
+                shutil.copy2(src, out / f["filename"])
+                copied.append(src)
+    lora_path = comfy / "models" / "loras" / f"{lora_name}.safetensors"
+    print("\nDone.")
+    print(f"  base model:  {source}{'  (random-weight placeholder: images are noise)' if placeholder else ''}")
+    print(f"  LoRA:        {lora_path}")
+    for src in copied:
+        print(f"  image:       {src}")
+    print(f"  copies in:   {REPO / 'demo-output'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""LoRATrain and ApplyLoRAScaled inside an imported ComfyUI, on the full-size random SD1.5."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from tests.support.comfy_inprocess import import_comfyui, import_pack
+
+pytestmark = pytest.mark.nodes
+
+STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, test_models):
+    base = tmp_path_factory.mktemp("comfy-inproc")
+    folder_paths = import_comfyui(base, {"checkpoints": [test_models["checkpoint"]]})
+    pack = import_pack()
+    nodes_mod = importlib.import_module("dreambooth_studio.nodes")
+    return {"base": base, "folder_paths": folder_paths, "pack": pack, "nodes": nodes_mod,
+            "ckpt": test_models["checkpoint"].name}
+
+
+def _subject(env, n=2, res=64):
+    images = importlib.import_module("dreambooth_studio.trainers.images")
+    gen = torch.Generator().manual_seed(0)
+    raw = [torch.rand(80, 96, 3, generator=gen) for _ in range(n)]
+    return images.build_subject(raw, [f"img{i}.png" for i in range(n)], "a photo of sks toy",
+                                "a photo of toy", res)
+
+
+def _train_node(env, name, text_encoder_lr=0.0, **overrides):
+    lora_train = importlib.import_module("dreambooth_studio.nodes.lora_train")
+    settings = dict(rank=4, alpha=4.0, steps=STEPS, unet_lr=1e-4, text_encoder_lr=text_encoder_lr,
+                    lr_scheduler="constant", lr_warmup_steps=0, batch_size=1, seed=0, precision="fp32",
+                    gradient_checkpointing=False, cache_latents=True)
+    settings.update(overrides)
+    return lora_train.LoRATrain.execute(subject=_subject(env), ckpt_name=env["ckpt"], output_name=name,
+                                        overwrite=False, **settings)
+
+
+@pytest.fixture(scope="module")
+def trained(env):
+    unet_only = _train_node(env, "inproc_unet_only")
+    with_te = _train_node(env, "inproc_unet_te", text_encoder_lr=1e-5)
+    return {"unet": unet_only, "te": with_te}
+
+
+@pytest.fixture(scope="module")
+def base_model(env):
+    import comfy.sd
+
+    path = env["folder_paths"].get_full_path("checkpoints", env["ckpt"])
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(path, output_vae=True, output_clip=True)
+    return model, clip
+
+
+def test_trained_loras_are_saved_and_returned(env, trained):
+    for out in trained.values():
+        lora_sd, name, curve = out.result
+        path = env["base"] / "models" / "loras" / name
+        assert path.is_file(), path
+        assert curve.ndim == 4 and curve.shape[-1] == 3
+        assert all(k.startswith(("lora_unet_", "lora_te_")) for k in lora_sd)
+    assert not any(k.startswith("lora_te_") for k in trained["unet"].result[0])
+    assert any(k.startswith("lora_te_") for k in trained["te"].result[0])
+
+
+@pytest.mark.parametrize("which", ["unet", "te"])
+def test_comfy_loads_every_key(env, trained, base_model, which, caplog):
+    import comfy.lora
+    import comfy.sd
+
+    model, clip = base_model
+    lora_sd = trained[which].result[0]
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
+    with caplog.at_level(logging.WARNING):
+        patches = comfy.lora.load_lora(lora_sd, key_map)
+        comfy.sd.load_lora_for_models(model, clip, lora_sd, 1.0, 1.0)
+    assert "lora key not loaded" not in caplog.text and "NOT LOADED" not in caplog.text
+    modules = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in lora_sd}
+    assert len(patches) == len(modules)
+    unet_modules = [m for m in modules if m.startswith("lora_unet_")]
+    assert len(unet_modules) == 128  # every attention projection of SD1.5's UNet
+    if which == "te":
+        assert len(modules) - len(unet_modules) == 48  # q/k/v/out of 12 CLIP layers
+
+
+def _encode(clip, text="a photo of sks toy"):
+    tokens = clip.tokenize(text)
+    return clip.encode_from_tokens(tokens, return_pooled=False)
+
+
+def test_scales_act_on_their_side_only(env, trained, base_model):
+    apply = importlib.import_module("dreambooth_studio.nodes.lora_apply").ApplyLoRAScaled
+    model, clip = base_model
+    lora_sd = trained["te"].result[0]
+    run = lambda u, t: apply.execute(model=model, clip=clip, lora_name="(use the lora input)",  # noqa: E731
+                                     unet_scale=u, text_encoder_scale=t, lora=lora_sd).result
+    base_cond = _encode(clip)
+
+    m00, c00 = run(0.0, 0.0)
+    assert m00 is model and c00 is clip  # nothing patched: identical to no LoRA
+
+    m10, c10 = run(1.0, 0.0)
+    assert len(m10.patches) == 128 and c10 is clip
+    assert torch.equal(_encode(c10), base_cond)
+
+    m01, c01 = run(0.0, 1.0)
+    assert m01 is model and len(c01.patcher.patches) == 48
+    assert not torch.equal(_encode(c01), base_cond)
+    # the input objects were cloned, never patched in place
+    assert not model.patches and not clip.patcher.patches
+
+
+def test_lora_matching_nothing_is_an_error(env, base_model):
+    apply = importlib.import_module("dreambooth_studio.nodes.lora_apply").ApplyLoRAScaled
+    model, clip = base_model
+    bogus = {"lora_unet_not_a_layer.lora_down.weight": torch.zeros(4, 8),
+             "lora_unet_not_a_layer.lora_up.weight": torch.zeros(8, 4)}
+    with pytest.raises(ValueError, match="matches no UNet or text-encoder module"):
+        apply.execute(model=model, clip=clip, lora_name="(use the lora input)", unet_scale=1.0,
+                      text_encoder_scale=1.0, lora=bogus)
+
+
+def test_partial_match_is_reported(env, trained, base_model, caplog):
+    apply = importlib.import_module("dreambooth_studio.nodes.lora_apply").ApplyLoRAScaled
+    model, clip = base_model
+    lora_sd = dict(trained["unet"].result[0])
+    lora_sd["lora_unet_not_a_layer.lora_down.weight"] = torch.zeros(4, 8)
+    lora_sd["lora_unet_not_a_layer.lora_up.weight"] = torch.zeros(8, 4)
+    with caplog.at_level(logging.WARNING):
+        apply.execute(model=model, clip=clip, lora_name="(use the lora input)", unet_scale=1.0,
+                      text_encoder_scale=1.0, lora=lora_sd)
+    assert "128 UNet and 0 text-encoder modules matched of 129; 1 unmatched" in caplog.text
+    assert "lora_unet_not_a_layer" in caplog.text
+
+
+def test_identical_rerun_reuses_the_file(env, trained, monkeypatch):
+    def no_load(*a, **k):
+        raise AssertionError("base model loaded for a job whose result is on disk")
+
+    ckpt_mod = importlib.import_module("dreambooth_studio.trainers.checkpoint")
+    monkeypatch.setattr(ckpt_mod, "load_sd15_single_file", no_load)
+    again = _train_node(env, "inproc_unet_only")
+    first = trained["unet"].result[0]
+    assert set(again.result[0]) == set(first)
+    assert all(torch.equal(again.result[0][k], first[k]) for k in first)
+
+
+BAD_SETTINGS = [
+    ({"unet_lr": 0.0}, "unet_lr"),
+    ({"unet_lr": -1e-4}, "unet_lr"),
+    ({"unet_lr": float("nan")}, "unet_lr"),
+    ({"text_encoder_lr": float("nan")}, "text_encoder_lr"),
+    ({"rank": 0}, "rank"),
+    ({"rank": 129}, "rank"),
+    ({"steps": 0}, "steps"),
+]
+
+
+@pytest.mark.parametrize("overrides,field", BAD_SETTINGS)
+def test_bad_settings_fail_before_any_model_loads(env, monkeypatch, overrides, field):
+    ckpt_mod = importlib.import_module("dreambooth_studio.trainers.checkpoint")
+    monkeypatch.setattr(ckpt_mod, "load_sd15_single_file",
+                        lambda *a, **k: pytest.fail("model loaded despite bad input"))
+    before = set((env["base"] / "models" / "loras").iterdir())
+    with pytest.raises(ValueError, match=field):
+        _train_node(env, "bad_settings", **overrides)
+    assert set((env["base"] / "models" / "loras").iterdir()) == before
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "sub\\dir", "CON", "nul.txt", "", "..", ".hidden"])
+def test_bad_output_names_fail_before_any_model_loads(env, monkeypatch, name):
+    ckpt_mod = importlib.import_module("dreambooth_studio.trainers.checkpoint")
+    monkeypatch.setattr(ckpt_mod, "load_sd15_single_file",
+                        lambda *a, **k: pytest.fail("model loaded despite bad input"))
+    with pytest.raises(ValueError):
+        _train_node(env, name)
+
+
+def test_existing_name_without_overwrite_is_an_error(env, trained, monkeypatch):
+    ckpt_mod = importlib.import_module("dreambooth_studio.trainers.checkpoint")
+    monkeypatch.setattr(ckpt_mod, "load_sd15_single_file",
+                        lambda *a, **k: pytest.fail("model loaded despite bad input"))
+    path = env["base"] / "models" / "loras" / "inproc_unet_only.safetensors"
+    before = path.read_bytes()
+    with pytest.raises(FileExistsError, match="overwrite"):
+        _train_node(env, "inproc_unet_only", seed=1)  # a different job under the same name
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "text"])
+def test_checkpoint_that_is_not_sd15_is_refused(env, monkeypatch, kind):
+    ckpt_dir = env["base"] / "models" / "checkpoints"
+    if kind == "sdxl":
+        from safetensors.torch import save_file
+
+        save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(4),
+                   "model.diffusion_model.label_emb.0.0.weight": torch.zeros(4, 2816),
+                   "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight":
+                       torch.zeros(4, 2048)}, str(ckpt_dir / "fake_sdxl.safetensors"))
+        name = "fake_sdxl.safetensors"
+    else:
+        (ckpt_dir / "notes.safetensors").write_text("not a model")
+        name = "notes.safetensors"
+    ckpt_mod = importlib.import_module("dreambooth_studio.trainers.checkpoint")
+    monkeypatch.setattr(ckpt_mod, "load_sd15_single_file",
+                        lambda *a, **k: pytest.fail("model loaded despite bad input"))
+    lora_train = importlib.import_module("dreambooth_studio.nodes.lora_train")
+    with pytest.raises(ValueError, match=name.replace(".", r"\.") if kind == "text" else "SDXL"):
+        lora_train.LoRATrain.execute(subject=_subject(env), ckpt_name=name, output_name="never_written",
+                                     overwrite=False, rank=4, alpha=4.0, steps=1, unet_lr=1e-4,
+                                     text_encoder_lr=0.0, lr_scheduler="constant", lr_warmup_steps=0,
+                                     batch_size=1, seed=0, precision="fp32", gradient_checkpointing=False,
+                                     cache_latents=True)
+    assert not (env["base"] / "models" / "loras" / "never_written.safetensors").exists()
+
+
+def test_loss_curve_is_an_image(trained):
+    curve = trained["unet"].result[2]
+    assert curve.dtype == torch.float32 and 0 <= float(curve.min()) and float(curve.max()) <= 1
+    assert np.asarray(curve).std() > 0
