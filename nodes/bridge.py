@@ -75,8 +75,11 @@ def config_input(config_cls, name: str, tooltip: str | None = None, **overrides)
     if isinstance(default, bool):
         return io.Boolean.Input(name, default=default, tooltip=help_text)
     if isinstance(default, int):
+        # A training seed must not change by itself after each run (the frontend would add a
+        # "randomize" control to any input named seed), or every run would retrain.
         return io.Int.Input(name, default=default, min=meta.get("min"), max=meta.get("max"),
-                            step=meta.get("step", 1), tooltip=help_text)
+                            step=meta.get("step", 1), tooltip=help_text,
+                            control_after_generate=False if name == "seed" else None)
     if isinstance(default, float):
         return io.Float.Input(name, default=default, min=meta.get("min"), max=meta.get("max"),
                               step=meta.get("step", 1e-6), round=False, tooltip=help_text)

@@ -88,25 +88,29 @@ def demo_graph(ckpt_name: str, lora_name: str, s: dict, seed: int = 123) -> dict
 
 
 class TerminalProgress:
-    NAMES = {"subject": "LoadSubjectImages", "train": "LoRATrain", "apply": "ApplyLoRAScaled",
-             "sample": "KSampler", "decode": "VAEDecode"}
-
-    def __init__(self):
+    def __init__(self, graph: dict):
+        self.NAMES = {node_id: f"{node['class_type']} ({node_id})" for node_id, node in graph.items()}
         self.start = time.monotonic()
+        self.bar_open = False
+
+    def _line(self, text: str) -> None:
+        print(("\n" if self.bar_open else "") + text, flush=True)
+        self.bar_open = False
 
     def __call__(self, event: dict) -> None:
         kind, data = event.get("type"), event.get("data") or {}
         stamp = f"[{time.monotonic() - self.start:6.1f}s]"
         if kind == "executing" and data.get("node"):
             node = data["node"]
-            print(f"\n{stamp} running {self.NAMES.get(node, node)}", flush=True)
+            self._line(f"{stamp} running {self.NAMES.get(node, node)}")
         elif kind == "progress":
             node = self.NAMES.get(data.get("node"), data.get("node"))
             value, total = data.get("value", 0), max(1, data.get("max", 1))
             bar = "#" * int(30 * value / total)
             print(f"\r{stamp} {node}: [{bar:<30}] {value}/{total}", end="", flush=True)
+            self.bar_open = True
         elif kind == "execution_cached" and data.get("nodes"):
-            print(f"{stamp} cached: {', '.join(data['nodes'])}", flush=True)
+            self._line(f"{stamp} cached: {', '.join(data['nodes'])}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     with server:
         client = ComfyClient(server.url)
         graph = demo_graph(ckpt_name, lora_name, settings)
-        result = client.run(graph, timeout=6 * 3600, on_event=TerminalProgress())
+        result = client.run(graph, timeout=6 * 3600, on_event=TerminalProgress(graph))
         print()
         if result.status != "success":
             err = result.error or {}
