@@ -6,16 +6,15 @@ import copy
 import json
 import logging
 import math
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from tests.support.paths import comfyui_path, repo_root, tokenizer_dir
+from tests.support.paths import repo_root, tokenizer_dir
 from trainers import loop, placeholder
 from trainers.callbacks import NonFiniteLossError, StepState, TrainingCallbacks, TrainingStopped
 from trainers.config import ConfigError, LoRATrainConfig, field_spec, field_specs
@@ -387,36 +386,6 @@ def test_full_size_kohya_names_match_the_sd15_lists():
     assert kohya_text_encoder_name("text_model.encoder.layers.3.self_attn.q_proj") == kohya_text_encoder_name(
         "encoder.layers.3.self_attn.q_proj"
     )
-
-
-def test_comfyui_maps_every_key_of_a_full_size_lora(tmp_path):
-    """ComfyUI's own loader (in a subprocess) applies every UNet and text-encoder tensor."""
-    from tests.support.models import ensure_test_models
-    from trainers.lora import _module_table
-
-    unet, text_encoder = full_size_models()
-    generator = torch.Generator().manual_seed(0)
-    state = {}
-    for name, linear in _module_table(unet, text_encoder).items():
-        state[f"{name}.lora_down.weight"] = torch.randn(4, linear.in_features, generator=generator) * 0.01
-        state[f"{name}.lora_up.weight"] = torch.randn(linear.out_features, 4, generator=generator) * 0.01
-        state[f"{name}.alpha"] = torch.tensor(4.0)
-    assert sorted(state) == expected_kohya_keys(unet, text_encoder)
-    lora = tmp_path / "full.safetensors"
-    save_file({k: v.half() if k.endswith("weight") else v for k, v in state.items()}, str(lora))
-
-    command = [
-        sys.executable, str(repo_root() / "tests" / "support" / "comfy_lora_check.py"),
-        "--checkpoint", str(ensure_test_models()["checkpoint"]), "--lora", str(lora), "--comfyui", str(comfyui_path()),
-    ]  # fmt: skip
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    done = subprocess.run(command, cwd=comfyui_path(), env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert report["model_type"] == "SD15"
-    assert report["not_loaded"] == []
-    assert len(report["unet_key_map_hits"]) == 128 and len(report["clip_key_map_hits"]) == 48
-    assert (report["unet_patches"], report["clip_patches"]) == (128, 48)
 
 
 def _pipeline(tiny):
