@@ -77,7 +77,8 @@ class LoadSubjectImages(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, folder, resolution, **kwargs) -> bool | str:
+    def validate_inputs(cls, resolution) -> bool | str:
+        # Naming an input here turns off ComfyUI's own min/max check for it: re-check fully.
         try:
             check_resolution(resolution)
         except ValueError as exc:

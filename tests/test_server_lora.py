@@ -137,3 +137,22 @@ def test_bad_inputs_are_rejected_with_a_clear_message(comfy_client, subject_fold
     with pytest.raises(PromptRejected) as info:
         comfy_client.run(graph, timeout=120)
     assert expected in str(info.value)
+
+
+def test_resolution_not_a_multiple_of_64_is_rejected(comfy_client, subject_folder, test_models):
+    graph = lora_graph(test_models["checkpoint"].name, "never_written")
+    graph["subject"]["inputs"]["resolution"] = 100
+    with pytest.raises(PromptRejected, match="multiple of 64"):
+        comfy_client.run(graph, timeout=120)
+
+
+def test_training_error_reaches_the_client_before_any_model_loads(comfy_server, comfy_client, subject_folder,
+                                                                  test_models):
+    (comfy_server.models_dir / "checkpoints" / "broken.safetensors").write_bytes(b"\x00" * 64)
+    graph = lora_graph(test_models["checkpoint"].name, "never_written")
+    graph["train"]["inputs"]["ckpt_name"] = "broken.safetensors"
+    result = comfy_client.run(graph, timeout=120)
+    assert result.status == "error"
+    assert result.error["node_id"] == "train"
+    assert "broken.safetensors" in result.error["exception_message"]
+    assert "never_written.safetensors" not in loras(comfy_server)
