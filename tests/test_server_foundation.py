@@ -13,7 +13,7 @@ from tests.support.graphs import txt2img, with_controlnet
 pytestmark = pytest.mark.server
 
 # Node ids the pack registers (DESIGN.md 4); grows with each capability.
-PACK_NODES = {"LoadSubjectImages", "LoRATrain", "ApplyLoRAScaled"}
+PACK_NODES = {"LoadSubjectImages", "LoRATrain", "ApplyLoRAScaled", "CannyControl"}
 
 
 def test_pack_imports_without_error(comfy_server, comfy_client):
