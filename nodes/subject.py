@@ -1,4 +1,4 @@
-"""LoadSubjectImages: a folder of subject photos (or an IMAGE batch) -> SUBJECT + preview crops."""
+"""LoadSubjectImages: a folder of subject photos (or an IMAGE batch) -> SUBJECT, preview crops, report."""
 
 from __future__ import annotations
 
@@ -9,8 +9,16 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..trainers.images import build_subject, check_resolution, folder_fingerprint, load_subject_folder
-from .bridge import CATEGORY, SUBJECT, contained
+from ..trainers.images import (
+    BAD_FILE_MODES,
+    CAPTION_MODES,
+    CROP_MODES,
+    check_resolution,
+    folder_fingerprint,
+    load_subject,
+    prepare_subject,
+)
+from .bridge import CATEGORY, SUBJECT, contained, tokenizer_dir
 
 NO_FOLDER = "(no subfolder in input/)"
 
@@ -49,8 +57,10 @@ class LoadSubjectImages(io.ComfyNode):
             display_name="Load Subject Images",
             category=CATEGORY,
             description="Loads 3-20 photos of one subject from a subfolder of ComfyUI's input directory "
-                        "(or an IMAGE batch), crops them square to the training resolution and pairs them "
-                        "with the instance prompt. Outputs the training set and a preview of the exact crops.",
+                        "(or an IMAGE batch), crops them square to the training resolution (around the face, "
+                        "centred, or letterboxed) and captions them. Unusable files are named in an error "
+                        "(or skipped and reported). Outputs the training set, a preview of the exact crops "
+                        "and a per-image report.",
             inputs=[
                 io.Combo.Input("folder", options=input_subfolders(),
                                tooltip="Subfolder of ComfyUI's input directory holding the subject photos."),
@@ -69,10 +79,28 @@ class LoadSubjectImages(io.ComfyNode):
                                          "of a symmetric subject)."),
                 io.Image.Input("images", optional=True,
                                tooltip="Optional IMAGE batch to train on instead of the folder."),
+                io.Combo.Input("crop_mode", optional=True, options=list(CROP_MODES), default="face",
+                               tooltip="face: square around the detected face (people, profiles, cats; centre "
+                                       "crop when none is found, said in the report). center: largest centred "
+                                       "square. pad: whole image letterboxed on white."),
+                io.Combo.Input("caption_mode", optional=True, options=list(CAPTION_MODES), default="instance prompt",
+                               tooltip="instance prompt: every image gets it. sidecar .txt: <image name>.txt "
+                                       "next to each photo; the instance prompt is prepended where a caption "
+                                       "lacks the token (the instance prompt's words missing from the class "
+                                       "prompt)."),
+                io.Combo.Input("bad_files", optional=True, options=list(BAD_FILE_MODES), default="stop",
+                               tooltip="stop: an error lists every unusable file (empty, truncated, not an "
+                                       "image, too small...) before anything is trained. skip: leave them out "
+                                       "and list them in the report."),
+                # The three inputs above are optional (with defaults) so API prompts written before
+                # they existed still validate.
             ],
             outputs=[
                 SUBJECT.Output(display_name="SUBJECT", tooltip="Prepared training set: crops, captions, prompts."),
                 io.Image.Output(display_name="crops", tooltip="The exact crops that will be trained on."),
+                io.String.Output(display_name="report",
+                                 tooltip="One line per image (crop used, face found or not, caption source, "
+                                         "warnings), then skipped files and notes."),
             ],
         )
 
@@ -95,13 +123,16 @@ class LoadSubjectImages(io.ComfyNode):
         return folder_fingerprint(path) if contained(path, root) else ""
 
     @classmethod
-    def execute(cls, folder, instance_prompt, class_prompt, resolution, max_images, flip,
-                images=None) -> io.NodeOutput:
+    def execute(cls, folder, instance_prompt, class_prompt, resolution, max_images, flip, images=None,
+                crop_mode="face", caption_mode="instance prompt", bad_files="stop") -> io.NodeOutput:
+        tokenizer = tokenizer_dir()
+        tokenizer = tokenizer if tokenizer.is_dir() else None
         if images is not None:
             batch = images[:max_images] if max_images > 0 else images
-            subject = build_subject(list(batch), [f"batch[{i}]" for i in range(len(batch))],
-                                    instance_prompt, class_prompt, resolution, flip)
+            load = prepare_subject(list(batch), [f"batch[{i}]" for i in range(len(batch))], instance_prompt,
+                                   class_prompt, resolution, crop_mode, flip, tokenizer_dir=tokenizer)
         else:
-            subject = load_subject_folder(resolve_input_folder(folder), instance_prompt, class_prompt,
-                                          resolution, max_images, flip)
-        return io.NodeOutput(subject, torch.stack(subject.images))
+            load = load_subject(resolve_input_folder(folder), instance_prompt, class_prompt, resolution,
+                                max_images, flip, crop_mode=crop_mode, caption_mode=caption_mode,
+                                on_bad=bad_files, tokenizer_dir=tokenizer)
+        return io.NodeOutput(load.subject, torch.stack(load.subject.images), load.report())

@@ -1,0 +1,460 @@
+"""Subject photo loading: decoding, face/centre/pad crops, captions, and a catalogue of bad inputs."""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+import unicodedata
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.support.paths import tokenizer_dir
+from trainers.images import (
+    BACKGROUND_RGB,
+    SubjectImageError,
+    build_subject,
+    caption_with_token,
+    decode_image,
+    folder_fingerprint,
+    instance_token,
+    load_subject,
+    load_subject_folder,
+    prepare_subject,
+)
+
+pytestmark = pytest.mark.trainers
+
+PROMPT, CLASS = "a photo of sks toy", "a photo of toy"
+RES = 64
+
+
+def photo(seed: int, size=(96, 80), mode="RGB") -> Image.Image:
+    """A distinct small photo-like image (smooth gradient + colour per seed)."""
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    rng = np.random.default_rng(seed)
+    base = rng.integers(30, 220, size=3)
+    arr = np.stack([(base[c] + (xx * (c + 1) + yy * (3 - c)) % 35) for c in range(3)], -1)
+    return Image.fromarray(arr.clip(0, 255).astype(np.uint8)).convert(mode)
+
+
+def good_folder(folder, count=2):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        photo(i).save(folder / f"good{i}.png")
+    return folder
+
+
+def load(folder, **kw):
+    kw.setdefault("resolution", RES)
+    return load_subject(folder, PROMPT, CLASS, **kw)
+
+
+def jpeg_bytes(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", **kw)
+    return buf.getvalue()
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+# -- the catalogue of bad files: each is named in the error (stop) and left out (skip) -------------
+def _outside_link(folder, tmp):
+    target = tmp / "outside.png"
+    photo(9).save(target)
+    os.symlink(target, folder / "link.png")
+    return "link.png"
+
+
+def _link_to_system_file(folder, tmp):
+    os.symlink("/etc/hostname", folder / "hostname.png")
+    return "hostname.png"
+
+
+def _corrupt_png_data(folder, tmp):
+    data = bytearray(png_bytes(photo(5)))
+    start = data.index(b"IDAT") + 8
+    data[start:start + 40] = b"\xff" * 40
+    (folder / "corrupt.png").write_bytes(bytes(data))
+    return "corrupt.png"
+
+
+BAD_FILES = {
+    "zero_bytes": (lambda f, t: (f / "empty.png").write_bytes(b"") and "empty.png" or "empty.png",
+                   "empty.png: empty file (0 bytes)"),
+    "truncated_jpeg": (lambda f, t: (f / "cut.jpg").write_bytes(jpeg_bytes(photo(3))[:400]) and "cut.jpg",
+                       "cut.jpg: truncated"),
+    "truncated_png": (lambda f, t: (f / "cut.png").write_bytes(png_bytes(photo(4))[:300]) and "cut.png",
+                      "cut.png: truncated"),
+    "text_named_png": (lambda f, t: (f / "notes.png").write_text("shopping list\n") and "notes.png",
+                       "notes.png: not an image"),
+    "random_bytes_jpg": (lambda f, t: (f / "noise.jpg").write_bytes(os.urandom(2000)) and "noise.jpg",
+                         "noise.jpg: not an image"),
+    "jpeg_header_only": (lambda f, t: (f / "stub.jpg").write_bytes(b"\xff\xd8\xff\xe0") and "stub.jpg",
+                         "stub.jpg: damaged JPEG"),
+    "html_named_webp": (lambda f, t: (f / "page.webp").write_text("<html><body>404</body></html>") and "page.webp",
+                        "page.webp: not an image"),
+    "png_header_only": (lambda f, t: (f / "header.png").write_bytes(png_bytes(photo(6))[:33]) and "header.png",
+                        "header.png: damaged PNG (starts like one but cannot be read"),
+    "corrupt_png_data": (_corrupt_png_data, "corrupt.png: cannot be decoded (broken data stream"),
+    "too_small": (lambda f, t: photo(7, size=(20, 20)).save(f / "tiny.png") or "tiny.png",
+                  "tiny.png: 20x20 is smaller than half the resolution (short side must be at least 32px)"),
+    "too_narrow": (lambda f, t: photo(8, size=(300, 20)).save(f / "strip.png") or "strip.png",
+                   "strip.png: 300x20 is smaller than half the resolution"),
+    "link_outside_folder": (_outside_link, "link.png: resolves outside the subject folder"),
+    "link_to_system_file": (_link_to_system_file, "hostname.png: resolves outside the subject folder"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_bad_file_stops_with_an_error_naming_it(tmp_path, case):
+    folder = good_folder(tmp_path / "subject")
+    make, expected = BAD_FILES[case]
+    make(folder, tmp_path)
+    with pytest.raises(SubjectImageError) as info:
+        load(folder)
+    message = str(info.value)
+    assert expected in message
+    assert "1 unusable file(s) in subject folder 'subject'" in message
+    assert "good0.png" not in message and "good1.png" not in message
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_bad_file_is_skipped_and_reported_on_request(tmp_path, case):
+    folder = good_folder(tmp_path / "subject")
+    make, expected = BAD_FILES[case]
+    name = make(folder, tmp_path)
+    result = load(folder, on_bad="skip")
+    assert result.subject.source_names == ("good0.png", "good1.png")
+    assert len(result.skipped) == 1 and result.skipped[0].startswith(expected)
+    assert f"SKIPPED {name}: " in result.report()
+
+
+def test_too_many_pixels_is_refused_before_decoding(tmp_path):
+    folder = good_folder(tmp_path / "subject")
+    photo(1, size=(400, 300)).save(folder / "big.png")
+    with pytest.raises(SubjectImageError, match=r"big.png: 400x300 is over the 100,000-pixel limit"):
+        load(folder, max_pixels=100_000)
+
+
+def test_every_bad_file_is_listed_in_one_error(tmp_path):
+    folder = good_folder(tmp_path / "subject")
+    (folder / "a.png").write_bytes(b"")
+    (folder / "b.jpg").write_text("not a photo")
+    photo(3, size=(10, 10)).save(folder / "c.png")
+    with pytest.raises(SubjectImageError) as info:
+        load(folder)
+    message = str(info.value)
+    assert message.startswith("3 unusable file(s)")
+    for part in ("a.png: empty", "b.jpg: not an image", "c.png: 10x10"):
+        assert part in message
+    assert "'skip'" in message  # says how to go on without them
+
+
+def test_caption_that_is_not_utf8_is_named(tmp_path):
+    folder = good_folder(tmp_path / "subject")
+    (folder / "good0.txt").write_bytes("a photo of sks toy, caf\xe9".encode("latin-1"))
+    with pytest.raises(SubjectImageError, match=r"good0.txt: caption is not UTF-8 text"):
+        load(folder, caption_mode="sidecar .txt")
+    result = load(folder, caption_mode="sidecar .txt", on_bad="skip")
+    assert result.subject.captions[0] == PROMPT
+    assert "good0.txt unreadable" in result.report()
+
+
+def test_all_files_bad_with_skip_is_still_an_error(tmp_path):
+    folder = tmp_path / "subject"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"")
+    with pytest.raises(SubjectImageError, match=r"no usable images in subject folder 'subject': a.png: empty"):
+        load(folder, on_bad="skip")
+
+
+def test_empty_folder_says_what_to_put_there(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SubjectImageError, match=r"no images in 'empty': put 3-20 photos"):
+        load(tmp_path / "empty")
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(SubjectImageError, match="does not exist"):
+        load(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("kwargs,expected", [
+    ({"resolution": 100}, "resolution must be a multiple of 64"),
+    ({"resolution": 0}, "resolution must be a multiple of 64"),
+    ({"crop_mode": "smart"}, "crop mode must be one of"),
+    ({"caption_mode": "blip"}, "caption mode must be one of"),
+    ({"on_bad": "ignore"}, "bad files must be one of"),
+])
+def test_bad_settings_are_named(tmp_path, kwargs, expected):
+    with pytest.raises(SubjectImageError, match=expected):
+        load(good_folder(tmp_path / "s"), **kwargs)
+
+
+def test_empty_instance_prompt(tmp_path):
+    with pytest.raises(SubjectImageError, match="instance prompt is empty"):
+        load_subject(good_folder(tmp_path / "s"), "  ", CLASS, RES)
+
+
+def test_duplicates_are_used_once_and_reported(tmp_path):
+    folder = good_folder(tmp_path / "subject")
+    photo(0).save(folder / "copy.bmp")  # same pixels, other format
+    result = load(folder)
+    assert result.subject.source_names == ("copy.bmp", "good1.png")
+    assert "good0.png: duplicate of copy.bmp (same pixels); used once" in result.notes
+
+
+def test_other_files_hidden_files_and_subfolders_are_ignored(tmp_path):
+    folder = good_folder(tmp_path / "subject")
+    (folder / "readme.md").write_text("my cat")
+    (folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (folder / "old").mkdir()
+    photo(4).save(folder / "old" / "x.png")
+    result = load(folder)
+    assert result.subject.source_names == ("good0.png", "good1.png")
+    assert result.notes == ["readme.md: ignored (not an image or .txt caption)"]
+
+
+def test_uppercase_suffix_and_max_images(tmp_path):
+    folder = good_folder(tmp_path / "subject", count=3)
+    photo(7).save(folder / "a.JPG", "JPEG")
+    assert load(folder).subject.source_names == ("a.JPG", "good0.png", "good1.png", "good2.png")
+    assert load(folder, max_images=2).subject.source_names == ("a.JPG", "good0.png")
+
+
+def test_multi_frame_tiff_uses_the_first_frame(tmp_path):
+    folder = good_folder(tmp_path / "subject")
+    frames = [photo(10), photo(11)]
+    frames[0].save(folder / "stack.tif", save_all=True, append_images=frames[1:])
+    result = load(folder)
+    report = result.images[result.subject.source_names.index("stack.tif")]
+    assert "has 2 frames; used the first" in report.warnings
+
+
+# -- modes and bit depths ------------------------------------------------------------------------
+def test_exif_rotated_photo_comes_out_upright(tmp_path):
+    upright = Image.new("RGB", (80, 120), (220, 30, 30))
+    upright.paste((30, 30, 220), (0, 60, 80, 120))  # top red, bottom blue
+    stored = upright.rotate(90, expand=True)  # what a phone writes with orientation 6
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    rgb, notes = decode_image(tmp_path / "phone.jpg")
+    assert rgb.shape == (120, 80, 3)
+    assert rgb[:50, :, 0].mean() > 0.8 and rgb[70:, :, 2].mean() > 0.8
+    assert "turned upright from EXIF orientation 6" in notes
+
+
+@pytest.mark.parametrize("writer", ["pillow_grey16", "opencv_rgb48"])
+def test_16_bit_png_keeps_its_tones(tmp_path, writer):
+    import cv2
+
+    eight = np.asarray(photo(2, size=(96, 96)))
+    if writer == "pillow_grey16":
+        grey8 = np.asarray(Image.fromarray(eight).convert("L"))
+        Image.fromarray(grey8.astype(np.uint16) * 257).save(tmp_path / "deep.png")
+        reference = grey8
+    else:
+        cv2.imwrite(str(tmp_path / "deep.png"), (eight.astype(np.uint16) * 257)[..., ::-1])
+        reference = eight
+    rgb, _ = decode_image(tmp_path / "deep.png")
+    assert abs(rgb.mean() * 255 - reference.mean()) < 2.0
+    assert rgb.max() <= 1.0
+
+
+def test_rgba_png_composites_on_the_fixed_background(tmp_path):
+    rgba = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    rgba.paste((200, 0, 0, 255), (16, 16, 48, 48))
+    rgba.save(tmp_path / "cutout.png")
+    rgb, notes = decode_image(tmp_path / "cutout.png")
+    assert np.allclose(rgb[0, 0], np.array(BACKGROUND_RGB) / 255)
+    assert np.allclose(rgb[32, 32], [200 / 255, 0, 0])
+    assert any("composited" in n for n in notes)
+
+
+@pytest.mark.parametrize("mode,expected_pixel", [
+    ("L", None), ("1", None), ("CMYK", None), ("P", None), ("LA", BACKGROUND_RGB), ("PA", BACKGROUND_RGB),
+])
+def test_other_modes_convert_to_rgb(tmp_path, mode, expected_pixel):
+    img = photo(3, size=(64, 64))
+    if mode in ("LA", "PA"):
+        rgba = img.convert("RGBA")
+        rgba.putpixel((0, 0), (10, 10, 10, 0))
+        img = rgba.convert("LA") if mode == "LA" else rgba.convert("P").convert("PA")
+        if mode == "PA":
+            img.putpixel((0, 0), (img.getpixel((0, 0))[0], 0))
+    else:
+        img = img.convert(mode)
+    suffix = "jpg" if mode == "CMYK" else ("tif" if mode == "PA" else "png")
+    img.save(tmp_path / f"m.{suffix}")
+    rgb, _ = decode_image(tmp_path / f"m.{suffix}")
+    assert rgb.shape == (64, 64, 3) and rgb.dtype == np.float32
+    assert 0.0 <= rgb.min() and rgb.max() <= 1.0
+    if expected_pixel:
+        assert np.allclose(rgb[0, 0], np.array(expected_pixel) / 255)
+
+
+def test_palette_png_with_transparent_index(tmp_path):
+    img = Image.new("P", (64, 64), 0)
+    img.putpalette([0, 0, 0, 0, 200, 0] + [0] * 762)
+    img.paste(1, (0, 0, 32, 64))
+    img.save(tmp_path / "pal.png", transparency=0)
+    rgb, _ = decode_image(tmp_path / "pal.png")
+    assert np.allclose(rgb[10, 10], [0, 200 / 255, 0]) and np.allclose(rgb[10, 50], np.array(BACKGROUND_RGB) / 255)
+
+
+# -- crops -----------------------------------------------------------------------------------
+def _astronaut():
+    from skimage import data
+
+    return data.astronaut()
+
+
+def _grace_hopper():
+    import matplotlib.cbook
+
+    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as handle:
+        return np.asarray(Image.open(handle).convert("RGB"))
+
+
+def _chelsea():
+    from skimage import data
+
+    return data.chelsea()
+
+
+@pytest.mark.parametrize("source,kind,face_box", [
+    # face boxes by eye on each photo (x0, y0, x1, y1)
+    (_astronaut, "frontal face", (180, 70, 270, 160)),
+    (_grace_hopper, "frontal face", (160, 110, 370, 330)),
+    (_chelsea, "cat face", (270, 207, 337, 274)),
+])
+def test_face_crop_contains_the_face_on_real_photos(tmp_path, source, kind, face_box):
+    image = source()
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(image).save(folder / "portrait.png")
+    result = load_subject(folder, PROMPT, CLASS, 128, crop_mode="face")
+    report = result.images[0]
+    assert report.subject_found.startswith(f"{kind} found")
+    # crop "face (SxS at x=L y=T)": the face box lies inside it
+    side, rest = report.crop.split("(")[1].split("x", 1)
+    left = int(rest.split("x=")[1].split()[0])
+    top = int(rest.split("y=")[1].rstrip(")"))
+    side = int(side)
+    x0, y0, x1, y1 = face_box
+    assert left <= x0 and top <= y0 and left + side >= x1 and top + side >= y1
+    assert side <= min(image.shape[:2])
+    assert result.subject.images[0].shape == (128, 128, 3)
+
+
+def test_photo_without_a_face_falls_back_to_centre_and_says_so(tmp_path):
+    from skimage import data
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(data.coffee()).save(folder / "coffee.png")
+    result = load_subject(folder, PROMPT, CLASS, 128, crop_mode="face")
+    assert result.images[0].crop == "center (fallback)"
+    assert "coffee.png: crop center (fallback); no face found, fell back to centre crop" in result.report()
+    centre = load_subject(folder, PROMPT, CLASS, 128, crop_mode="center").subject.images[0]
+    assert torch.equal(result.subject.images[0], centre)
+
+
+def test_pad_keeps_the_whole_image(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.new("RGB", (128, 64), (0, 0, 255)).save(folder / "wide.png")
+    crop = load(folder, crop_mode="pad").subject.images[0]
+    assert crop.shape == (64, 64, 3)
+    assert torch.allclose(crop[32, 32], torch.tensor([0.0, 0.0, 1.0]), atol=1e-3)
+    assert torch.allclose(crop[2, 32], torch.tensor(BACKGROUND_RGB) / 255, atol=1e-3)
+
+
+# -- captions -----------------------------------------------------------------------------------
+def test_instance_token_rule():
+    assert instance_token("a photo of sks woman face", "a photo of woman face") == "sks"
+    assert instance_token("a photo of sks dog", "") == "a photo of sks dog"
+    assert caption_with_token("sks dog on a beach", PROMPT, CLASS) == ("sks dog on a beach", False)
+    assert caption_with_token("a dog on a beach", PROMPT, CLASS) == (f"{PROMPT}, a dog on a beach", True)
+    assert caption_with_token("SKS toy,\n  red", PROMPT, CLASS) == ("SKS toy, red", False)
+
+
+def test_sidecar_captions_matched_missing_empty_and_orphan(tmp_path):
+    folder = good_folder(tmp_path / "subject", count=4)
+    (folder / "good0.txt").write_text("sks toy on a table", encoding="utf-8")
+    (folder / "good1.txt").write_text("a red toy in the grass", encoding="utf-8")
+    (folder / "good2.txt").write_text("  \n", encoding="utf-8")
+    (folder / "lost.txt").write_text("sks toy", encoding="utf-8")
+    result = load(folder, caption_mode="sidecar .txt")
+    assert result.subject.captions == ("sks toy on a table", f"{PROMPT}, a red toy in the grass", PROMPT, PROMPT)
+    text = result.report()
+    assert "good0.png: crop center; caption from good0.txt" in text
+    assert "good1.png: crop center; caption from good1.txt; WARNING caption lacked the instance token" in text
+    assert "good2.txt is empty: instance prompt used" in text
+    assert "no good3.txt caption: instance prompt used" in text
+    assert "NOTE lost.txt: caption file with no image of that name (orphan)" in text
+
+
+def test_caption_names_match_after_unicode_normalisation(tmp_path):
+    folder = tmp_path / "subject"
+    folder.mkdir()
+    photo(1).save(folder / (unicodedata.normalize("NFC", "café") + ".png"))
+    (folder / (unicodedata.normalize("NFD", "café") + ".txt")).write_text("\ufeffsks toy in Paris", encoding="utf-8")
+    result = load(folder, caption_mode="sidecar .txt")
+    assert result.subject.captions == ("sks toy in Paris",)  # matched, BOM dropped
+    assert result.notes == []
+
+
+def test_long_caption_is_warned_with_the_clip_tokenizer(tmp_path):
+    folder = good_folder(tmp_path / "subject", count=1)
+    (folder / "good0.txt").write_text("sks toy " + "very " * 90, encoding="utf-8")
+    result = load(folder, caption_mode="sidecar .txt", tokenizer_dir=tokenizer_dir())
+    assert any(w.startswith("caption is 94 CLIP tokens; only the first 77 are used") for w in result.images[0].warnings)
+    estimate = load(folder, caption_mode="sidecar .txt")
+    assert any("about 94 CLIP tokens" in w for w in estimate.images[0].warnings)
+
+
+# -- existing callers and IMAGE batches -----------------------------------------------------------
+def test_load_subject_folder_and_build_subject_keep_working(tmp_path):
+    folder = good_folder(tmp_path / "subject", count=2)
+    (folder / "good0.txt").write_text("sks toy, side view", encoding="utf-8")
+    subject = load_subject_folder(folder, PROMPT, CLASS, RES, flip=True, sidecar_captions=True)
+    assert subject.captions == ("sks toy, side view", PROMPT) and subject.flip
+    raw = [torch.rand(80, 96, 3), torch.rand(70, 50, 3)]
+    built = build_subject(raw, ["a", "b"], PROMPT, CLASS, RES)
+    assert len(built) == 2 and built.images[1].shape == (RES, RES, 3)
+
+
+def test_image_batch_gets_face_crops_and_a_report():
+    image = torch.from_numpy(_astronaut().astype(np.float32) / 255)
+    result = prepare_subject([image], ["batch[0]"], PROMPT, CLASS, 128, crop_mode="face")
+    assert result.images[0].subject_found.startswith("frontal face found")
+    assert result.report().splitlines()[1].startswith("batch[0]: crop face (")
+
+
+# -- re-run detection -----------------------------------------------------------------------------
+def test_fingerprint_changes_with_images_and_captions_only(tmp_path):
+    folder = good_folder(tmp_path / "subject")
+    (folder / "good0.txt").write_text("sks toy", encoding="utf-8")
+    first = folder_fingerprint(folder)
+    assert folder_fingerprint(folder) == first
+    os.utime(folder / "good0.png", (time.time() + 5, time.time() + 5))  # touched, same bytes
+    assert folder_fingerprint(folder) == first
+    (folder / "good0.txt").write_text("sks toy, smiling", encoding="utf-8")
+    after_caption = folder_fingerprint(folder)
+    assert after_caption != first
+    photo(5).save(folder / "good1.png")
+    after_image = folder_fingerprint(folder)
+    assert after_image != after_caption
+    (folder / "good2.png").write_bytes((folder / "good1.png").read_bytes())
+    assert folder_fingerprint(folder) != after_image
