@@ -320,10 +320,13 @@ def test_training_lowers_the_loss_on_the_subject(tiny, subject):
     assert all(float(v.abs().max()) > 0 for v in ups), "some LoRA up weights never moved from zero"
 
 
-def test_same_seed_same_lora_and_other_seed_differs(tiny, subject):
+def test_same_seed_same_lora_and_other_seed_differs(tiny, subject, tmp_path):
     config = LoRATrainConfig(**FAST, seed=7, text_encoder_lr=1e-4)
     first = train_lora(tiny, subject, config)
     second = train_lora(tiny, subject, config)
+    # byte-identical files, metadata included
+    assert save_lora(first, tmp_path / "a.safetensors").read_bytes() == \
+        save_lora(second, tmp_path / "b.safetensors").read_bytes()
     other = train_lora(tiny, subject, LoRATrainConfig(**FAST, seed=8, text_encoder_lr=1e-4))
     assert first.state_dict.keys() == second.state_dict.keys() == other.state_dict.keys()
     assert all(torch.equal(first.state_dict[k], second.state_dict[k]) for k in first.state_dict)

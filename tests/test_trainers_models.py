@@ -182,13 +182,13 @@ def test_save_refuses_to_overwrite(tiny, tmp_path):
 
 
 def test_failed_save_leaves_nothing_behind(tiny, tmp_path, monkeypatch):
-    import safetensors.torch
+    import trainers.fileio
 
-    def write_half_then_fail(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"partial data")
+    def write_half_then_fail(tensors, handle, metadata=None):
+        handle.write(b"partial data")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", write_half_then_fail)
+    monkeypatch.setattr(trainers.fileio, "write_safetensors", write_half_then_fail)
     with pytest.raises(OSError, match="No space left"):
         save_sd15_single_file(tmp_path / "model.safetensors", tiny.unet, tiny.vae, tiny.text_encoder)
     assert list(tmp_path.iterdir()) == []

@@ -7,8 +7,10 @@ would list it. Existing files are kept unless the caller asks to overwrite them.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import struct
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -43,6 +45,37 @@ def _current_umask() -> int:
     return mask
 
 
+_DTYPE_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def write_safetensors(tensors: Mapping[str, torch.Tensor], handle, metadata: Mapping[str, str] | None) -> None:
+    """Serialise in the safetensors format with keys, metadata and data in sorted order, so the
+    same tensors and metadata always give the same bytes (the reference writer orders metadata
+    at random). Tensors are streamed one by one: no second copy of a 2 GB checkpoint in memory."""
+    names = sorted(tensors)
+    header: dict = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    offset = 0
+    for name in names:
+        tensor = tensors[name]
+        if tensor.dtype not in _DTYPE_NAMES:
+            raise TypeError(f"tensor {name} has dtype {tensor.dtype}, which this writer does not store")
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the format aligns the data start to 8 bytes
+    handle.write(struct.pack("<Q", len(raw)))
+    handle.write(raw)
+    for name in names:
+        flat = tensors[name].detach().to("cpu").contiguous().reshape(-1)
+        handle.write(memoryview(flat.view(torch.uint8).numpy()))
+
+
 def atomic_save_safetensors(
     tensors: Mapping[str, torch.Tensor],
     path: str | os.PathLike,
@@ -54,8 +87,6 @@ def atomic_save_safetensors(
     Raises FileExistsError if ``path`` exists and ``overwrite`` is false (also when another
     process creates it while this one writes). On any error nothing is left behind.
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     metadata = check_metadata(metadata)
     refuse_existing(path, overwrite)
@@ -66,10 +97,11 @@ def atomic_save_safetensors(
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        save_file(dict(tensors), str(tmp), metadata=metadata or None)
-        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp creates 0600
-        with open(tmp, "rb") as handle:
+        with open(tmp, "wb") as handle:
+            write_safetensors(tensors, handle, metadata)
+            handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp creates 0600
         if overwrite:
             os.replace(tmp, path)
         else:

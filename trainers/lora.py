@@ -426,7 +426,6 @@ def _metadata(
             }
         ),
         "dbs.device": device.type,
-        "dbs.seconds": f"{seconds:.1f}",
     }
     if fingerprint:
         metadata["dbs.fingerprint"] = fingerprint

@@ -41,7 +41,7 @@ from .fileio import atomic_save_safetensors, refuse_existing
 logger = logging.getLogger("trainers.placeholder")
 
 # Bump when the generated weights change, so caches of generated files can tell stale copies.
-PLACEHOLDER_VERSION = "1"
+PLACEHOLDER_VERSION = "2"
 
 CHECKPOINT_NAME = "sd15-random.safetensors"
 CONTROLNET_NAME = "controlnet-sd15-random.safetensors"
