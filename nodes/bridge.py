@@ -3,16 +3,19 @@ config metadata, progress/cancel adapted to trainer callbacks, and freeing memor
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
 import time
+import traceback
 from dataclasses import fields
 from pathlib import Path
 
 import comfy.model_management
 import comfy.utils
 import folder_paths
+import torch
 from comfy_api.latest import io
 
 from ..trainers.callbacks import TrainingCallbacks
@@ -132,5 +135,31 @@ def free_comfy_models() -> None:
 
 
 def release_memory() -> None:
+    """Give the trainer's memory back after a run, a cancel or an error."""
     gc.collect()
     comfy.model_management.soft_empty_cache()
+    _trim_malloc()
+
+
+def _trim_malloc() -> None:
+    # glibc keeps freed blocks of a finished training in its arenas; hand them back to the OS.
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+@contextlib.contextmanager
+def training_scope():
+    """Grad mode on (ComfyUI runs nodes under inference_mode), and on any exit, including a
+    cancel, drop the frames that still reference the trainer's models, then free memory."""
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            yield
+    except BaseException as exc:  # InterruptProcessingException is a BaseException on newest ComfyUI
+        traceback.clear_frames(exc.__traceback__)
+        raise
+    finally:
+        release_memory()

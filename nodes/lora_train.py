@@ -19,8 +19,8 @@ from .bridge import (
     free_comfy_models,
     model_path,
     output_model_path,
-    release_memory,
     tokenizer_dir,
+    training_scope,
 )
 
 TRAIN_FIELDS = ("rank", "alpha", "steps", "unet_lr", "text_encoder_lr", "lr_scheduler", "lr_warmup_steps",
@@ -96,12 +96,9 @@ class LoRATrain(io.ComfyNode):
         checkpoint = model_path("checkpoints", ckpt_name)
         output = output_model_path("loras", validate_output_name(output_name))
         progress = ComfyProgress(config.steps, preview=lambda losses: to_pil(loss_curve(losses, "LoRA loss")))
-        try:
-            with torch.inference_mode(False), torch.enable_grad():
-                job = train_lora_file(checkpoint, subject, config, output, tokenizer_dir(), overwrite=overwrite,
-                                      callbacks=progress, before_load=free_comfy_models)
-        finally:
-            release_memory()
+        with training_scope():
+            job = train_lora_file(checkpoint, subject, config, output, tokenizer_dir(), overwrite=overwrite,
+                                  callbacks=progress, before_load=free_comfy_models)
         if job.reused:
             progress.bar.update_absolute(config.steps, config.steps)
         curve = loss_curve(job.losses, f"LoRA loss ({output.name})")

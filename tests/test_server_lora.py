@@ -100,6 +100,14 @@ def test_scales_zero_equal_no_lora_and_each_scale_acts(comfy_server, comfy_clien
 
 
 def test_interrupt_stops_training_within_a_step(comfy_server, comfy_client, subject_folder, test_models):
+    import psutil
+
+    from tests.support.graphs import txt2img
+
+    # baseline: the server with the base checkpoint loaded, as the LoRA graph loads it too
+    comfy_client.run(txt2img(test_models["checkpoint"].name, prefix="before_interrupt")).raise_for_status()
+    server_process = psutil.Process(comfy_server.proc.pid)
+    rss_before = server_process.memory_info().rss
     before = loras(comfy_server)
     graph = lora_graph(test_models["checkpoint"].name, "interrupted_lora", steps=500)
     timing = {}
@@ -118,9 +126,10 @@ def test_interrupt_stops_training_within_a_step(comfy_server, comfy_client, subj
     assert max(steps_seen) <= 3, steps_seen
     assert loras(comfy_server) == before  # no new file, not even a partial one
     assert not list((comfy_server.models_dir / "loras").glob("*.tmp*"))
+    # the trainer's own fp32 copy of SD1.5 (~4.3 GB) is given back: a leak would show here
+    rss_after = server_process.memory_info().rss
+    assert rss_after < rss_before + 1.0e9, (rss_before / 1e9, rss_after / 1e9)
     # the server runs the next prompt normally
-    from tests.support.graphs import txt2img
-
     comfy_client.run(txt2img(test_models["checkpoint"].name, prefix="after_interrupt")).raise_for_status()
 
 
