@@ -22,6 +22,7 @@ sys.path.insert(0, str(REPO))
 
 from scripts.comfyclient import ComfyClient  # noqa: E402
 from scripts.comfyserver import ComfyServer, comfyui_path  # noqa: E402
+from scripts.graphs import lora_loop  # noqa: E402
 
 SUBJECT_FOLDER = "dreambooth_studio_demo_subject"
 
@@ -58,33 +59,15 @@ def draw_sample_subject(folder: Path, count: int = 6, size: int = 384) -> list[P
 
 
 def demo_graph(ckpt_name: str, lora_name: str, s: dict, seed: int = 123) -> dict:
-    prompt = "a photo of sks robot on the beach"
-    return {
-        "subject": {"class_type": "LoadSubjectImages", "inputs": {
-            "folder": SUBJECT_FOLDER, "instance_prompt": "a photo of sks robot", "class_prompt": "a photo of robot",
-            "resolution": s["resolution"], "max_images": 0, "flip": False}},
-        "train": {"class_type": "LoRATrain", "inputs": {
-            "subject": ["subject", 0], "ckpt_name": ckpt_name, "output_name": lora_name, "overwrite": False,
-            "rank": s["rank"], "alpha": float(s["rank"]), "steps": s["steps"], "unet_lr": s["unet_lr"],
-            "text_encoder_lr": s["text_encoder_lr"], "lr_scheduler": "constant", "lr_warmup_steps": 0,
-            "batch_size": 1, "seed": seed, "precision": "fp32", "gradient_checkpointing": False,
-            "cache_latents": True}},
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt_name}},
-        "apply": {"class_type": "ApplyLoRAScaled", "inputs": {
-            "model": ["ckpt", 0], "clip": ["ckpt", 1], "lora_name": "(use the lora input)",
-            "unet_scale": 1.0, "text_encoder_scale": 1.0, "lora": ["train", 0]}},
-        "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": ["apply", 1]}},
-        "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry, lowres, deformed", "clip": ["apply", 1]}},
-        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": s["size"], "height": s["size"], "batch_size": 1}},
-        "sample": {"class_type": "KSampler", "inputs": {
-            "model": ["apply", 0], "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0],
-            "seed": seed, "steps": s["sample_steps"], "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal",
-            "denoise": 1.0}},
-        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["ckpt", 2]}},
-        "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": "dreambooth_studio_demo"}},
-        "save_loss": {"class_type": "SaveImage", "inputs": {"images": ["train", 2],
-                                                              "filename_prefix": "dreambooth_studio_demo_loss"}},
-    }
+    return lora_loop(
+        ckpt_name, lora_name, SUBJECT_FOLDER, positive="a photo of sks robot on the beach",
+        negative="blurry, lowres, deformed", resolution=s["resolution"], sample_seed=seed,
+        sample_steps=s["sample_steps"], size=s["size"], prefix="dreambooth_studio_demo",
+        loss_prefix="dreambooth_studio_demo_loss", rank=s["rank"], alpha=float(s["rank"]), steps=s["steps"],
+        seed=seed, unet_lr=s["unet_lr"], text_encoder_lr=s["text_encoder_lr"],
+        # the demo's own file: reused when this exact job made it, replaced when it came from
+        # other settings or an older version of the pack
+        overwrite=True)
 
 
 class TerminalProgress:

@@ -9,7 +9,8 @@ from PIL import Image
 from skimage import data
 
 from scripts.comfyclient import PromptRejected
-from tests.support.graphs import txt2img
+from scripts.graphs import txt2img
+from tests.support.outputs import saved_image
 
 pytestmark = pytest.mark.server
 
@@ -38,25 +39,19 @@ def canny_graph(ckpt, controlnet, strength=1.0, start=0.0, end=1.0, low=100, hig
     return graph
 
 
-def saved(comfy_server, result, node):
-    files = result.files(node)
-    assert len(files) == 1, result.outputs
-    return np.asarray(Image.open(comfy_server.output_dir / files[0]["subfolder"] / files[0]["filename"]))
-
-
 @pytest.fixture(scope="module")
 def uncontrolled(comfy_server, test_models):
     from scripts.comfyclient import ComfyClient
 
     graph = txt2img(test_models["checkpoint"].name, positive="a portrait of sks woman", negative="blurry",
                     steps=4, prefix="canny_none")
-    return saved(comfy_server, ComfyClient(comfy_server.url).run(graph).raise_for_status(), "save")
+    return saved_image(comfy_server, ComfyClient(comfy_server.url).run(graph).raise_for_status(), "save")
 
 
 def run(comfy_server, comfy_client, test_models, **kwargs):
     graph = canny_graph(test_models["checkpoint"].name, test_models["controlnet"].name, **kwargs)
     result = comfy_client.run(graph).raise_for_status()
-    return saved(comfy_server, result, "save"), saved(comfy_server, result, "save_edges")
+    return saved_image(comfy_server, result, "save"), saved_image(comfy_server, result, "save_edges")
 
 
 def test_edge_map_is_opencv_canny_of_the_reference(comfy_server, comfy_client, test_models, reference):

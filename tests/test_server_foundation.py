@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.support.graphs import txt2img, with_controlnet
+from scripts.graphs import txt2img, with_controlnet
+from tests.support.outputs import saved_image
 
 pytestmark = pytest.mark.server
 
@@ -39,18 +40,10 @@ def eval_list(text: str) -> list[str]:
     return ast.literal_eval(text)
 
 
-def _saved_image(comfy_server, result) -> np.ndarray:
-    files = result.files("save")
-    assert len(files) == 1, result.outputs
-    path = comfy_server.output_dir / files[0]["subfolder"] / files[0]["filename"]
-    assert path.is_file() and path.suffix == ".png"
-    return np.asarray(Image.open(path).convert("RGB"))
-
-
 def test_core_txt2img_on_random_sd15(comfy_server, comfy_client, test_models):
     graph = txt2img(test_models["checkpoint"].name, prefix="foundation_txt2img")
     result = comfy_client.run(graph, timeout=600).raise_for_status()
-    image = _saved_image(comfy_server, result)
+    image = saved_image(comfy_server, result)
     assert image.shape == (64, 64, 3)
     # KSampler reported its two steps over the websocket.
     assert [p["value"] for p in result.progress_for("sampler")] == [1, 2]
@@ -70,9 +63,9 @@ def test_core_controlnet_on_random_models(comfy_server, comfy_client, test_model
     control[16:48, 16:48] = 255
     Image.fromarray(control).save(comfy_server.input_dir / "foundation_control.png")
     base = txt2img(test_models["checkpoint"].name, prefix="foundation_cn")
-    plain = _saved_image(comfy_server, comfy_client.run(base).raise_for_status())
+    plain = saved_image(comfy_server, comfy_client.run(base).raise_for_status())
     graph = with_controlnet(base, test_models["controlnet"].name, "foundation_control.png", strength=1.0)
-    controlled = _saved_image(comfy_server, comfy_client.run(graph).raise_for_status())
+    controlled = saved_image(comfy_server, comfy_client.run(graph).raise_for_status())
     assert controlled.shape == (64, 64, 3)
     # the random ControlNet really acts on the sampling
     assert np.abs(controlled.astype(int) - plain.astype(int)).max() > 0

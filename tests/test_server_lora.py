@@ -7,10 +7,11 @@ import time
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from scripts.comfyclient import PromptRejected
 from scripts.demo import draw_sample_subject
+from scripts.graphs import lora_loop, txt2img
+from tests.support.outputs import saved_image
 
 pytestmark = pytest.mark.server
 
@@ -23,38 +24,9 @@ def subject_folder(comfy_server):
     return SUBJECT
 
 
-def lora_graph(ckpt, name, steps=3, unet_scale=1.0, te_scale=1.0, text_encoder_lr=1e-5, seed=123,
-               prefix="lora_e2e", **train_overrides):
-    train_inputs = {
-        "subject": ["subject", 0], "ckpt_name": ckpt, "output_name": name, "overwrite": False,
-        "rank": 4, "alpha": 4.0, "steps": steps, "unet_lr": 1e-4, "text_encoder_lr": text_encoder_lr,
-        "lr_scheduler": "constant", "lr_warmup_steps": 0, "batch_size": 1, "seed": 0, "precision": "fp32",
-        "gradient_checkpointing": False, "cache_latents": True}
-    train_inputs.update(train_overrides)
-    return {
-        "subject": {"class_type": "LoadSubjectImages", "inputs": {
-            "folder": SUBJECT, "instance_prompt": "a photo of sks robot", "class_prompt": "a photo of robot",
-            "resolution": 64, "max_images": 0, "flip": False}},
-        "train": {"class_type": "LoRATrain", "inputs": train_inputs},
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
-        "apply": {"class_type": "ApplyLoRAScaled", "inputs": {
-            "model": ["ckpt", 0], "clip": ["ckpt", 1], "lora_name": "(use the lora input)",
-            "unet_scale": unet_scale, "text_encoder_scale": te_scale, "lora": ["train", 0]}},
-        "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of sks robot", "clip": ["apply", 1]}},
-        "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["apply", 1]}},
-        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "sampler": {"class_type": "KSampler", "inputs": {
-            "model": ["apply", 0], "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0],
-            "seed": seed, "steps": 2, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
-        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sampler", 0], "vae": ["ckpt", 2]}},
-        "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": prefix}},
-    }
-
-
-def saved(comfy_server, result, node="save"):
-    files = result.files(node)
-    assert files, result.outputs
-    return np.asarray(Image.open(comfy_server.output_dir / files[0]["subfolder"] / files[0]["filename"]))
+def lora_graph(ckpt, name, steps=3, unet_scale=1.0, te_scale=1.0, prefix="lora_e2e", **train_overrides):
+    return lora_loop(ckpt, name, SUBJECT, positive="a photo of sks robot", unet_scale=unet_scale,
+                     te_scale=te_scale, prefix=prefix, steps=steps, **train_overrides)
 
 
 def loras(comfy_server):
@@ -76,24 +48,22 @@ def test_full_loop_runs_and_reports_every_training_step(comfy_server, trained_ru
     assert [p["value"] for p in trained_run.progress_for("train")] == [1, 2, 3]
     assert all(p["max"] == 3 for p in trained_run.progress_for("train"))
     assert "e2e_lora.safetensors" in loras(comfy_server)
-    image = saved(comfy_server, trained_run)
+    image = saved_image(comfy_server, trained_run)
     assert image.shape == (64, 64, 3)
     log = comfy_server.log_text()
     assert "lora key not loaded" not in log and "NOT LOADED" not in log
 
 
 def test_scales_zero_equal_no_lora_and_each_scale_acts(comfy_server, comfy_client, trained_run, test_models):
-    from tests.support.graphs import txt2img
-
     ckpt = test_models["checkpoint"].name
     plain = txt2img(ckpt, positive="a photo of sks robot", negative="blurry", prefix="lora_plain")
-    no_lora = saved(comfy_server, comfy_client.run(plain).raise_for_status())
+    no_lora = saved_image(comfy_server, comfy_client.run(plain).raise_for_status())
     images = {}
     for scales in [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0)]:
         graph = lora_graph(ckpt, "e2e_lora", steps=3, unet_scale=scales[0], te_scale=scales[1],
                            prefix=f"lora_scale_{scales[0]}_{scales[1]}")
         result = comfy_client.run(graph).raise_for_status()
-        images[scales] = saved(comfy_server, result)
+        images[scales] = saved_image(comfy_server, result)
     assert np.array_equal(images[(0.0, 0.0)], no_lora)
     assert not np.array_equal(images[(1.0, 0.0)], no_lora)
     assert not np.array_equal(images[(0.0, 1.0)], no_lora)
@@ -101,8 +71,6 @@ def test_scales_zero_equal_no_lora_and_each_scale_acts(comfy_server, comfy_clien
 
 def test_interrupt_stops_training_within_a_step(comfy_server, comfy_client, subject_folder, test_models):
     import psutil
-
-    from tests.support.graphs import txt2img
 
     # baseline: the server with the base checkpoint loaded, as the LoRA graph loads it too
     comfy_client.run(txt2img(test_models["checkpoint"].name, prefix="before_interrupt")).raise_for_status()

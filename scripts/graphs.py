@@ -1,4 +1,4 @@
-"""API-format graphs of core ComfyUI nodes, used by the server tests."""
+"""API-format graphs (what `POST /prompt` takes), shared by the demo and the server tests."""
 
 from __future__ import annotations
 
@@ -69,4 +69,38 @@ def with_controlnet(
     }
     graph["sampler"]["inputs"]["positive"] = ["cn_apply", 0]
     graph["sampler"]["inputs"]["negative"] = ["cn_apply", 1]
+    return graph
+
+
+LORA_TRAIN_DEFAULTS = {
+    "overwrite": False, "rank": 4, "alpha": 4.0, "steps": 3, "unet_lr": 1e-4, "text_encoder_lr": 1e-5,
+    "lr_scheduler": "constant", "lr_warmup_steps": 0, "batch_size": 1, "seed": 0, "precision": "fp32",
+    "gradient_checkpointing": False, "cache_latents": True,
+}
+
+
+def lora_loop(ckpt_name: str, lora_name: str, subject_folder: str, positive: str, negative: str = "blurry",
+              instance_prompt: str = "a photo of sks robot", class_prompt: str = "a photo of robot",
+              resolution: int = 64, unet_scale: float = 1.0, te_scale: float = 1.0, sample_seed: int = 123,
+              sample_steps: int = 2, size: int = 64, prefix: str = "dbs_lora", loss_prefix: str | None = None,
+              **train_inputs) -> dict:
+    """The main job: LoadSubjectImages -> LoRATrain -> ApplyLoRAScaled on the checkpoint's MODEL
+    and CLIP -> the txt2img graph above. `train_inputs` override LORA_TRAIN_DEFAULTS; with
+    `loss_prefix` the loss curve is saved too."""
+    graph = txt2img(ckpt_name, positive=positive, negative=negative, seed=sample_seed, steps=sample_steps,
+                    size=size, prefix=prefix)
+    graph["subject"] = {"class_type": "LoadSubjectImages", "inputs": {
+        "folder": subject_folder, "instance_prompt": instance_prompt, "class_prompt": class_prompt,
+        "resolution": resolution, "max_images": 0, "flip": False}}
+    graph["train"] = {"class_type": "LoRATrain", "inputs": {
+        "subject": ["subject", 0], "ckpt_name": ckpt_name, "output_name": lora_name,
+        **LORA_TRAIN_DEFAULTS, **train_inputs}}
+    graph["apply"] = {"class_type": "ApplyLoRAScaled", "inputs": {
+        "model": ["ckpt", 0], "clip": ["ckpt", 1], "lora_name": "(use the lora input)",
+        "unet_scale": unet_scale, "text_encoder_scale": te_scale, "lora": ["train", 0]}}
+    graph["pos"]["inputs"]["clip"] = graph["neg"]["inputs"]["clip"] = ["apply", 1]
+    graph["sampler"]["inputs"]["model"] = ["apply", 0]
+    if loss_prefix:
+        graph["save_loss"] = {"class_type": "SaveImage",
+                              "inputs": {"images": ["train", 2], "filename_prefix": loss_prefix}}
     return graph
