@@ -7,6 +7,7 @@ import sys
 
 COMMANDS = {
     "lora": ("trainers.lora", "train a LoRA on a folder of subject photos"),
+    "dreambooth": ("trainers.dreambooth", "fine-tune the whole UNet (DreamBooth) and save a checkpoint"),
     "placeholder": ("trainers.placeholder", "write random-weight SD1.5 test models"),
 }
 

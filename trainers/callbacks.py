@@ -29,6 +29,10 @@ class StepState:
 class TrainingCallbacks:
     """No-op base; override what you need."""
 
+    def on_generate_step(self, done: int, total: int) -> None:
+        """Called after every denoising step while class images are generated (before training).
+        Raise to stop; the partial class-image set is removed."""
+
     def on_train_begin(self, total_steps: int) -> None:
         """Called once the data is cached, right before the first step."""
 

@@ -31,6 +31,10 @@ LR_SCHEDULERS = (
     "polynomial",
 )
 PRECISIONS = ("fp32", "bf16", "fp16")
+SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
+# adamw: torch AdamW (2 fp32 states per weight: ~14 GB for the SD1.5 UNet with its gradients).
+# adafactor: factored second moments, no first moment (~7 GB for the UNet with its gradients).
+OPTIMIZERS = ("adamw", "adafactor")
 MAX_SEED = 2**32 - 1
 
 
@@ -155,8 +159,66 @@ class _ValidatedConfig:
         return cls(**values)
 
 
+# -- prior preservation: the same fields in every trainer's config -------------------------------
+
+
+def _class_images(default: int) -> Any:
+    return _spec(
+        default,
+        "Class images for prior preservation: generated once from the base model with the class "
+        "prompt and cached (or taken from a class folder). 0 turns prior preservation off. About "
+        "100-200 for 10-20 subject photos.",
+        min=1, max=10_000, zero_means="prior preservation off",
+    )
+
+
+def _prior_loss_weight() -> Any:
+    return _spec(
+        1.0, "Weight of the class (prior) loss added to the subject loss. 0 turns prior preservation off.",
+        min=0, max=100, step=0.05,
+    )
+
+
+def _class_steps() -> Any:
+    return _spec(25, "Sampling steps per generated class image (DPM-Solver++).", min=1, max=200)
+
+
+def _class_guidance() -> Any:
+    return _spec(7.5, "Guidance scale (CFG) for generated class images.", min=1.0, max=30.0, step=0.5)
+
+
+def _class_seed() -> Any:
+    return _spec(
+        0, "Seed of the generated class images: keep it fixed so every run of a sweep reuses them.",
+        min=0, max=MAX_SEED,
+    )
+
+
+class _PriorFields:
+    """Properties of the prior-preservation fields; mixed into configs that have them."""
+
+    class_images: int
+    prior_loss_weight: float
+
+    @property
+    def with_prior(self) -> bool:
+        return self.class_images > 0 and self.prior_loss_weight > 0
+
+
+def _check_warmup(config: Any) -> None:
+    if config.lr_warmup_steps > config.steps:
+        raise ConfigError(
+            f"lr_warmup_steps must be between 0 and steps ({config.steps}) (got {config.lr_warmup_steps})"
+        )
+    if config.lr_warmup_steps and config.lr_scheduler == "constant":
+        raise ConfigError(
+            f"lr_warmup_steps={config.lr_warmup_steps} has no effect with lr_scheduler 'constant'; "
+            f"use 'constant_with_warmup' or set lr_warmup_steps to 0"
+        )
+
+
 @dataclass(frozen=True)
-class LoRATrainConfig(_ValidatedConfig):
+class LoRATrainConfig(_PriorFields, _ValidatedConfig):
     """Hyper-parameters of LoRA training on SD1.5 (UNet attention, optionally the text encoder)."""
 
     rank: int = _spec(16, "LoRA rank (dimension of the low-rank update). 4-32 is typical for a subject.", min=1, max=128)
@@ -208,21 +270,91 @@ class LoRATrainConfig(_ValidatedConfig):
         0.0, "Min-SNR loss weighting gamma (5 is typical); 0 is off.",
         min=0, max=100, min_exclusive=True, zero_means="off", step=0.5,
     )
+    class_images: int = _class_images(0)
+    prior_loss_weight: float = _prior_loss_weight()
+    class_steps: int = _class_steps()
+    class_guidance: float = _class_guidance()
+    class_seed: int = _class_seed()
 
     def _check_together(self) -> None:
-        if self.lr_warmup_steps > self.steps:
-            raise ConfigError(
-                f"lr_warmup_steps must be between 0 and steps ({self.steps}) (got {self.lr_warmup_steps})"
-            )
-        if self.lr_warmup_steps and self.lr_scheduler == "constant":
-            raise ConfigError(
-                f"lr_warmup_steps={self.lr_warmup_steps} has no effect with lr_scheduler 'constant'; "
-                f"use 'constant_with_warmup' or set lr_warmup_steps to 0"
-            )
+        _check_warmup(self)
 
     @property
     def effective_alpha(self) -> float:
         return float(self.rank) if self.alpha == 0 else float(self.alpha)
+
+    @property
+    def train_text_encoder(self) -> bool:
+        return self.text_encoder_lr > 0
+
+
+@dataclass(frozen=True)
+class DreamBoothTrainConfig(_PriorFields, _ValidatedConfig):
+    """Hyper-parameters of DreamBooth: the whole SD1.5 UNet (optionally the text encoder) fine-tuned."""
+
+    steps: int = _spec(800, "Optimizer steps to train (about 80-100 per subject photo).", min=1, max=100_000)
+    unet_lr: float = _spec(
+        2e-6,
+        "Learning rate of the UNet. 2e-6 to 5e-6 is typical; too low does not learn the subject, too high "
+        "gives artefacts and several copies of the subject per image.",
+        min=0, max=1.0, min_exclusive=True, step=1e-7,
+    )
+    text_encoder_lr: float = _spec(
+        0.0,
+        "Learning rate of the whole text encoder. 0 keeps it frozen (its embeddings are computed once); "
+        "1e-6 to 5e-6 when trained.",
+        min=0, max=1.0, min_exclusive=True, zero_means="frozen text encoder", step=1e-7,
+    )
+    lr_scheduler: str = _spec(
+        "constant", "How the learning rate changes over the steps (after the warmup).", choices=LR_SCHEDULERS
+    )
+    lr_warmup_steps: int = _spec(
+        0, "Steps over which the learning rate ramps up from 0 (not used by 'constant').", min=0, max=100_000
+    )
+    batch_size: int = _spec(1, "Subject images per optimizer step (as many class images ride along).", min=1, max=64)
+    seed: int = _spec(0, "Random seed: the same seed, data and settings give the same model.", min=0, max=MAX_SEED)
+    optimizer: str = _spec(
+        "adamw",
+        "adamw: the DreamBooth recipe, about 14 GB for the SD1.5 UNet in fp32. adafactor: factored "
+        "second moments and no momentum, about half that (same learning rates work as a start).",
+        choices=OPTIMIZERS,
+    )
+    precision: str = _spec(
+        "fp32",
+        "Compute precision. bf16/fp16 use autocast on CUDA GPUs (weights stay fp32); on the CPU training "
+        "runs in fp32 and a warning says so.",
+        choices=PRECISIONS,
+    )
+    gradient_checkpointing: bool = _spec(
+        False, "Recompute activations in the backward pass: less memory, about 30% slower."
+    )
+    cache_latents: bool = _spec(
+        True, "Encode the images with the VAE once instead of every step (faster, same result)."
+    )
+    max_grad_norm: float = _spec(
+        1.0, "Clip the gradient norm to this value; 0 turns clipping off.",
+        min=0, max=1000, min_exclusive=True, zero_means="no clipping", step=0.1,
+    )
+    noise_offset: float = _spec(
+        0.0, "Offset noise strength (helps very dark/bright images); 0 is off, 0.05-0.1 is typical.",
+        min=0, max=1.0, step=0.01,
+    )
+    min_snr_gamma: float = _spec(
+        0.0, "Min-SNR loss weighting gamma (5 is typical); 0 is off.",
+        min=0, max=100, min_exclusive=True, zero_means="off", step=0.5,
+    )
+    class_images: int = _class_images(100)
+    prior_loss_weight: float = _prior_loss_weight()
+    class_steps: int = _class_steps()
+    class_guidance: float = _class_guidance()
+    class_seed: int = _class_seed()
+    save_precision: str = _spec(
+        "fp16", "Precision of the saved checkpoint: fp16 (2 GB, what most SD1.5 files use), bf16 or fp32 (4 GB).",
+        choices=SAVE_PRECISIONS,
+    )
+
+    def _check_together(self) -> None:
+        _check_warmup(self)
 
     @property
     def train_text_encoder(self) -> bool:

@@ -38,7 +38,7 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -305,6 +305,8 @@ class LoRAResult:
     text_encoder_modules: int
     fingerprint: str = ""  # lora_fingerprint(...) when a base fingerprint was given
     seconds: float = 0.0  # training time, without model setup and caching
+    instance_losses: list[float] = field(default_factory=list)  # subject part of each step's loss
+    prior_losses: list[float] = field(default_factory=list)  # class part (empty without prior preservation)
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -323,8 +325,11 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
-def lora_fingerprint(base_fingerprint: str, subject: SubjectData, config: LoRATrainConfig) -> str:
-    """SHA-256 identifying a training run: same base model, subject and config -> same LoRA.
+def lora_fingerprint(
+    base_fingerprint: str, subject: SubjectData, config: LoRATrainConfig, class_source: str = ""
+) -> str:
+    """SHA-256 identifying a training run: same base model, subject, config (and class images,
+    with prior preservation) -> same LoRA.
 
     Stored as ``dbs.fingerprint`` so a node can reuse an existing file instead of training again.
     """
@@ -333,11 +338,24 @@ def lora_fingerprint(base_fingerprint: str, subject: SubjectData, config: LoRATr
         "base": base_fingerprint,
         "subject": subject.fingerprint(),
         "config": config.to_dict(),
+        "class_source": class_source if config.with_prior else "",
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
 
 
-def _check_inputs(base: SD15Components, subject: SubjectData, config: LoRATrainConfig) -> None:
+def _check_inputs(
+    base: SD15Components, subject: SubjectData, config: LoRATrainConfig, class_subject: SubjectData | None = None
+) -> None:
+    if config.with_prior and class_subject is None:
+        raise ValueError(
+            "prior preservation is on (class_images > 0 and prior_loss_weight > 0) but no class images were "
+            "given; generate them with trainers.prior or set class_images to 0"
+        )
+    if class_subject is not None and config.with_prior and class_subject.resolution != subject.resolution:
+        raise ValueError(
+            f"class images are {class_subject.resolution} px but the subject is {subject.resolution} px; use "
+            f"class images of the training resolution"
+        )
     if not isinstance(config, LoRATrainConfig):
         raise TypeError(f"config must be a LoRATrainConfig, got {type(config).__name__}")
     if not isinstance(subject, SubjectData):
@@ -368,6 +386,10 @@ def _metadata(
     device: torch.device,
     autocast_dtype: torch.dtype | None,
     seconds: float,
+    instance_losses: list[float] | None = None,
+    prior_losses: list[float] | None = None,
+    class_count: int = 0,
+    class_info: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     mixed = {None: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast_dtype]
     distinct_captions = sorted(set(subject.captions))
@@ -382,6 +404,8 @@ def _metadata(
         "ss_sd_model_name": base_model_name,
         "ss_resolution": f"({subject.resolution}, {subject.resolution})",
         "ss_num_train_images": str(len(subject)),
+        "ss_num_reg_images": str(class_count),
+        "ss_prior_loss_weight": f"{config.prior_loss_weight:g}" if class_count else "0",
         "ss_max_train_steps": str(config.steps),
         "ss_steps": str(len(losses)),
         "ss_batch_size_per_device": str(config.batch_size),
@@ -414,6 +438,9 @@ def _metadata(
         "dbs.source_names": json.dumps(list(subject.source_names)),
         "dbs.steps_done": str(len(losses)),
         "dbs.losses": json.dumps([float(f"{v:.5g}") for v in losses]),
+        "dbs.instance_losses": json.dumps([float(f"{v:.5g}") for v in (instance_losses or [])]),
+        "dbs.prior_losses": json.dumps([float(f"{v:.5g}") for v in (prior_losses or [])]),
+        "dbs.prior": json.dumps(dict(class_info or {}), sort_keys=True) if class_count else "",
         "dbs.final_loss": f"{losses[-1]:.6g}" if losses else "",
         "dbs.unet_modules": str(counts[0]),
         "dbs.text_encoder_modules": str(counts[1]),
@@ -470,6 +497,9 @@ def train_lora(
     callbacks: TrainingCallbacks | None = None,
     base_model_name: str = "",
     base_fingerprint: str = "",
+    class_subject: SubjectData | None = None,
+    class_source: str = "",
+    class_info: Mapping[str, str] | None = None,
 ) -> LoRAResult:
     """Train a LoRA of ``base`` on ``subject``; returns the kohya tensors, losses and metadata.
 
@@ -478,7 +508,10 @@ def train_lora(
     of the checkpoint) makes the result carry ``dbs.fingerprint``. Raises NonFiniteLossError if
     training diverges; whatever a callback raises propagates after cleanup.
     """
-    _check_inputs(base, subject, config)
+    _check_inputs(base, subject, config, class_subject)
+    if class_subject is not None and not config.with_prior:
+        logger.info("prior preservation is off (class_images 0 or prior_loss_weight 0): class images not used")
+        class_subject = None
     callbacks = callbacks or TrainingCallbacks()
     unet, vae, text_encoder = base.unet, base.vae, base.text_encoder
     device = model_device(unet)
@@ -510,6 +543,13 @@ def train_lora(
                 cache_latents=config.cache_latents,
                 cache_text=not train_text,
             )
+            prior = None
+            if class_subject is not None:
+                prior = prepare_training_set(
+                    class_subject.pixels(), class_subject.captions, vae=vae, text_encoder=text_encoder,
+                    tokenizer=base.tokenizer, flip=class_subject.flip, cache_latents=config.cache_latents,
+                    cache_text=not train_text,
+                )  # fmt: skip
             try:
                 tuners.append(
                     inject_lora(unet, unet_lora_targets(unet), config.rank, alpha, derive_seed(config.seed, "unet"))
@@ -546,9 +586,11 @@ def train_lora(
                         noise_offset=config.noise_offset,
                         min_snr_gamma=config.min_snr_gamma,
                         max_grad_norm=config.max_grad_norm,
+                        prior_loss_weight=config.prior_loss_weight,
                         autocast_dtype=autocast_dtype,
                     ),
                     callbacks,
+                    prior=prior,
                 )
                 state = kohya_state_dict(unet, text_encoder if train_text else None, config.rank, alpha)
             finally:
@@ -568,10 +610,11 @@ def train_lora(
         sum(1 for k in state if k.startswith(UNET_PREFIX) and k.endswith(".alpha")),
         sum(1 for k in state if k.startswith(TEXT_ENCODER_PREFIX) and k.endswith(".alpha")),
     )
-    fingerprint = lora_fingerprint(base_fingerprint, subject, config) if base_fingerprint else ""
+    fingerprint = lora_fingerprint(base_fingerprint, subject, config, class_source) if base_fingerprint else ""
     metadata = _metadata(
         config, subject, base_model_name, base_fingerprint, fingerprint, loop.losses, counts, device,
-        autocast_dtype, loop.seconds,
+        autocast_dtype, loop.seconds, loop.instance_losses, loop.prior_losses,
+        len(class_subject) if class_subject is not None else 0, class_info,
     )  # fmt: skip
     logger.info(
         "LoRA trained in %.1f s (%.1f s with caching): %d UNet + %d text-encoder modules, loss %.4f -> %.4f",
@@ -585,6 +628,8 @@ def train_lora(
         text_encoder_modules=counts[1],
         fingerprint=fingerprint,
         seconds=loop.seconds,
+        instance_losses=loop.instance_losses,
+        prior_losses=loop.prior_losses,
     )
 
 
@@ -636,6 +681,13 @@ class TerminalProgress(TrainingCallbacks):
         self.stream = stream or sys.stderr
         self.width = width
         self.total = 0
+
+    def on_generate_step(self, done: int, total: int) -> None:
+        filled = int(self.width * done / max(total, 1))
+        self.stream.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] class images: step {done}/{total}")
+        if done == total:
+            self.stream.write("\n")
+        self.stream.flush()
 
     def on_train_begin(self, total_steps: int) -> None:
         self.total = total_steps
@@ -695,6 +747,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save-dtype", choices=sorted(_SAVE_DTYPES), default="fp16", help="dtype of the saved weights")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     parser.add_argument("--loss-curve", type=Path, default=None, help="also write the loss curve as a PNG")
+    parser.add_argument("--class-folder", type=Path, default=None,
+                        help="prior preservation: use these class images (at most --class-images) instead of "
+                             "generating them")
+    parser.add_argument("--class-cache", type=Path, default=None,
+                        help="prior preservation: where generated class images are kept "
+                             "(default ~/.cache/dreambooth_studio/class_images)")
     add_config_arguments(parser, LoRATrainConfig)
     return parser
 
@@ -739,9 +797,23 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
     for model in (base.unet, base.vae, base.text_encoder):
         model.to(device)
+    from .dreambooth import default_class_cache
+    from .jobs import plan_prior, realize_prior
+
+    progress = TerminalProgress()
+    class_cache = args.class_cache or default_class_cache()
+    try:
+        plan = plan_prior(config, subject, base_fingerprint or f"folder:{args.checkpoint.resolve()}", class_cache,
+                          args.class_folder, tokenizer)
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
+    class_data = realize_prior(plan, base, class_cache, progress, tokenizer)
+    if plan.enabled:
+        print(plan.report)
     result = train_lora(
-        base, subject, config, TerminalProgress(), base_model_name=args.checkpoint.name,
-        base_fingerprint=base_fingerprint,
+        base, subject, config, progress, base_model_name=args.checkpoint.name,
+        base_fingerprint=base_fingerprint, class_subject=class_data, class_source=plan.source,
+        class_info=plan.info(),
     )  # fmt: skip
     path = save_lora(result, output, overwrite=args.overwrite, dtype=_SAVE_DTYPES[args.save_dtype])
     print(f"saved {path} ({result.unet_modules} UNet + {result.text_encoder_modules} text-encoder modules, "
@@ -749,7 +821,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.loss_curve is not None:
         from PIL import Image
 
-        curve = loss_curve_image(result.losses, title=f"LoRA loss: {output.stem}")
+        extra = {"instance": result.instance_losses, "prior": result.prior_losses} if result.prior_losses else None
+        curve = loss_curve_image(result.losses, title=f"LoRA loss: {output.stem}", extra_curves=extra)
         Image.fromarray((curve[0].numpy() * 255).round().astype("uint8")).save(args.loss_curve)
         print(f"loss curve: {args.loss_curve}")
     return 0
