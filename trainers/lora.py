@@ -773,7 +773,12 @@ def main(argv: list[str] | None = None) -> int:
     if not output.parent.is_dir():
         parser.error(f"output folder {output.parent} does not exist")
 
-    from .checkpoint import load_sd15_diffusers_folder, load_sd15_single_file
+    from .checkpoint import (
+        CheckpointError,
+        describe_checkpoint,
+        load_sd15_diffusers_folder,
+        load_sd15_single_file,
+    )
     from .fileio import sha256_file
     from .images import load_subject_folder
 
@@ -785,28 +790,34 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     tokenizer = args.tokenizer or _default_tokenizer_dir()
-    if args.checkpoint.is_dir():
-        base = load_sd15_diffusers_folder(args.checkpoint, tokenizer)
-        base_fingerprint = ""
-    else:
+    base_fingerprint = ""
+    if not args.checkpoint.is_dir():
         if tokenizer is None:
             parser.error("no tokenizer folder: pass --tokenizer (e.g. ComfyUI/comfy/sd1_tokenizer)")
-        base = load_sd15_single_file(args.checkpoint, tokenizer)
+        try:
+            describe_checkpoint(args.checkpoint)  # header only: not SD1.5 is an error, not a traceback
+        except CheckpointError as error:
+            parser.error(str(error))
         logger.info("hashing %s", args.checkpoint.name)
         base_fingerprint = sha256_file(args.checkpoint)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
-    for model in (base.unet, base.vae, base.text_encoder):
-        model.to(device)
     from .dreambooth import default_class_cache
     from .jobs import plan_prior, realize_prior
 
-    progress = TerminalProgress()
+    # Check the prior-preservation inputs (class prompt, class folder) before loading the base model.
     class_cache = args.class_cache or default_class_cache()
     try:
         plan = plan_prior(config, subject, base_fingerprint or f"folder:{args.checkpoint.resolve()}", class_cache,
                           args.class_folder, tokenizer)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
+    if args.checkpoint.is_dir():
+        base = load_sd15_diffusers_folder(args.checkpoint, tokenizer)
+    else:
+        base = load_sd15_single_file(args.checkpoint, tokenizer)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else torch.device(args.device)
+    for model in (base.unet, base.vae, base.text_encoder):
+        model.to(device)
+    progress = TerminalProgress()
     class_data = realize_prior(plan, base, class_cache, progress, tokenizer)
     if plan.enabled:
         print(plan.report)
