@@ -15,8 +15,9 @@ class DreamBoothStudioExtension(ComfyExtension):
 def all_nodes() -> list[type[io.ComfyNode]]:
     # Imported here so that loading the extension object stays cheap.
     from .canny import CannyControl
+    from .dreambooth_train import DreamBoothTrain
     from .lora_apply import ApplyLoRAScaled
     from .lora_train import LoRATrain
     from .subject import LoadSubjectImages
 
-    return [LoadSubjectImages, LoRATrain, ApplyLoRAScaled, CannyControl]
+    return [LoadSubjectImages, LoRATrain, DreamBoothTrain, ApplyLoRAScaled, CannyControl]

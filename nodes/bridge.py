@@ -65,28 +65,29 @@ def output_model_path(kind: str, stem: str) -> Path:
 
 
 # -- widgets from the engine's dataclass metadata ------------------------------------------------
-def config_input(config_cls, name: str, tooltip: str | None = None, **overrides) -> io.Input:
+def config_input(config_cls, name: str, tooltip: str | None = None, optional: bool = False,
+                 **overrides) -> io.Input:
     """One widget for field `name` of a trainers config dataclass: default, bounds, choices and
     help text all come from the dataclass, so the node and the engine can't disagree."""
     spec = {f.name: f for f in fields(config_cls)}[name]
     meta = dict(spec.metadata)
     meta.update(overrides)
     default = overrides.get("default", spec.default)
-    help_text = tooltip or meta.get("help", "")
+    common = {"tooltip": tooltip or meta.get("help", ""), "optional": optional}
     if meta.get("choices"):
-        return io.Combo.Input(name, options=list(meta["choices"]), default=default, tooltip=help_text)
+        return io.Combo.Input(name, options=list(meta["choices"]), default=default, **common)
     if isinstance(default, bool):
-        return io.Boolean.Input(name, default=default, tooltip=help_text)
+        return io.Boolean.Input(name, default=default, **common)
     if isinstance(default, int):
         # A training seed must not change by itself after each run (the frontend would add a
         # "randomize" control to any input named seed), or every run would retrain.
         return io.Int.Input(name, default=default, min=meta.get("min"), max=meta.get("max"),
-                            step=meta.get("step", 1), tooltip=help_text,
-                            control_after_generate=False if name == "seed" else None)
+                            step=meta.get("step", 1), control_after_generate=False if "seed" in name else None,
+                            **common)
     if isinstance(default, float):
         return io.Float.Input(name, default=default, min=meta.get("min"), max=meta.get("max"),
-                              step=meta.get("step", 1e-6), round=False, tooltip=help_text)
-    return io.String.Input(name, default=default, tooltip=help_text)
+                              step=meta.get("step", 1e-6), round=False, **common)
+    return io.String.Input(name, default=default, **common)
 
 
 def config_kwargs(config_cls, values: dict) -> dict:
@@ -99,8 +100,10 @@ class ComfyProgress(TrainingCallbacks):
     """Trainer callbacks -> ComfyUI progress bar (websocket `progress` events) and cancel check.
 
     Cancel is checked explicitly every step: newest ComfyUI throttles the progress hook that
-    would otherwise do it. `preview` (optional) makes a PIL image of the run so far; it is sent
-    as the node's live preview at most every `preview_every` seconds.
+    would otherwise do it. `preview` (optional) makes a PIL image of the run so far from this
+    object (`losses`, `instance_losses`, `prior_losses`); it is sent as the node's live preview
+    at most every `preview_every` seconds. Class-image generation, when a run has it, reports
+    its denoising steps on the same bar before training starts.
     """
 
     def __init__(self, total: int, preview=None, preview_every: float = 2.0):
@@ -110,21 +113,41 @@ class ComfyProgress(TrainingCallbacks):
         self.preview_every = preview_every
         self._last_preview = 0.0
         self.losses: list[float] = []
+        self.instance_losses: list[float] = []
+        self.prior_losses: list[float] = []
+
+    def on_generate_step(self, done: int, total: int) -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        self.bar.update_absolute(done, total)
 
     def on_train_begin(self, total_steps: int) -> None:
         comfy.model_management.throw_exception_if_processing_interrupted()
 
     def on_step_end(self, state) -> None:
         self.losses.append(state.loss)
+        if state.prior_loss is not None:
+            self.instance_losses.append(state.instance_loss)
+            self.prior_losses.append(state.prior_loss)
         comfy.model_management.throw_exception_if_processing_interrupted()
         image = None
         now = time.monotonic()
         if self.preview is not None and (now - self._last_preview >= self.preview_every
                                          or state.step == state.total_steps):
             self._last_preview = now
-            image = ("PNG", self.preview(self.losses), 512)
+            image = ("PNG", self.preview(self), 512)
         self.bar.update_absolute(state.step, state.total_steps, image)
 
+    def extra_curves(self) -> dict[str, list[float]]:
+        if not self.prior_losses:
+            return {}
+        return {"instance": self.instance_losses, "prior": self.prior_losses}
+
+
+
+def class_image_cache() -> Path:
+    """Generated class images live in input/class_images/<prompt>-<res>px-<count>-<key>/: visible,
+    reusable as a class folder, and found again by every run of a sweep."""
+    return Path(folder_paths.get_input_directory()) / "class_images"
 
 
 def free_comfy_models() -> None:

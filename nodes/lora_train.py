@@ -14,6 +14,7 @@ from .bridge import (
     CATEGORY,
     SUBJECT,
     ComfyProgress,
+    class_image_cache,
     config_input,
     config_kwargs,
     free_comfy_models,
@@ -25,6 +26,8 @@ from .bridge import (
 
 TRAIN_FIELDS = ("rank", "alpha", "steps", "unet_lr", "text_encoder_lr", "lr_scheduler", "lr_warmup_steps",
                 "batch_size", "seed", "precision", "gradient_checkpointing", "cache_latents")
+PRIOR_FIELDS = ("class_images", "prior_loss_weight", "class_steps", "class_guidance", "class_seed")
+GENERATE = "(generate from the base model)"
 
 
 def checkpoint_input() -> io.Input:
@@ -44,6 +47,24 @@ def overwrite_input() -> io.Input:
                                     "earlier run is reused, any other file is an error.")
 
 
+def class_folder_input() -> io.Input:
+    from .subject import input_subfolders
+
+    return io.Combo.Input("class_folder", optional=True, options=[GENERATE, *input_subfolders()], default=GENERATE,
+                          tooltip="Class images for prior preservation: generated from the base model with the "
+                                  "class prompt (cached in input/class_images/, reused by every run with the same "
+                                  "model, prompt, count, resolution and seed), or your own folder in input/ (at "
+                                  "most class_images of them, centre-cropped).")
+
+
+def resolve_class_folder(name):
+    from .subject import NO_FOLDER, resolve_input_folder
+
+    if name in (None, "", GENERATE, NO_FOLDER):
+        return None
+    return resolve_input_folder(name)
+
+
 def check_inputs(output_name: str, config_cls, **fields) -> bool | str:
     try:
         validate_output_name(output_name)
@@ -53,8 +74,9 @@ def check_inputs(output_name: str, config_cls, **fields) -> bool | str:
     return True
 
 
-def loss_curve(losses: list[float], title: str) -> torch.Tensor:
-    return loss_curve_image(losses, title=title)
+def loss_curve(losses: list[float], title: str, extra: dict | None = None) -> torch.Tensor:
+    return loss_curve_image(losses, title=title, extra_curves=extra or None)
+
 
 
 class LoRATrain(io.ComfyNode):
@@ -74,6 +96,10 @@ class LoRATrain(io.ComfyNode):
                 output_name_input("subject_lora"),
                 overwrite_input(),
                 *[config_input(LoRATrainConfig, name) for name in TRAIN_FIELDS],
+                # Prior preservation: optional inputs (with defaults) so API prompts written before
+                # they existed still validate.
+                *[config_input(LoRATrainConfig, name, optional=True) for name in PRIOR_FIELDS],
+                class_folder_input(),
             ],
             outputs=[
                 io.LoraModel.Output(display_name="LORA_MODEL",
@@ -91,17 +117,20 @@ class LoRATrain(io.ComfyNode):
                             steps=steps, lr_warmup_steps=lr_warmup_steps)
 
     @classmethod
-    def execute(cls, subject, ckpt_name, output_name, overwrite, **settings) -> io.NodeOutput:
+    def execute(cls, subject, ckpt_name, output_name, overwrite, class_folder=None, **settings) -> io.NodeOutput:
         config = LoRATrainConfig(**config_kwargs(LoRATrainConfig, settings))
         checkpoint = model_path("checkpoints", ckpt_name)
         output = output_model_path("loras", validate_output_name(output_name))
-        progress = ComfyProgress(config.steps, preview=lambda losses: to_pil(loss_curve(losses, "LoRA loss")))
+        folder = resolve_class_folder(class_folder)
+        progress = ComfyProgress(config.steps, preview=lambda p: to_pil(loss_curve(p.losses, "LoRA loss",
+                                                                                   p.extra_curves())))
         with training_scope():
             job = train_lora_file(checkpoint, subject, config, output, tokenizer_dir(), overwrite=overwrite,
-                                  callbacks=progress, before_load=free_comfy_models)
+                                  callbacks=progress, before_load=free_comfy_models,
+                                  class_cache_dir=class_image_cache(), class_folder=folder)
         if job.reused:
             progress.bar.update_absolute(config.steps, config.steps)
-        curve = loss_curve(job.losses, f"LoRA loss ({output.name})")
+        curve = loss_curve(job.losses, f"LoRA loss ({output.name})", job.extra_curves())
         return io.NodeOutput(job.state_dict, output.name, curve)
 
 

@@ -104,3 +104,36 @@ def lora_loop(ckpt_name: str, lora_name: str, subject_folder: str, positive: str
         graph["save_loss"] = {"class_type": "SaveImage",
                               "inputs": {"images": ["train", 2], "filename_prefix": loss_prefix}}
     return graph
+
+
+DREAMBOOTH_TRAIN_DEFAULTS = {
+    "overwrite": False, "steps": 2, "unet_lr": 2e-6, "text_encoder_lr": 0.0, "lr_scheduler": "constant",
+    "lr_warmup_steps": 0, "batch_size": 1, "seed": 0, "optimizer": "adafactor", "precision": "fp32",
+    "gradient_checkpointing": False, "cache_latents": True, "class_images": 2, "prior_loss_weight": 1.0,
+    "class_steps": 2, "class_guidance": 7.5, "class_seed": 0, "save_precision": "fp16",
+}
+
+
+def dreambooth_loop(ckpt_name: str, output_name: str, subject_folder: str, positive: str,
+                    negative: str = "blurry", instance_prompt: str = "a photo of sks robot",
+                    class_prompt: str = "a photo of robot", resolution: int = 64, sample_seed: int = 123,
+                    sample_steps: int = 2, size: int = 64, prefix: str = "dbs_dreambooth",
+                    loss_prefix: str | None = None, **train_inputs) -> dict:
+    """LoadSubjectImages -> DreamBoothTrain -> (its MODEL, CLIP, VAE) -> KSampler -> SaveImage.
+    `train_inputs` override DREAMBOOTH_TRAIN_DEFAULTS (sized for the random test model on a CPU)."""
+    graph = txt2img(ckpt_name, positive=positive, negative=negative, seed=sample_seed, steps=sample_steps,
+                    size=size, prefix=prefix)
+    del graph["ckpt"]
+    graph["subject"] = {"class_type": "LoadSubjectImages", "inputs": {
+        "folder": subject_folder, "instance_prompt": instance_prompt, "class_prompt": class_prompt,
+        "resolution": resolution, "max_images": 0, "flip": False}}
+    graph["train"] = {"class_type": "DreamBoothTrain", "inputs": {
+        "subject": ["subject", 0], "ckpt_name": ckpt_name, "output_name": output_name,
+        **DREAMBOOTH_TRAIN_DEFAULTS, **train_inputs}}
+    graph["pos"]["inputs"]["clip"] = graph["neg"]["inputs"]["clip"] = ["train", 1]
+    graph["sampler"]["inputs"]["model"] = ["train", 0]
+    graph["decode"]["inputs"]["vae"] = ["train", 2]
+    if loss_prefix:
+        graph["save_loss"] = {"class_type": "SaveImage",
+                              "inputs": {"images": ["train", 4], "filename_prefix": loss_prefix}}
+    return graph

@@ -14,7 +14,7 @@ from tests.support.outputs import saved_image
 pytestmark = pytest.mark.server
 
 # Node ids the pack registers (DESIGN.md 4); grows with each capability.
-PACK_NODES = {"LoadSubjectImages", "LoRATrain", "ApplyLoRAScaled", "CannyControl"}
+PACK_NODES = {"LoadSubjectImages", "LoRATrain", "DreamBoothTrain", "ApplyLoRAScaled", "CannyControl"}
 
 
 def test_pack_imports_without_error(comfy_server, comfy_client):

@@ -1,0 +1,114 @@
+"""DreamBoothTrain: SUBJECT + SD1.5 checkpoint -> a fine-tuned checkpoint in models/checkpoints,
+loaded back by ComfyUI's own checkpoint loader as MODEL, CLIP and VAE."""
+
+from __future__ import annotations
+
+import comfy.sd
+import folder_paths
+from comfy_api.latest import io
+
+from ..trainers.config import DreamBoothTrainConfig
+from ..trainers.jobs import train_dreambooth_file
+from ..trainers.names import validate_output_name
+from ..trainers.plot import loss_curve_image
+from .bridge import (
+    CATEGORY,
+    SUBJECT,
+    ComfyProgress,
+    class_image_cache,
+    config_input,
+    config_kwargs,
+    free_comfy_models,
+    model_path,
+    output_model_path,
+    tokenizer_dir,
+    training_scope,
+)
+from .lora_train import (
+    PRIOR_FIELDS,
+    check_inputs,
+    checkpoint_input,
+    class_folder_input,
+    output_name_input,
+    overwrite_input,
+    resolve_class_folder,
+    to_pil,
+)
+
+TRAIN_FIELDS = ("steps", "unet_lr", "text_encoder_lr", "lr_scheduler", "lr_warmup_steps", "batch_size", "seed",
+                "optimizer", "precision", "gradient_checkpointing", "cache_latents", *PRIOR_FIELDS,
+                "save_precision")
+
+
+def curve(losses, extra, title):
+    return loss_curve_image(losses, title=title, extra_curves=extra or None)
+
+
+class DreamBoothTrain(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DreamBoothTrain",
+            display_name="DreamBooth Train (SD1.5)",
+            category=CATEGORY,
+            description="Fine-tunes the whole SD1.5 UNet (and the text encoder when its learning rate is above "
+                        "0) on the subject, with prior preservation: class images generated once from the "
+                        "same base model with the class prompt (cached in input/class_images and reused by "
+                        "every run with the same settings) or taken from a class folder. Saves a single-file "
+                        "checkpoint to models/checkpoints and loads it back with ComfyUI's checkpoint loader. "
+                        "Progress covers class-image generation and every training step; cancel stops within "
+                        "one step and writes nothing.",
+            inputs=[
+                SUBJECT.Input("subject", tooltip="Training set from Load Subject Images (its class prompt is "
+                                                 "used for the class images)."),
+                checkpoint_input(),
+                output_name_input("subject_dreambooth"),
+                overwrite_input(),
+                *[config_input(DreamBoothTrainConfig, name) for name in TRAIN_FIELDS],
+                class_folder_input(),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL", tooltip="The fine-tuned UNet, loaded from the saved file."),
+                io.Clip.Output(display_name="CLIP", tooltip="The text encoder from the saved file."),
+                io.Vae.Output(display_name="VAE", tooltip="The VAE from the saved file (unchanged by training)."),
+                io.String.Output(display_name="ckpt_name", tooltip="File name in models/checkpoints."),
+                io.Image.Output(display_name="loss_curve",
+                                tooltip="Loss per step; with prior preservation also the subject (instance) "
+                                        "and class (prior) parts."),
+                io.String.Output(display_name="report",
+                                 tooltip="Where the class images came from (generated now, reused, or your "
+                                         "folder), how many, and whether the checkpoint was trained or reused."),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, output_name, unet_lr, text_encoder_lr, steps, lr_warmup_steps,
+                        prior_loss_weight=1.0, class_guidance=7.5) -> bool | str:
+        # Only the inputs named here lose ComfyUI's own min/max check; the config re-checks them
+        # (and catches NaN, which passes a min/max comparison).
+        return check_inputs(output_name, DreamBoothTrainConfig, unet_lr=unet_lr, text_encoder_lr=text_encoder_lr,
+                            steps=steps, lr_warmup_steps=lr_warmup_steps, prior_loss_weight=prior_loss_weight,
+                            class_guidance=class_guidance)
+
+    @classmethod
+    def execute(cls, subject, ckpt_name, output_name, overwrite, class_folder=None, **settings) -> io.NodeOutput:
+        config = DreamBoothTrainConfig(**config_kwargs(DreamBoothTrainConfig, settings))
+        checkpoint = model_path("checkpoints", ckpt_name)
+        output = output_model_path("checkpoints", validate_output_name(output_name))
+        folder = resolve_class_folder(class_folder)
+        progress = ComfyProgress(config.steps, preview=lambda p: to_pil(curve(p.losses, p.extra_curves(),
+                                                                              "DreamBooth loss")))
+        with training_scope():
+            job = train_dreambooth_file(checkpoint, subject, config, output, tokenizer_dir(), overwrite=overwrite,
+                                        callbacks=progress, before_load=free_comfy_models,
+                                        class_cache_dir=class_image_cache(), class_folder=folder)
+        if job.reused:
+            progress.bar.update_absolute(config.steps, config.steps)
+        # Exactly what a user gets from Load Checkpoint on this file later.
+        model, clip, vae = comfy.sd.load_checkpoint_guess_config(
+            str(job.path), output_vae=True, output_clip=True,
+            embedding_directory=folder_paths.get_folder_paths("embeddings"))[:3]
+        state = "reused (an identical earlier run made it)" if job.reused else "trained"
+        report = f"{job.path.name}: {state}; {job.class_report}"
+        image = curve(job.losses, job.extra_curves(), f"DreamBooth loss ({job.path.name})")
+        return io.NodeOutput(model, clip, vae, job.path.name, image, report)

@@ -1,0 +1,193 @@
+"""DreamBooth through a real ComfyUI server: SUBJECT -> DreamBoothTrain -> KSampler -> SaveImage on
+the full-size random SD1.5 at 64 px, class images generated once, cancel in both phases."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psutil
+import pytest
+
+from scripts.comfyclient import PromptRejected
+from scripts.demo import draw_sample_subject
+from scripts.graphs import dreambooth_loop, txt2img
+from tests.support.outputs import saved_image
+from tests.test_placeholder_comfy import run_comfy_load_check
+
+pytestmark = pytest.mark.server
+
+SUBJECT = "dreambooth_subject"
+CLASS_PROMPT = "a photo of robot"
+# Sized so the two phases can be told apart on the node's progress bar: class generation is
+# 1 batch x 3 sampling steps (max 3), training 2 steps (max 2).
+CLASS_STEPS, TRAIN_STEPS = 3, 2
+
+
+@pytest.fixture(scope="module")
+def subject_folder(comfy_server):
+    draw_sample_subject(comfy_server.input_dir / SUBJECT, count=3, size=96)
+    return SUBJECT
+
+
+def checkpoints(comfy_server) -> set[str]:
+    return {p.name for p in (comfy_server.models_dir / "checkpoints").iterdir()}
+
+
+def class_sets(comfy_server) -> set[str]:
+    folder = comfy_server.input_dir / "class_images"
+    return {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+
+
+def graph(test_models, name, **overrides):
+    train = {"steps": TRAIN_STEPS, "class_steps": CLASS_STEPS, **overrides}
+    return dreambooth_loop(test_models["checkpoint"].name, name, SUBJECT, positive="a photo of sks robot",
+                           class_prompt=CLASS_PROMPT, prefix=f"db_{name}", loss_prefix=f"db_loss_{name}", **train)
+
+
+class PeakRSS:
+    """Samples a process's resident memory in a thread; `peak` in bytes."""
+
+    def __init__(self, pid: int, every: float = 0.2):
+        self.process, self.every, self.peak = psutil.Process(pid), every, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(self.every)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+@pytest.fixture(scope="module")
+def first_run(comfy_server, subject_folder, test_models, artifacts_dir):
+    from scripts.comfyclient import ComfyClient
+
+    client = ComfyClient(comfy_server.url)
+    sets_before = class_sets(comfy_server)
+    with PeakRSS(comfy_server.proc.pid) as rss:
+        result = client.run(graph(test_models, "e2e_dreambooth"), timeout=1800).raise_for_status()
+    (artifacts_dir / "dreambooth-server-peak-rss.txt").write_text(f"{rss.peak / 1e9:.2f} GB\n")
+    yield result, class_sets(comfy_server) - sets_before
+    for name in ("e2e_dreambooth.safetensors", "e2e_dreambooth_again.safetensors"):
+        (comfy_server.models_dir / "checkpoints" / name).unlink(missing_ok=True)
+
+
+def test_dreambooth_loop_completes_and_reports_both_phases(comfy_server, first_run):
+    result, new_sets = first_run
+    events = [(p["value"], p["max"]) for p in result.progress_for("train")]
+    generation = [e for e in events if e[1] == CLASS_STEPS]
+    training = [e for e in events if e[1] == TRAIN_STEPS]
+    assert [v for v, _ in generation] == [1, 2, 3], events
+    assert [v for v, _ in training] == [1, 2], events
+    assert events.index(training[0]) > events.index(generation[-1])  # generation first
+    assert "e2e_dreambooth.safetensors" in checkpoints(comfy_server)
+    # two class images generated into input/class_images/<prompt>-64px-2-<key>/
+    assert len(new_sets) == 1
+    folder = comfy_server.input_dir / "class_images" / new_sets.pop()
+    assert folder.name.startswith("a_photo_of_robot-64px-2-")
+    assert sorted(p.name for p in folder.glob("*.png")) == ["class_00000.png", "class_00001.png"]
+    image = saved_image(comfy_server, result)
+    assert image.shape == (64, 64, 3)
+    loss = saved_image(comfy_server, result, "save_loss")
+    assert loss.shape[0] > 100 and loss.std() > 5  # a drawn chart, not a blank image
+
+
+def test_saved_checkpoint_loads_in_comfyui_as_sd15_without_key_warnings(comfy_server, first_run):
+    report = run_comfy_load_check(comfy_server.models_dir / "checkpoints" / "e2e_dreambooth.safetensors")
+    assert report["model_type"] == "SD15"
+    for field in ("unet_missing", "unet_unexpected", "clip_missing", "clip_unexpected", "vae_missing",
+                  "vae_unexpected", "left_over"):
+        assert report[field] == [], f"{field}: {report[field][:10]}"
+
+
+def test_second_run_reuses_the_class_images(comfy_server, comfy_client, first_run, test_models):
+    sets_before = class_sets(comfy_server)
+    result = comfy_client.run(graph(test_models, "e2e_dreambooth_again", unet_lr=4e-6),
+                              timeout=1800).raise_for_status()
+    events = [(p["value"], p["max"]) for p in result.progress_for("train")]
+    assert events == [(1, TRAIN_STEPS), (2, TRAIN_STEPS)]  # training only: no class image generated
+    assert class_sets(comfy_server) == sets_before
+    assert "e2e_dreambooth_again.safetensors" in checkpoints(comfy_server)
+
+
+def _interrupt_when(comfy_client, predicate):
+    sent = {}
+
+    def on_event(event):
+        if event.get("type") == "progress" and event["data"].get("node") == "train" and not sent:
+            if predicate(event["data"]):
+                sent["at"] = (event["data"]["value"], event["data"]["max"])
+                threading.Thread(target=comfy_client.interrupt).start()
+
+    return on_event, sent
+
+
+def test_cancel_during_class_generation_leaves_nothing(comfy_server, comfy_client, subject_folder, test_models):
+    before, sets_before = checkpoints(comfy_server), class_sets(comfy_server)
+    # 8 images in 2 batches x 20 steps: 40 generation steps; cancel at the second.
+    on_event, sent = _interrupt_when(comfy_client, lambda d: d["max"] == 40 and d["value"] >= 2)
+    result = comfy_client.run(graph(test_models, "cancelled_in_generation", class_images=8, class_steps=20),
+                              timeout=1800, on_event=on_event)
+    assert result.status == "interrupted", result.error
+    values = [p["value"] for p in result.progress_for("train")]
+    assert max(values) <= 3, values  # stopped within a step of the cancel
+    assert checkpoints(comfy_server) == before
+    assert class_sets(comfy_server) == sets_before  # no partial class-image folder either
+    assert not list((comfy_server.input_dir / "class_images").glob(".partial*"))
+
+
+def test_cancel_during_training_leaves_no_file_and_frees_memory(comfy_server, comfy_client, subject_folder,
+                                                               test_models, first_run):
+    comfy_client.run(txt2img(test_models["checkpoint"].name, prefix="db_before_cancel")).raise_for_status()
+    server = psutil.Process(comfy_server.proc.pid)
+    rss_before = server.memory_info().rss
+    before = checkpoints(comfy_server)
+    on_event, sent = _interrupt_when(comfy_client, lambda d: d["max"] == 500 and d["value"] >= 1)
+    result = comfy_client.run(graph(test_models, "cancelled_in_training", steps=500), timeout=1800,
+                              on_event=on_event)
+    assert result.status == "interrupted", result.error
+    assert sent["at"][1] == 500
+    values = [p["value"] for p in result.progress_for("train") if p["max"] == 500]
+    assert max(values) <= 2, values
+    assert checkpoints(comfy_server) == before
+    assert not list((comfy_server.models_dir / "checkpoints").glob("*.tmp*"))
+    # the trainer's fp32 SD1.5, gradients and optimizer state (~8 GB) are given back
+    assert server.memory_info().rss < rss_before + 1.0e9, (rss_before / 1e9, server.memory_info().rss / 1e9)
+    comfy_client.run(txt2img(test_models["checkpoint"].name, prefix="db_after_cancel")).raise_for_status()
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    ({"unet_lr": float("nan")}, "unet_lr"),
+    ({"prior_loss_weight": float("inf")}, "prior_loss_weight"),
+    ({"output_name": "../escape"}, "output"),
+])
+def test_bad_inputs_are_rejected_with_a_clear_message(comfy_client, subject_folder, test_models, overrides,
+                                                      expected):
+    bad = graph(test_models, "never_written")
+    bad["train"]["inputs"].update(overrides)
+    with pytest.raises(PromptRejected) as info:
+        comfy_client.run(bad, timeout=120)
+    assert expected in str(info.value)
+
+
+def test_prior_without_a_class_prompt_fails_before_any_model_loads(comfy_server, comfy_client, subject_folder,
+                                                                   test_models):
+    bad = graph(test_models, "never_written")
+    bad["subject"]["inputs"]["class_prompt"] = ""
+    loads = comfy_server.log_text().count(f"loaded {test_models['checkpoint'].name}")
+    result = comfy_client.run(bad, timeout=300)
+    assert result.status == "error"
+    assert result.error["node_id"] == "train"
+    assert "class prompt" in result.error["exception_message"]
+    # the trainer never loaded the base model (it logs "loaded <file> (...)" when it does)
+    assert comfy_server.log_text().count(f"loaded {test_models['checkpoint'].name}") == loads
+    assert "never_written.safetensors" not in checkpoints(comfy_server)
