@@ -1,0 +1,374 @@
+"""DreamBooth training speed and memory on the full-size SD1.5 architecture.
+
+Each configuration runs in a fresh Python process, strictly one after the other (AdamW on the
+fp32 UNet alone needs about 14 GB), so its peak memory is its own: load the checkpoint, train
+the whole UNet at 64x64 pixels for N steps, write the fp16 single-file checkpoint into a
+temporary folder (deleted right away), report the times and memory. Usage::
+
+    .venv/bin/python bench/dreambooth_speed.py [--checkpoint CKPT] [--steps 6] [--resolution 64]
+        [--configs adamw,adamw-gc,adafactor,adafactor-gc,adafactor-te,classgen,prior]
+
+Without ``--checkpoint`` the cached random-weight full-size test checkpoint is used (generated
+on first use). Configurations (all: batch 1, 4 subject images, cached latents, fp32 on the CPU):
+
+- ``adamw``, ``adamw-gc``: AdamW, without / with gradient checkpointing;
+- ``adafactor``, ``adafactor-gc``: Adafactor, without / with gradient checkpointing;
+- ``adafactor-te``: Adafactor with the text encoder trained too (text_encoder_lr 1e-6);
+- ``classgen``: class-image generation (``--class-images`` images, ``--class-steps`` DPM-Solver++
+  steps, guidance 7.5, batches of 4) into a temporary class cache: seconds per class image;
+- ``prior``: ``--prior-optimizer`` with prior preservation on (class_images = ``--class-images``,
+  reused from that cache; generated first, untimed, if ``classgen`` did not run before it).
+
+Columns: ``s/step`` is the median over steps 2..N (step 1 pays for warm-up and is shown on its
+own), ``prepare`` the latent/text caching before step 1, ``load`` the checkpoint read into fp32
+models, ``save`` the fp16 checkpoint write. ``peak RSS`` is the process maximum (getrusage:
+loading, training and saving), ``train peak`` the highest RSS sampled every 10 ms while
+train_dreambooth ran, ``save peak`` the same while save_dreambooth ran. Below the table, each
+training configuration lists its step times and the user/system CPU seconds and minor page
+faults of its training phase. Run it on an otherwise idle machine: on 2 cores, another process's
+load shows up directly in s/step (and AdamW needs ~15 GB of RAM to itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+GB = 1024**3
+SUBJECT_IMAGES = 4
+INSTANCE_PROMPT = "a photo of sks toy"
+CLASS_PROMPT = "a photo of toy"
+BASE_FINGERPRINT = "bench-dreambooth-speed"  # class cache key; the cache folder is temporary
+
+CONFIGS: dict[str, dict[str, object]] = {
+    "adamw": {"label": "adamw", "optimizer": "adamw"},
+    "adamw-gc": {"label": "adamw + grad ckpt", "optimizer": "adamw", "gradient_checkpointing": True},
+    "adafactor": {"label": "adafactor", "optimizer": "adafactor"},
+    "adafactor-gc": {"label": "adafactor + grad ckpt", "optimizer": "adafactor", "gradient_checkpointing": True},
+    "adafactor-te": {"label": "adafactor + text encoder 1e-6", "optimizer": "adafactor", "text_encoder_lr": 1e-6},
+    "classgen": {"label": "class-image generation", "kind": "classgen"},
+    "prior": {"label": "prior preservation", "prior": True},
+}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _RssSampler:
+    def __init__(self, interval: float = 0.01) -> None:
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_bytes())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> _RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
+
+
+def _cpu() -> tuple[float, float, int]:
+    """(user s, system s, minor page faults) of this process so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime, usage.ru_stime, usage.ru_minflt
+
+
+def _cpu_since(start: tuple[float, float, int]) -> dict[str, float]:
+    user, system, faults = (b - a for a, b in zip(start, _cpu(), strict=True))
+    return {"user_s": user, "sys_s": system, "minflt": faults}
+
+
+def _class_spec(args: argparse.Namespace) -> object:
+    from trainers.prior import ClassImageSpec
+
+    return ClassImageSpec(base_fingerprint=BASE_FINGERPRINT, prompt=CLASS_PROMPT, count=args.class_images,
+                          resolution=args.resolution, seed=0, steps=args.class_steps, guidance=7.5)
+
+
+def _load(args: argparse.Namespace) -> tuple[object, float]:
+    from trainers.checkpoint import load_sd15_single_file
+
+    started = time.monotonic()
+    base = load_sd15_single_file(args.checkpoint, args.tokenizer)
+    return base, time.monotonic() - started
+
+
+def worker_classgen(args: argparse.Namespace, options: dict[str, object]) -> dict[str, object]:
+    """Generate the class images into the (temporary) cache; time each batch."""
+    from trainers.prior import GENERATE_BATCH, generate_class_images
+
+    base, load_seconds = _load(args)
+    spec = _class_spec(args)
+    marks = [time.monotonic()]
+
+    def on_step(done: int, total: int) -> None:
+        if done % spec.steps == 0:  # a batch finished its last denoising step
+            marks.append(time.monotonic())
+
+    with _RssSampler() as sampler:
+        made = generate_class_images(base, spec, args.class_cache, on_step=on_step)
+    batches = [b - a for a, b in itertools.pairwise(marks)]
+    sizes = [min(GENERATE_BATCH, spec.count - i) for i in range(0, spec.count, GENERATE_BATCH)]
+    later = sum(batches[1:]) / sum(sizes[1:]) if len(batches) > 1 else None
+    return {
+        **options,
+        "generated": made.generated,
+        "load_s": load_seconds,
+        "gen_s": marks[-1] - marks[0],
+        "s_per_image": (marks[-1] - marks[0]) / spec.count,
+        "s_per_image_after_first_batch": later,
+        "train_peak_gb": sampler.peak / GB,
+    }
+
+
+def worker_train(args: argparse.Namespace, options: dict[str, object]) -> dict[str, object]:
+    """Train one configuration, save the checkpoint (then delete it), return the measurements."""
+    import torch
+
+    from trainers.callbacks import TrainingCallbacks
+    from trainers.config import DreamBoothTrainConfig
+    from trainers.dreambooth import save_dreambooth, train_dreambooth
+    from trainers.prior import class_subject, generate_class_images
+    from trainers.subject import SubjectData
+
+    base, load_seconds = _load(args)
+    generator = torch.Generator().manual_seed(0)
+    images = tuple(
+        torch.rand(args.resolution, args.resolution, 3, generator=generator) for _ in range(SUBJECT_IMAGES)
+    )
+    subject = SubjectData(
+        images=images,
+        captions=(INSTANCE_PROMPT,) * SUBJECT_IMAGES,
+        instance_prompt=INSTANCE_PROMPT,
+        class_prompt=CLASS_PROMPT,
+        resolution=args.resolution,
+        source_names=tuple(f"img{i}" for i in range(SUBJECT_IMAGES)),
+    )
+    prior = bool(options.get("prior"))
+    class_data = None
+    class_reused = None
+    if prior:
+        made = generate_class_images(base, _class_spec(args), args.class_cache)
+        class_reused = made.reused
+        class_data = class_subject(made.folder, CLASS_PROMPT, args.resolution, tokenizer_dir=args.tokenizer)
+    optimizer = str(options.get("optimizer") or args.prior_optimizer)
+    config = DreamBoothTrainConfig(
+        steps=args.steps,
+        unet_lr=2e-6,
+        text_encoder_lr=float(options.get("text_encoder_lr", 0.0)),  # type: ignore[arg-type]
+        optimizer=optimizer,
+        gradient_checkpointing=bool(options.get("gradient_checkpointing", False)),
+        cache_latents=True,
+        class_images=args.class_images if prior else 0,
+        class_steps=args.class_steps,
+        save_precision="fp16",
+    )
+
+    class Clock(TrainingCallbacks):
+        def __init__(self) -> None:
+            self.marks: list[float] = []
+
+        def on_train_begin(self, total_steps: int) -> None:
+            self.marks.append(time.monotonic())
+
+        def on_step_end(self, state: object) -> None:
+            self.marks.append(time.monotonic())
+
+    clock = Clock()
+    before = _rss_bytes()
+    called = time.monotonic()
+    cpu_start = _cpu()
+    with _RssSampler() as train_sampler:
+        result = train_dreambooth(base, subject, config, callbacks=clock, class_subject=class_data,
+                                  base_model_name=args.checkpoint.name)
+    train_cpu = _cpu_since(cpu_start)
+    steps = [b - a for a, b in itertools.pairwise(clock.marks)]
+    after_warmup = steps[1:] or steps
+
+    out_dir = Path(tempfile.mkdtemp(prefix="save-", dir=args.workdir))
+    try:
+        started = time.monotonic()
+        with _RssSampler() as save_sampler:
+            path = save_dreambooth(base, result, out_dir / "bench.safetensors", "fp16")
+        save_seconds = time.monotonic() - started
+        size_gb = path.stat().st_size / GB
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    return {
+        **options,
+        "optimizer": optimizer,
+        "class_reused": class_reused,
+        "load_s": load_seconds,
+        "prepare_s": clock.marks[0] - called,
+        "first_step_s": steps[0],
+        "s_per_step": statistics.median(after_warmup),
+        "steps_s": steps,
+        "final_loss": result.losses[-1],
+        "save_s": save_seconds,
+        "save_gb": size_gb,
+        "before_train_gb": before / GB,
+        "train_peak_gb": train_sampler.peak / GB,
+        "save_peak_gb": save_sampler.peak / GB,
+        "threads": torch.get_num_threads(),
+        "train_cpu": train_cpu,
+    }
+
+
+def worker(args: argparse.Namespace) -> int:
+    options = json.loads(args.worker)
+    run = worker_classgen if options.get("kind") == "classgen" else worker_train
+    row = run(args, options)
+    row["peak_rss_gb"] = _peak_rss_gb()
+    print(json.dumps(row), flush=True)
+    return 0
+
+
+def _label(row: dict[str, object], args: argparse.Namespace) -> str:
+    if row.get("kind") == "classgen":
+        return f"class images: {args.class_images} x {args.class_steps} steps, CFG 7.5"
+    if row.get("prior"):
+        cached = "cached" if row.get("class_reused") else "generated first, untimed"
+        return f"{row['optimizer']} + prior ({args.class_images} class images, {cached})"
+    return str(row["label"])
+
+
+def _fmt(value: object, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _table_row(row: dict[str, object], args: argparse.Namespace) -> str:
+    if row.get("kind") == "classgen":
+        per_image = f"{_fmt(row['s_per_image'])} s/image"
+        if row.get("s_per_image_after_first_batch") is not None:
+            per_image += f" ({_fmt(row['s_per_image_after_first_batch'])} after batch 1)"
+        cells = [_label(row, args), per_image, "-", "-", _fmt(row["load_s"], 1), "-",
+                 _fmt(row["peak_rss_gb"]), _fmt(row["train_peak_gb"]), "-"]  # fmt: skip
+    else:
+        cells = [_label(row, args), _fmt(row["s_per_step"]), _fmt(row["first_step_s"]), _fmt(row["prepare_s"]),
+                 _fmt(row["load_s"], 1), _fmt(row["save_s"], 1), _fmt(row["peak_rss_gb"]),
+                 _fmt(row["train_peak_gb"]), _fmt(row["save_peak_gb"])]  # fmt: skip
+    return "| " + " | ".join(cells) + " |"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, help="SD1.5 .safetensors (default: the random test checkpoint)")
+    parser.add_argument("--tokenizer", type=Path, help="CLIP tokenizer folder (default: ComfyUI's sd1_tokenizer)")
+    parser.add_argument("--steps", type=int, default=6, help="optimizer steps per configuration (default 6)")
+    parser.add_argument("--resolution", type=int, default=64, help="image size in pixels, a multiple of 64 (default 64)")
+    parser.add_argument("--configs", default=",".join(CONFIGS),
+                        help=f"comma-separated, run in this order (default: all): {', '.join(CONFIGS)}")
+    parser.add_argument("--class-images", type=int, default=8, help="class images generated / used (default 8)")
+    parser.add_argument("--class-steps", type=int, default=25, help="denoising steps per class image (default 25)")
+    parser.add_argument("--prior-optimizer", choices=("adamw", "adafactor"), default="adamw",
+                        help="optimizer of the 'prior' configuration (default adamw)")
+    parser.add_argument("--workdir", type=Path, help="where checkpoints and class images are written "
+                        "temporarily (default: a new folder in <repo>/.cache, removed at the end)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--class-cache", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    sys.path.insert(0, str(REPO))
+    if args.tokenizer is None:
+        from tests.support.paths import tokenizer_dir
+
+        args.tokenizer = tokenizer_dir()
+    if args.checkpoint is None:
+        from tests.support.models import ensure_test_models
+
+        args.checkpoint = ensure_test_models()["checkpoint"]
+    if args.worker:
+        return worker(args)
+
+    names = [name.strip() for name in args.configs.split(",") if name.strip()]
+    unknown = [name for name in names if name not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
+    if args.steps < 2:
+        parser.error("--steps must be at least 2 (step 1 is warm-up)")
+
+    own_workdir = args.workdir is None
+    if own_workdir:
+        (REPO / ".cache").mkdir(exist_ok=True)
+        args.workdir = Path(tempfile.mkdtemp(prefix="bench-dreambooth-", dir=REPO / ".cache"))
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    class_cache = args.workdir / "class-cache"
+
+    started = time.monotonic()
+    print(f"checkpoint {args.checkpoint.name}, {args.resolution}px, batch 1, {SUBJECT_IMAGES} subject images, "
+          f"{args.steps} steps, {os.cpu_count()} CPUs, each configuration in its own process, one at a time\n")
+    print("| configuration | s/step | 1st step s | prepare s | load s | save s | peak RSS GB | train peak GB "
+          "| save peak GB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    details = []
+    try:
+        for name in names:
+            options = {"name": name, **CONFIGS[name]}
+            command = [
+                sys.executable, __file__, "--worker", json.dumps(options), "--checkpoint", str(args.checkpoint),
+                "--tokenizer", str(args.tokenizer), "--steps", str(args.steps),
+                "--resolution", str(args.resolution), "--class-images", str(args.class_images),
+                "--class-steps", str(args.class_steps), "--prior-optimizer", args.prior_optimizer,
+                "--workdir", str(args.workdir), "--class-cache", str(class_cache),
+            ]  # fmt: skip
+            run_started = time.monotonic()
+            done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+            wall = time.monotonic() - run_started
+            if done.returncode != 0:
+                print(f"| {CONFIGS[name]['label']} | failed (exit {done.returncode}) | | | | | | | |", flush=True)
+                sys.stderr.write(f"{name} failed:\n{done.stderr[-3000:]}\n")
+                continue
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            row["wall_s"] = wall
+            details.append(row)
+            print(_table_row(row, args), flush=True)
+    finally:
+        if own_workdir:
+            shutil.rmtree(args.workdir, ignore_errors=True)
+
+    print("\ns/step: median over steps 2..N; 1st step includes warm-up; prepare: latent/text caching before "
+          "step 1; load: checkpoint to fp32 models; save: fp16 single-file checkpoint write (then deleted)")
+    for row in details:
+        if row.get("kind") == "classgen":
+            extra = f"generated {row['generated']} images in {row['gen_s']:.1f} s"
+        else:
+            steps = ", ".join(f"{s:.2f}" for s in row["steps_s"])
+            cpu = row["train_cpu"]
+            extra = (f"steps [{steps}] s, loss {row['final_loss']:.4f}, RSS before training "
+                     f"{row['before_train_gb']:.2f} GB, checkpoint {row['save_gb']:.2f} GB, {row['threads']} threads; "
+                     f"training CPU user {cpu['user_s']:.0f} s, sys {cpu['sys_s']:.0f} s, "
+                     f"{cpu['minflt'] / 1e6:.1f}M minor page faults")
+        print(f"- {row['name']}: process wall {row['wall_s']:.0f} s; {extra}")
+    print(f"total wall time {time.monotonic() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
