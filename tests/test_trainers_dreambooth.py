@@ -8,6 +8,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,16 @@ PRIOR = {"steps": 2, "unet_lr": 1e-4, "class_images": 2, "class_steps": 2}
 # ---------------------------------------------------------------------------------------------
 # Fixtures and helpers
 # ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second CPU thread, and on a 2-core machine shared with
+    another busy process two torch threads wait on each other (this file took 5 min instead of 30 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -530,7 +541,8 @@ def test_cli_trains_and_saves_a_checkpoint(base_file, tmp_path):
         "--resolution", "64", "--steps", "2", "--class-images", "0", "--unet-lr", "1e-4",
         "--class-cache", str(tmp_path / "cache"),
     ]  # fmt: skip
-    done = subprocess.run(command, cwd=repo_root(), capture_output=True, timeout=300)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # see one_thread()
+    done = subprocess.run(command, cwd=repo_root(), capture_output=True, timeout=300, env=env)
     stderr = done.stderr.decode()
     assert done.returncode == 0, stderr[-3000:]
     assert "] 2/2 loss" in stderr
