@@ -74,6 +74,8 @@ def config_input(config_cls, name: str, tooltip: str | None = None, optional: bo
     meta.update(overrides)
     default = overrides.get("default", spec.default)
     common = {"tooltip": tooltip or meta.get("help", ""), "optional": optional}
+    if "zero_means" in meta and (meta.get("min") or 0) > 0:
+        meta["min"] = 0  # 0 is allowed too ("off"); the config says what it means
     if meta.get("choices"):
         return io.Combo.Input(name, options=list(meta["choices"]), default=default, **common)
     if isinstance(default, bool):

@@ -194,6 +194,9 @@ def _class_seed() -> Any:
     )
 
 
+CLASS_IMAGE_FIELDS = ("class_images", "prior_loss_weight", "class_steps", "class_guidance", "class_seed")
+
+
 class _PriorFields:
     """Properties of the prior-preservation fields; mixed into configs that have them."""
 
@@ -203,6 +206,15 @@ class _PriorFields:
     @property
     def with_prior(self) -> bool:
         return self.class_images > 0 and self.prior_loss_weight > 0
+
+    def training_identity(self) -> dict[str, Any]:
+        """The settings that decide what training produces: without prior preservation the
+        class-image settings change nothing, so they are left out."""
+        values = self.to_dict()  # type: ignore[attr-defined]
+        if not self.with_prior:
+            for name in CLASS_IMAGE_FIELDS:
+                values.pop(name, None)
+        return values
 
 
 def _check_warmup(config: Any) -> None:

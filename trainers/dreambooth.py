@@ -83,7 +83,7 @@ def dreambooth_fingerprint(
         "engine": f"dreambooth-{DREAMBOOTH_ENGINE_VERSION}",
         "base": base_fingerprint,
         "subject": subject.fingerprint(),
-        "config": config.to_dict(),
+        "config": config.training_identity(),
         "class_source": class_source if config.with_prior else "",
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
@@ -140,6 +140,14 @@ def _optimization(unet_params: list[torch.nn.Parameter], text_params: list[torch
                               num_training_steps=config.steps)
     scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
     return Optimization(optimizer, scheduler, unet_params + text_params, scaler)
+
+
+def _text_checkpointing(text_encoder: Any, on: bool) -> None:
+    # transformers 5 renamed gradient_checkpointing_enable/disable (the old names warn).
+    name = "activation_checkpointing_enable" if on else "activation_checkpointing_disable"
+    if not hasattr(text_encoder, name):
+        name = "gradient_checkpointing_enable" if on else "gradient_checkpointing_disable"
+    getattr(text_encoder, name)()
 
 
 def train_dreambooth(
@@ -199,7 +207,7 @@ def train_dreambooth(
                 checkpointing = True
                 unet.enable_gradient_checkpointing()
                 if train_text:
-                    text_encoder.gradient_checkpointing_enable()
+                    _text_checkpointing(text_encoder, True)
             unet.train()
             if train_text:
                 text_encoder.train()
@@ -227,7 +235,7 @@ def train_dreambooth(
         if checkpointing:
             unet.disable_gradient_checkpointing()
             if train_text:
-                text_encoder.gradient_checkpointing_disable()
+                _text_checkpointing(text_encoder, False)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()

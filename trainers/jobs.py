@@ -140,8 +140,8 @@ def plan_prior(config, subject, base_fingerprint: str, class_cache_dir, class_fo
     return PriorPlan(enabled=True, source="generated:" + spec.key(), spec=spec, cached=cached,
                      folder=Path(class_cache_dir) / spec.folder_name(), weight=config.prior_loss_weight,
                      report=f"prior preservation: {spec.count} class images of {spec.prompt!r} at "
-                            f"{spec.resolution} px, reused from the cache ({spec.folder_name()}), loss weight "
-                            f"{config.prior_loss_weight:g}")
+                            f"{spec.resolution} px, {'in the cache' if cached else 'not generated yet'} "
+                            f"({spec.folder_name()}), loss weight {config.prior_loss_weight:g}")
 
 
 def realize_prior(plan: PriorPlan, base, class_cache_dir, callbacks, tokenizer_dir=None):
@@ -273,6 +273,7 @@ def train_dreambooth_file(checkpoint: str | os.PathLike, subject, config, output
     metadata = existing_checkpoint(output_path, fingerprint, overwrite)
     if metadata is not None:
         curves = curves_from_metadata(metadata)
+        plan.report = f"checkpoint reused, no class images needed; {plan.report}" if plan.enabled else plan.report
         return DreamBoothJobResult(path=output_path, losses=curves["loss"], instance_losses=curves["instance"],
                                    prior_losses=curves["prior"], reused=True, prior=plan)
     if before_load is not None:

@@ -337,7 +337,7 @@ def lora_fingerprint(
         "engine": f"lora-{LORA_ENGINE_VERSION}",
         "base": base_fingerprint,
         "subject": subject.fingerprint(),
-        "config": config.to_dict(),
+        "config": config.training_identity(),
         "class_source": class_source if config.with_prior else "",
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
