@@ -139,7 +139,7 @@ def _optimization(unet_params: list[torch.nn.Parameter], text_params: list[torch
     scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps,
                               num_training_steps=config.steps)
     scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
-    return Optimization(optimizer, scheduler, unet_params + text_params, scaler)
+    return Optimization(optimizer, scheduler, unet_params + text_params, scaler, keep_grad_buffers=True)
 
 
 def _text_checkpointing(text_encoder: Any, on: bool) -> None:

@@ -324,6 +324,9 @@ class Optimization:
     lr_scheduler: Any
     parameters: list[torch.nn.Parameter]
     grad_scaler: Any = None  # torch.amp.GradScaler for fp16
+    # Zero gradients in place instead of freeing them: for a full fine-tune the 3.4 GB of UNet
+    # gradients would otherwise be unmapped and faulted in again every step.
+    keep_grad_buffers: bool = False
 
 
 @dataclass
@@ -388,7 +391,7 @@ def apply_gradients(loss: torch.Tensor, optimization: Optimization, max_grad_nor
     fp16 the grad scaler skips such steps itself).
     """
     optimizer, scaler = optimization.optimizer, optimization.grad_scaler
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=not optimization.keep_grad_buffers)
     if scaler is not None:
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
