@@ -19,5 +19,6 @@ def all_nodes() -> list[type[io.ComfyNode]]:
     from .lora_apply import ApplyLoRAScaled
     from .lora_train import LoRATrain
     from .subject import LoadSubjectImages
+    from .sweep_grid import LoRAScaleGrid
 
-    return [LoadSubjectImages, LoRATrain, DreamBoothTrain, ApplyLoRAScaled, CannyControl]
+    return [LoadSubjectImages, LoRATrain, DreamBoothTrain, ApplyLoRAScaled, CannyControl, LoRAScaleGrid]

@@ -22,7 +22,7 @@ def test_canvas_opens_and_default_workflow_has_no_missing_nodes(canvas_page, art
     assert not [e for e in page.console_errors if "missing" in e.lower() and "node" in e.lower()]
 
 
-PACK_NODES = ["LoadSubjectImages", "LoRATrain", "DreamBoothTrain", "ApplyLoRAScaled", "CannyControl"]
+PACK_NODES = ["LoadSubjectImages", "LoRATrain", "DreamBoothTrain", "ApplyLoRAScaled", "CannyControl", "LoRAScaleGrid"]
 
 
 def test_pack_nodes_appear_in_the_canvas_with_tooltips(canvas_page, artifacts_dir):

@@ -227,3 +227,57 @@ def test_loss_curve_is_an_image(trained):
     curve = trained["unet"].result[2]
     assert curve.dtype == torch.float32 and 0 <= float(curve.min()) and float(curve.max()) <= 1
     assert np.asarray(curve).std() > 0
+
+
+# -- LoRAScaleGrid ------------------------------------------------------------------------------------
+
+def _grid_module():
+    return importlib.import_module("dreambooth_studio.nodes.sweep_grid")
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"unet_scales": ""}, "unet_scales is empty"),
+    ({"text_encoder_scales": "0, x"}, "text_encoder_scales: 'x' is not a number"),
+    ({"cfg_values": "7, nan"}, "cfg_values: nan is outside 0 to 100"),
+    ({"unet_scales": "11"}, "unet_scales: 11 is outside -10 to 10"),
+    ({"unet_scales": "0 1 2 3", "text_encoder_scales": "0 1 2 3", "cfg_values": "1 2 3 4 5"},
+     "80 combinations is more than 64"),
+])
+def test_sweep_grid_refuses_bad_lists_at_validation(env, values, message):
+    grid = _grid_module().LoRAScaleGrid
+    inputs = {"unet_scales": "0, 1", "text_encoder_scales": "0", "cfg_values": "5", **values}
+    assert message in grid.validate_inputs(**inputs)
+
+
+def test_sweep_grid_samples_every_combination_with_comfy_sampling(env, trained, base_model):
+    import nodes as comfy_nodes
+
+    grid_node = _grid_module().LoRAScaleGrid
+    model, clip = base_model
+    import comfy.sd
+
+    vae = comfy.sd.load_checkpoint_guess_config(env["folder_paths"].get_full_path("checkpoints", env["ckpt"]),
+                                                output_vae=True, output_clip=False)[2]
+    grid, images, labels = grid_node.execute(
+        model=model, clip=clip, vae=vae, lora_name="(use the lora input)", positive="a photo of sks toy",
+        negative="blurry", seed=7, steps=2, sampler_name="euler", scheduler="normal", width=64, height=64,
+        unet_scales="0, 1", text_encoder_scales="0, 1", cfg_values="1, 6", lora=trained["te"].result[0]).result
+    assert images.shape == (8, 64, 64, 3)
+    assert labels.splitlines()[:3] == ["unet 0 | te 0 | cfg 1", "unet 0 | te 0 | cfg 6", "unet 0 | te 1 | cfg 1"]
+    assert len(labels.splitlines()) == 8
+    # 4 rows (scale pairs) x 2 columns (CFG) of 64 px cells with label strips, plus a title band
+    _, header, strip = _grid_module().label_metrics(64)
+    assert tuple(grid.shape) == (1, header + 4 * (64 + strip + 4) + 4, 2 * (64 + 4) + 4, 3)
+    # scales (0, 0) are exactly the base model through ComfyUI's own sampler
+    latent = {"samples": torch.zeros([1, 4, 8, 8])}
+    encode = comfy_nodes.CLIPTextEncode().encode
+    plain = comfy_nodes.common_ksampler(model, 7, 2, 6.0, "euler", "normal", encode(clip, "a photo of sks toy")[0],
+                                        encode(clip, "blurry")[0], latent)[0]["samples"]
+    assert torch.equal(images[1], vae.decode(plain)[0].float().cpu())
+    # every swept setting changes the picture
+    by_label = dict(zip(labels.splitlines(), images, strict=True))
+    base = by_label["unet 0 | te 0 | cfg 6"]
+    for other in ("unet 1 | te 0 | cfg 6", "unet 0 | te 1 | cfg 6", "unet 0 | te 0 | cfg 1"):
+        assert not torch.equal(by_label[other], base), other
+    # the inputs were not patched in place
+    assert not model.patches and not clip.patcher.patches

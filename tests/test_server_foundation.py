@@ -14,7 +14,8 @@ from tests.support.outputs import saved_image
 pytestmark = pytest.mark.server
 
 # Node ids the pack registers (DESIGN.md 4); grows with each capability.
-PACK_NODES = {"LoadSubjectImages", "LoRATrain", "DreamBoothTrain", "ApplyLoRAScaled", "CannyControl"}
+PACK_NODES = {"LoadSubjectImages", "LoRATrain", "DreamBoothTrain", "ApplyLoRAScaled", "CannyControl",
+              "LoRAScaleGrid"}
 
 
 def test_pack_imports_without_error(comfy_server, comfy_client):
