@@ -97,13 +97,26 @@ class ComfyClient:
         if extra_data:
             payload["extra_data"] = extra_data
         try:
-            return self.post_json("/prompt", payload)["prompt_id"]
+            answer = self.post_json("/prompt", payload)
         except urllib.error.HTTPError as exc:
             body = exc.read()
             try:
                 raise PromptRejected(json.loads(body)) from None
             except json.JSONDecodeError:
                 raise RuntimeError(f"POST /prompt failed: HTTP {exc.code}: {body[:500]!r}") from None
+        if answer.get("node_errors"):
+            # ComfyUI queues a prompt when at least one output is valid and silently drops the
+            # invalid ones; a half-run experiment is worse than a clear refusal.
+            self.cancel(answer["prompt_id"])
+            raise PromptRejected(answer)
+        return answer["prompt_id"]
+
+    def cancel(self, prompt_id: str) -> None:
+        """Remove a queued prompt, or interrupt it if it is the one running."""
+        self.post_json("/queue", {"delete": [prompt_id]})
+        running = self.get_json("/queue").get("queue_running", [])
+        if any(len(item) > 1 and item[1] == prompt_id for item in running):
+            self.interrupt()
 
     def history(self, prompt_id: str) -> dict:
         return self.get_json(f"/history/{urllib.parse.quote(prompt_id)}").get(prompt_id, {})

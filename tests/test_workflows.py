@@ -1,0 +1,199 @@
+"""The example workflows: listed by the template browser, load in the canvas, match their API twins,
+and run to completion through the headless runner on the random test models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from scripts.comfyserver import REPO_ROOT
+from scripts.demo import draw_sample_subject
+from scripts.workflow_specs import REFERENCE_IMAGE, small_overrides, specs
+
+UI_DIR = REPO_ROOT / "example_workflows"
+API_DIR = REPO_ROOT / "scripts" / "api_workflows"
+STEMS = sorted(spec.stem for spec in specs())
+SUBJECT = "workflow_subject"
+RUNNER = [sys.executable, str(REPO_ROOT / "scripts" / "run_workflow.py")]
+# Console noise of an offline machine (the frontend asks api.comfy.org about node packs).
+NETWORK_NOISE = ("api.comfy.org", "Failed to load resource", "Content Security Policy")
+
+
+def ui_workflow(stem: str) -> dict:
+    return json.loads((UI_DIR / f"{stem}.json").read_text(encoding="utf-8"))
+
+
+def api_twin(stem: str) -> dict:
+    return json.loads((API_DIR / f"{stem}.json").read_text(encoding="utf-8"))
+
+
+# -- the files ---------------------------------------------------------------------------------------
+
+@pytest.mark.trainers
+def test_one_workflow_per_experiment_each_with_note_thumbnail_and_twin():
+    assert sorted(p.stem for p in UI_DIR.glob("*.json")) == STEMS
+    assert len(STEMS) == 8
+    for stem in STEMS:
+        ui = ui_workflow(stem)
+        notes = [n for n in ui["nodes"] if n["type"] == "Note"]
+        assert len(notes) == 1 and len(notes[0]["widgets_values"][0]) > 200, stem
+        with Image.open(UI_DIR / f"{stem}.jpg") as thumb:
+            assert thumb.format == "JPEG" and thumb.width >= 640
+            assert np.asarray(thumb.convert("L")).std() > 5  # a drawn graph, not a blank image
+        assert (API_DIR / f"{stem}.json").is_file()
+        assert not (UI_DIR / "api").exists()  # twins stay out of the template browser's folder
+
+
+@pytest.mark.trainers
+def test_workflows_use_real_default_settings():
+    for stem in STEMS:
+        api = api_twin(stem)
+        for node in api.values():
+            inputs = node["inputs"]
+            if node["class_type"] == "LoadSubjectImages":
+                assert inputs["resolution"] == 512, stem
+            if node["class_type"] in ("LoRATrain", "DreamBoothTrain"):
+                assert inputs["steps"] >= 800, stem
+            if node["class_type"] in ("KSampler", "LoRAScaleGrid"):
+                assert inputs["steps"] >= 20 and inputs.get("seed") == 123, stem
+    face = api_twin("face_crop_prior_preservation")
+    assert any(n["class_type"] == "EmptyLatentImage" and (n["inputs"]["width"], n["inputs"]["height"]) == (768, 1024)
+               for n in face.values())
+
+
+# -- through a server and the canvas -------------------------------------------------------------------
+
+@pytest.mark.server
+def test_every_workflow_is_listed_by_the_template_browser(comfy_client):
+    listed = comfy_client.get_json("/workflow_templates")
+    assert sorted(listed.get("dreambooth_studio", [])) == STEMS
+    for stem in STEMS:
+        served = comfy_client.get_json(f"/api/workflow_templates/dreambooth_studio/{stem}.json")
+        assert served == ui_workflow(stem)
+
+
+@pytest.mark.browser
+def test_workflows_load_in_the_canvas_and_match_their_api_twins(canvas_page, artifacts_dir):
+    from scripts.frontend import Frontend
+
+    page = canvas_page
+    frontend = Frontend.__new__(Frontend)  # reuse the fixture's page: same helpers, no second browser
+    frontend.page, frontend.errors = page, page.console_errors
+    for stem in STEMS:
+        ui = ui_workflow(stem)
+        assert frontend.missing_node_types(ui) == [], stem
+        before = len(page.console_errors)
+        twin = frontend.to_api(ui)
+        page.wait_for_timeout(200)
+        errors = [e for e in page.console_errors[before:] if not any(n in e for n in NETWORK_NOISE)]
+        assert errors == [], (stem, errors)  # no validation alert, no error dialog
+        assert page.evaluate("() => app.graph._nodes.length") == len(ui["nodes"])
+        assert twin == api_twin(stem), f"{stem}: the API twin drifted; run scripts/build_workflows.py"
+        if stem == "lora_scale_grid":
+            page.screenshot(path=str(artifacts_dir / f"workflow-{stem}.png"))
+
+
+@pytest.fixture(scope="module")
+def workflow_inputs(comfy_server):
+    draw_sample_subject(comfy_server.input_dir / SUBJECT, count=3, size=96)
+    Image.fromarray((np.indices((96, 96)).sum(0) % 16 < 8).astype(np.uint8) * 255).convert("RGB").save(
+        comfy_server.input_dir / REFERENCE_IMAGE)
+    return SUBJECT
+
+
+def run_runner(args, timeout=1800):
+    return subprocess.run(RUNNER + [str(a) for a in args], capture_output=True, text=True, timeout=timeout,
+                          cwd=REPO_ROOT)
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("stem", STEMS)
+def test_every_api_workflow_runs_through_the_runner(comfy_server, workflow_inputs, test_models, tmp_path, stem):
+    api = api_twin(stem)
+    sets = small_overrides(api, test_models["checkpoint"].name, test_models["controlnet"].name, workflow_inputs,
+                           REFERENCE_IMAGE)
+    # Every run writes new model files: give them names of their own.
+    sets += [f"{nid}.output_name={stem}_{nid}" for nid, node in api.items() if "output_name" in node["inputs"]]
+    args = [API_DIR / f"{stem}.json", "--server", comfy_server.url, "--out", tmp_path]
+    for item in sets:
+        args += ["--set", item]
+    done = run_runner(args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = [line for line in done.stdout.splitlines() if line.endswith(".png")]
+    save_nodes = [n for n in api.values() if n["class_type"] == "SaveImage"]
+    assert len(saved) == len(save_nodes), done.stdout
+    assert "running node" in done.stderr  # progress was streamed
+    if stem == "lora_scale_grid":
+        grid = np.asarray(Image.open(next(p for p in saved if "grid" in p)).convert("RGB"))
+        # 3 UNet scales x 3 text-encoder scales = 9 rows, 3 CFG columns of 64 px cells, each with a
+        # label strip (two lines of 10 px text) under it and a 20 px title band on top
+        header, strip = 20, 30
+        assert grid.shape == (header + 9 * (64 + strip + 4) + 4, 3 * (64 + 4) + 4, 3)
+        for row in range(9):
+            for column in range(3):
+                y = header + row * (64 + strip + 4) + 64
+                x = 4 + column * 68
+                for line in range(2):  # "U0.5 TE1" and "CFG 7.5" under every cell
+                    band = grid[y + 3 + line * 13:y + 3 + (line + 1) * 13, x:x + 64]
+                    assert (band < 100).any(), (row, column, line)
+    for model in comfy_server.models_dir.glob(f"checkpoints/{stem}_*.safetensors"):
+        model.unlink()  # 2 GB each
+
+
+@pytest.mark.server
+def test_runner_converts_a_ui_workflow_and_sets_inputs_by_title(comfy_server, workflow_inputs, test_models,
+                                                                tmp_path):
+    args = [UI_DIR / "lora_scale_grid.json", "--server", comfy_server.url, "--out", tmp_path, "--print-api",
+            "--set", "LoRA Train.steps=2", "--set", f"Load Checkpoint.ckpt_name={test_models['checkpoint'].name}",
+            "--set", "LoRA Scale x CFG Grid.cfg_values=4, 8"]
+    done = run_runner(args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    prompt = json.loads(done.stdout)
+    by_title = {n["_meta"]["title"]: n["inputs"] for n in prompt.values()}
+    assert by_title["LoRA Train"]["steps"] == 2
+    assert by_title["LoRA Scale x CFG Grid"]["cfg_values"] == "4, 8"
+    assert by_title["Load Checkpoint"]["ckpt_name"] == test_models["checkpoint"].name
+    twin = api_twin("lora_scale_grid")
+    for node_id, node in twin.items():  # everything else as the twin has it
+        assert prompt[node_id]["class_type"] == node["class_type"]
+
+
+@pytest.mark.server
+def test_runner_reports_the_failing_node_with_a_nonzero_exit(comfy_server, workflow_inputs, test_models, tmp_path):
+    (comfy_server.models_dir / "checkpoints" / "broken_for_runner.safetensors").write_bytes(b"\x00" * 64)
+    api = api_twin("lora_scale_grid")
+    sets = small_overrides(api, test_models["checkpoint"].name, test_models["controlnet"].name, workflow_inputs,
+                           REFERENCE_IMAGE)
+    args = [API_DIR / "lora_scale_grid.json", "--server", comfy_server.url, "--out", tmp_path]
+    for item in sets + ["LoRA Train.ckpt_name=broken_for_runner.safetensors"]:
+        args += ["--set", item]
+    done = run_runner(args)
+    assert done.returncode == 1
+    assert "LoRA Train" in done.stderr and "broken_for_runner.safetensors" in done.stderr, done.stderr[-2000:]
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("override,message", [
+    ("No Such Node.steps=2", "no node 'No Such Node'"),
+    ("LoRA Train.no_such_input=2", "has no input 'no_such_input'"),
+    ("LoRA Train.subject=1", "is linked"),
+    ("steps=2", "expected <node title or id>.<input>=<value>"),
+])
+def test_runner_refuses_bad_overrides(comfy_server, override, message):
+    done = run_runner([API_DIR / "lora_scale_grid.json", "--server", comfy_server.url, "--set", override])
+    assert done.returncode == 2
+    assert message in done.stderr
+
+
+@pytest.mark.server
+def test_runner_reports_a_rejected_prompt_by_node(comfy_server, test_models, tmp_path):
+    args = [API_DIR / "lora_scale_grid.json", "--server", comfy_server.url, "--out", tmp_path,
+            "--set", "LoRA Scale x CFG Grid.cfg_values=5, lots"]
+    done = run_runner(args)
+    assert done.returncode == 1
+    assert "LoRA Scale x CFG Grid" in done.stderr and "'lots' is not a number" in done.stderr, done.stderr[-2000:]
