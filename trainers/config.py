@@ -217,6 +217,57 @@ class _PriorFields:
         return values
 
 
+# -- fields every trainer has, with the same bounds and help -------------------------------------
+
+
+def _lr_scheduler() -> Any:
+    return _spec("constant", "How the learning rate changes over the steps (after the warmup).", choices=LR_SCHEDULERS)
+
+
+def _lr_warmup_steps() -> Any:
+    return _spec(
+        0, "Steps over which the learning rate ramps up from 0 (not used by 'constant').", min=0, max=100_000
+    )
+
+
+def _precision(weights: str) -> Any:
+    return _spec(
+        "fp32",
+        f"Compute precision. bf16/fp16 use autocast on CUDA GPUs ({weights} stay fp32); on the CPU "
+        "training runs in fp32 and a warning says so.",
+        choices=PRECISIONS,
+    )
+
+
+def _gradient_checkpointing() -> Any:
+    return _spec(False, "Recompute activations in the backward pass: less memory, about 30% slower.")
+
+
+def _cache_latents() -> Any:
+    return _spec(True, "Encode the images with the VAE once instead of every step (faster, same result).")
+
+
+def _max_grad_norm() -> Any:
+    return _spec(
+        1.0, "Clip the gradient norm to this value; 0 turns clipping off.",
+        min=0, max=1000, min_exclusive=True, zero_means="no clipping", step=0.1,
+    )
+
+
+def _noise_offset() -> Any:
+    return _spec(
+        0.0, "Offset noise strength (helps very dark/bright images); 0 is off, 0.05-0.1 is typical.",
+        min=0, max=1.0, step=0.01,
+    )
+
+
+def _min_snr_gamma() -> Any:
+    return _spec(
+        0.0, "Min-SNR loss weighting gamma (5 is typical); 0 is off.",
+        min=0, max=100, min_exclusive=True, zero_means="off", step=0.5,
+    )
+
+
 def _check_warmup(config: Any) -> None:
     if config.lr_warmup_steps > config.steps:
         raise ConfigError(
@@ -250,38 +301,16 @@ class LoRATrainConfig(_PriorFields, _ValidatedConfig):
         "embeddings are computed once). 1e-5 to 5e-5 is typical when trained.",
         min=0, max=1.0, min_exclusive=True, zero_means="frozen text encoder", step=1e-6,
     )
-    lr_scheduler: str = _spec(
-        "constant", "How the learning rate changes over the steps (after the warmup).", choices=LR_SCHEDULERS
-    )
-    lr_warmup_steps: int = _spec(
-        0, "Steps over which the learning rate ramps up from 0 (not used by 'constant').", min=0, max=100_000
-    )
+    lr_scheduler: str = _lr_scheduler()
+    lr_warmup_steps: int = _lr_warmup_steps()
     batch_size: int = _spec(1, "Images per optimizer step.", min=1, max=64)
     seed: int = _spec(0, "Random seed: the same seed, data and settings give the same LoRA.", min=0, max=MAX_SEED)
-    precision: str = _spec(
-        "fp32",
-        "Compute precision. bf16/fp16 use autocast on CUDA GPUs (LoRA weights stay fp32); on the CPU "
-        "training runs in fp32 and a warning says so.",
-        choices=PRECISIONS,
-    )
-    gradient_checkpointing: bool = _spec(
-        False, "Recompute UNet activations in the backward pass: less memory, about 30% slower."
-    )
-    cache_latents: bool = _spec(
-        True, "Encode the images with the VAE once instead of every step (faster, same result)."
-    )
-    max_grad_norm: float = _spec(
-        1.0, "Clip the gradient norm to this value; 0 turns clipping off.",
-        min=0, max=1000, min_exclusive=True, zero_means="no clipping", step=0.1,
-    )
-    noise_offset: float = _spec(
-        0.0, "Offset noise strength (helps very dark/bright images); 0 is off, 0.05-0.1 is typical.",
-        min=0, max=1.0, step=0.01,
-    )
-    min_snr_gamma: float = _spec(
-        0.0, "Min-SNR loss weighting gamma (5 is typical); 0 is off.",
-        min=0, max=100, min_exclusive=True, zero_means="off", step=0.5,
-    )
+    precision: str = _precision("LoRA weights")
+    gradient_checkpointing: bool = _gradient_checkpointing()
+    cache_latents: bool = _cache_latents()
+    max_grad_norm: float = _max_grad_norm()
+    noise_offset: float = _noise_offset()
+    min_snr_gamma: float = _min_snr_gamma()
     class_images: int = _class_images(0)
     prior_loss_weight: float = _prior_loss_weight()
     class_steps: int = _class_steps()
@@ -317,12 +346,8 @@ class DreamBoothTrainConfig(_PriorFields, _ValidatedConfig):
         "1e-6 to 5e-6 when trained.",
         min=0, max=1.0, min_exclusive=True, zero_means="frozen text encoder", step=1e-7,
     )
-    lr_scheduler: str = _spec(
-        "constant", "How the learning rate changes over the steps (after the warmup).", choices=LR_SCHEDULERS
-    )
-    lr_warmup_steps: int = _spec(
-        0, "Steps over which the learning rate ramps up from 0 (not used by 'constant').", min=0, max=100_000
-    )
+    lr_scheduler: str = _lr_scheduler()
+    lr_warmup_steps: int = _lr_warmup_steps()
     batch_size: int = _spec(1, "Subject images per optimizer step (as many class images ride along).", min=1, max=64)
     seed: int = _spec(0, "Random seed: the same seed, data and settings give the same model.", min=0, max=MAX_SEED)
     optimizer: str = _spec(
@@ -331,30 +356,12 @@ class DreamBoothTrainConfig(_PriorFields, _ValidatedConfig):
         "second moments and no momentum, about half that (same learning rates work as a start).",
         choices=OPTIMIZERS,
     )
-    precision: str = _spec(
-        "fp32",
-        "Compute precision. bf16/fp16 use autocast on CUDA GPUs (weights stay fp32); on the CPU training "
-        "runs in fp32 and a warning says so.",
-        choices=PRECISIONS,
-    )
-    gradient_checkpointing: bool = _spec(
-        False, "Recompute activations in the backward pass: less memory, about 30% slower."
-    )
-    cache_latents: bool = _spec(
-        True, "Encode the images with the VAE once instead of every step (faster, same result)."
-    )
-    max_grad_norm: float = _spec(
-        1.0, "Clip the gradient norm to this value; 0 turns clipping off.",
-        min=0, max=1000, min_exclusive=True, zero_means="no clipping", step=0.1,
-    )
-    noise_offset: float = _spec(
-        0.0, "Offset noise strength (helps very dark/bright images); 0 is off, 0.05-0.1 is typical.",
-        min=0, max=1.0, step=0.01,
-    )
-    min_snr_gamma: float = _spec(
-        0.0, "Min-SNR loss weighting gamma (5 is typical); 0 is off.",
-        min=0, max=100, min_exclusive=True, zero_means="off", step=0.5,
-    )
+    precision: str = _precision("weights")
+    gradient_checkpointing: bool = _gradient_checkpointing()
+    cache_latents: bool = _cache_latents()
+    max_grad_norm: float = _max_grad_norm()
+    noise_offset: float = _noise_offset()
+    min_snr_gamma: float = _min_snr_gamma()
     class_images: int = _class_images(100)
     prior_loss_weight: float = _prior_loss_weight()
     class_steps: int = _class_steps()
