@@ -45,7 +45,7 @@ from .loop import (
     prepare_training_set,
     run_training_loop,
 )
-from .lora import resolve_precision
+from .lora import add_run_arguments, resolve_precision
 from .subject import SubjectData
 
 logger = logging.getLogger("trainers.dreambooth")
@@ -356,26 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "and save a single-file checkpoint.",
     )
     parser.add_argument("--checkpoint", required=True, type=Path, help="SD1.5 single-file .safetensors")
-    parser.add_argument("--images", required=True, type=Path, help="folder with 3-20 photos of the subject")
-    parser.add_argument("--instance-prompt", required=True, help="prompt naming the subject, e.g. 'a photo of sks dog'")
-    parser.add_argument("--class-prompt", default="", help="prompt of the subject's class, e.g. 'a photo of dog' "
-                        "(needed for prior preservation)")
-    parser.add_argument("--class-folder", type=Path, default=None,
-                        help="use these class images instead of generating them (at most --class-images of them)")
-    parser.add_argument("--class-cache", type=Path, default=None,
-                        help=f"where generated class images are kept (default {default_class_cache()})")
-    parser.add_argument("--output", required=True, type=Path, help="checkpoint file to write (.safetensors)")
-    parser.add_argument("--tokenizer", type=Path, default=None,
-                        help="CLIP tokenizer folder (ComfyUI's comfy/sd1_tokenizer); default: $DBS_TOKENIZER or "
-                             "$COMFYUI_PATH/comfy/sd1_tokenizer")
-    parser.add_argument("--resolution", type=int, default=512, help="training resolution, a multiple of 64")
-    parser.add_argument("--flip", action="store_true", help="random horizontal flip augmentation")
-    parser.add_argument("--captions", action="store_true", help="use <image>.txt next to each image as its caption")
+    add_run_arguments(parser, "checkpoint file to write (.safetensors)")
     parser.add_argument("--crop-mode", choices=("face", "center", "pad"), default="center",
                         help="how photos are cropped square (default center)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1 ...")
-    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
-    parser.add_argument("--loss-curve", type=Path, default=None, help="also write the loss curve as a PNG")
     add_config_arguments(parser, DreamBoothTrainConfig)
     return parser
 

@@ -725,26 +725,23 @@ def _default_tokenizer_dir() -> Path | None:
     return None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m trainers.lora",
-        description="Train an SD1.5 LoRA on photos of a subject and save it in kohya format.",
-    )
-    parser.add_argument("--checkpoint", required=True, type=Path, help="SD1.5 single-file .safetensors (or diffusers folder)")
+def add_run_arguments(parser: argparse.ArgumentParser, output_help: str) -> None:
+    """The options every training command shares: photos, prompts, output, tokenizer, device,
+    prior-preservation class images (the config fields are added by add_config_arguments)."""
     parser.add_argument("--images", required=True, type=Path, help="folder with 3-20 photos of the subject")
     parser.add_argument("--instance-prompt", required=True, help="prompt naming the subject, e.g. 'a photo of sks dog'")
-    parser.add_argument("--class-prompt", default="", help="prompt of the subject's class (stored as metadata)")
-    parser.add_argument("--output", required=True, type=Path, help="LoRA file to write (.safetensors)")
+    parser.add_argument("--class-prompt", default="",
+                        help="prompt of the subject's class, e.g. 'a photo of dog' (needed for prior preservation)")
+    parser.add_argument("--output", required=True, type=Path, help=output_help)
     parser.add_argument(
         "--tokenizer", type=Path, default=None,
         help="CLIP tokenizer folder (ComfyUI's comfy/sd1_tokenizer); default: $DBS_TOKENIZER, "
-        "$COMFYUI_PATH/comfy/sd1_tokenizer, or the diffusers folder's tokenizer/",
+        "$COMFYUI_PATH/comfy/sd1_tokenizer, or a diffusers folder's tokenizer/",
     )  # fmt: skip
     parser.add_argument("--resolution", type=int, default=512, help="training resolution, a multiple of 64 (default 512)")
     parser.add_argument("--flip", action="store_true", help="random horizontal flip augmentation")
     parser.add_argument("--captions", action="store_true", help="use <image>.txt next to each image as its caption")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1 ...")
-    parser.add_argument("--save-dtype", choices=sorted(_SAVE_DTYPES), default="fp16", help="dtype of the saved weights")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     parser.add_argument("--loss-curve", type=Path, default=None, help="also write the loss curve as a PNG")
     parser.add_argument("--class-folder", type=Path, default=None,
@@ -753,6 +750,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--class-cache", type=Path, default=None,
                         help="prior preservation: where generated class images are kept "
                              "(default ~/.cache/dreambooth_studio/class_images)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainers.lora",
+        description="Train an SD1.5 LoRA on photos of a subject and save it in kohya format.",
+    )
+    parser.add_argument("--checkpoint", required=True, type=Path, help="SD1.5 single-file .safetensors (or diffusers folder)")
+    add_run_arguments(parser, "LoRA file to write (.safetensors)")
+    parser.add_argument("--save-dtype", choices=sorted(_SAVE_DTYPES), default="fp16", help="dtype of the saved weights")
     add_config_arguments(parser, LoRATrainConfig)
     return parser
 
