@@ -62,6 +62,17 @@ def apply_lora(model, clip, lora: dict, unet_scale: float, te_scale: float, name
     return new_model, new_clip, match
 
 
+def resolve_lora(lora_name: str, lora: dict | None) -> tuple[dict, str]:
+    """(state dict, display name) of a LoRA picked by file name or connected as LORA_MODEL."""
+    if lora_name == FROM_INPUT:
+        if lora is None:
+            raise ValueError(f"lora_name is '{FROM_INPUT}' but nothing is connected to the lora input: "
+                             "connect LoRA Train's LORA_MODEL or pick a file")
+        return lora, "the connected LoRA"
+    path = model_path("loras", lora_name)
+    return comfy.utils.load_torch_file(str(path), safe_load=True), lora_name
+
+
 class ApplyLoRAScaled(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -93,14 +104,6 @@ class ApplyLoRAScaled(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, lora_name, unet_scale, text_encoder_scale, lora=None) -> io.NodeOutput:
-        if lora_name == FROM_INPUT:
-            if lora is None:
-                raise ValueError(f"lora_name is '{FROM_INPUT}' but nothing is connected to the lora input: "
-                                 "connect LoRA Train's LORA_MODEL or pick a file")
-            name = "the connected LoRA"
-        else:
-            path = model_path("loras", lora_name)
-            lora = comfy.utils.load_torch_file(str(path), safe_load=True)
-            name = lora_name
+        lora, name = resolve_lora(lora_name, lora)
         new_model, new_clip, _ = apply_lora(model, clip, lora, unet_scale, text_encoder_scale, name)
         return io.NodeOutput(new_model, new_clip)

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from comfy_api.latest import io
 
-from .bridge import CATEGORY, model_path
-from .lora_apply import FROM_INPUT, apply_lora
+from .bridge import CATEGORY
+from .lora_apply import FROM_INPUT, apply_lora, resolve_lora
 
 MAX_CELLS = 64
 _SPLIT = re.compile(r"[,;\s]+")
@@ -156,14 +156,7 @@ class LoRAScaleGrid(io.ComfyNode):
         import nodes as comfy_nodes  # ComfyUI's nodes.py (common_ksampler)
 
         combos = cls.combinations(unet_scales, text_encoder_scales, cfg_values)
-        if lora_name == FROM_INPUT:
-            if lora is None:
-                raise ValueError(f"lora_name is '{FROM_INPUT}' but nothing is connected to the lora input: "
-                                 "connect LoRA Train's LORA_MODEL or pick a file")
-            name = "the connected LoRA"
-        else:
-            lora = comfy.utils.load_torch_file(str(model_path("loras", lora_name)), safe_load=True)
-            name = lora_name
+        lora, name = resolve_lora(lora_name, lora)
         cfg_count = len({c for _, _, c in combos})
         bar = comfy.utils.ProgressBar(len(combos))
         latent = {"samples": torch.zeros([1, 4, height // 8, width // 8])}
