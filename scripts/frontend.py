@@ -76,6 +76,13 @@ class Frontend:
         return self.page.evaluate(
             "(wf) => [...new Set(wf.nodes.map(n => n.type))].filter(t => !LiteGraph.registered_node_types[t])", ui)
 
+    def visible_alerts(self) -> list[str]:
+        """Texts of the toasts and dialogs on screen (the frontend's workflow-validation alert is a
+        toast, not a console error)."""
+        return self.page.evaluate("""() => [...document.querySelectorAll(
+                '.p-toast-message, .p-dialog, [role=alertdialog]')]
+            .filter(e => e.offsetParent !== null).map(e => e.innerText.trim().slice(0, 500))""")
+
     def load(self, ui: dict) -> None:
         """Open a UI-format workflow in the canvas (no missing-model dialogs)."""
         self.page.evaluate(

@@ -89,9 +89,10 @@ def test_workflows_load_in_the_canvas_and_match_their_api_twins(canvas_page, art
         assert frontend.missing_node_types(ui) == [], stem
         before = len(page.console_errors)
         twin = frontend.to_api(ui)
-        page.wait_for_timeout(200)
+        page.wait_for_timeout(800)  # validation toasts appear shortly after loading
         errors = [e for e in page.console_errors[before:] if not any(n in e for n in NETWORK_NOISE)]
-        assert errors == [], (stem, errors)  # no validation alert, no error dialog
+        assert errors == [], (stem, errors)
+        assert frontend.visible_alerts() == [], stem  # e.g. "Invalid workflow against zod schema"
         assert page.evaluate("() => app.graph._nodes.length") == len(ui["nodes"])
         assert twin == api_twin(stem), f"{stem}: the API twin drifted; run scripts/build_workflows.py"
         if stem == "lora_scale_grid":
