@@ -1,9 +1,10 @@
 """DreamBooth training speed and memory on the full-size SD1.5 architecture.
 
 Each configuration runs in a fresh Python process, strictly one after the other (AdamW on the
-fp32 UNet alone needs about 14 GB), so its peak memory is its own: load the checkpoint, train
-the whole UNet at 64x64 pixels for N steps, write the fp16 single-file checkpoint into a
-temporary folder (deleted right away), report the times and memory. Usage::
+fp32 UNet alone needs about 14 GB), so its peak memory is its own. Training configurations run
+a whole job through trainers.jobs.train_file, like the nodes and the CLI: load the checkpoint,
+train the whole UNet at 64x64 pixels for N steps, write the fp16 single-file checkpoint into a
+temporary folder (deleted right away); the bench reports the time and memory of each phase. Usage::
 
     .venv/bin/python bench/dreambooth_speed.py [--checkpoint CKPT] [--steps 6] [--resolution 64]
         [--configs adamw,adamw-gc,adafactor,adafactor-gc,adafactor-te,classgen,prior]
@@ -17,13 +18,14 @@ on first use). Configurations (all: batch 1, 4 subject images, cached latents, f
 - ``classgen``: class-image generation (``--class-images`` images, ``--class-steps`` DPM-Solver++
   steps, guidance 7.5, batches of 4) into a temporary class cache: seconds per class image;
 - ``prior``: ``--prior-optimizer`` with prior preservation on (class_images = ``--class-images``,
-  reused from that cache; generated first, untimed, if ``classgen`` did not run before it).
+  reused from that cache; generated inside the job, and counted in ``prepare``, if ``classgen``
+  did not run before it).
 
 Columns: ``s/step`` is the median over steps 2..N (step 1 pays for warm-up and is shown on its
 own), ``prepare`` the latent/text caching before step 1, ``load`` the checkpoint read into fp32
 models, ``save`` the fp16 checkpoint write. ``peak RSS`` is the process maximum (getrusage:
-loading, training and saving), ``train peak`` the highest RSS sampled every 10 ms while
-train_dreambooth ran, ``save peak`` the same while save_dreambooth ran. Below the table, each
+loading, training and saving), ``train peak`` the highest RSS sampled every 10 ms from the
+first step to the last, ``save peak`` the same while the checkpoint was written. Below the table, each
 training configuration lists its step times and the user/system CPU seconds and minor page
 faults of its training phase. Run it on an otherwise idle machine: on 2 cores, another process's
 load shows up directly in s/step (and AdamW needs ~15 GB of RAM to itself).
@@ -41,7 +43,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -50,7 +51,6 @@ GB = 1024**3
 SUBJECT_IMAGES = 4
 INSTANCE_PROMPT = "a photo of sks toy"
 CLASS_PROMPT = "a photo of toy"
-BASE_FINGERPRINT = "bench-dreambooth-speed"  # class cache key; the cache folder is temporary
 
 CONFIGS: dict[str, dict[str, object]] = {
     "adamw": {"label": "adamw", "optimizer": "adamw"},
@@ -61,33 +61,6 @@ CONFIGS: dict[str, dict[str, object]] = {
     "classgen": {"label": "class-image generation", "kind": "classgen"},
     "prior": {"label": "prior preservation", "prior": True},
 }
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class _RssSampler:
-    def __init__(self, interval: float = 0.01) -> None:
-        self.interval = interval
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_bytes())
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> _RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss_bytes())
 
 
 def _peak_rss_gb() -> float:
@@ -106,14 +79,17 @@ def _cpu_since(start: tuple[float, float, int]) -> dict[str, float]:
 
 
 def _class_spec(args: argparse.Namespace) -> object:
-    from trainers.prior import ClassImageSpec
+    """The class images a 'prior' job asks for (same key: the job finds what 'classgen' made)."""
+    from trainers.data.class_images import ClassImageSpec
+    from trainers.files.fileio import content_sha256
 
-    return ClassImageSpec(base_fingerprint=BASE_FINGERPRINT, prompt=CLASS_PROMPT, count=args.class_images,
-                          resolution=args.resolution, seed=0, steps=args.class_steps, guidance=7.5)
+    return ClassImageSpec(base_fingerprint=content_sha256(args.checkpoint), prompt=CLASS_PROMPT,
+                          count=args.class_images, resolution=args.resolution, seed=0, steps=args.class_steps,
+                          guidance=7.5)
 
 
 def _load(args: argparse.Namespace) -> tuple[object, float]:
-    from trainers.checkpoint import load_sd15_single_file
+    from trainers.sd15.checkpoint import load_sd15_single_file
 
     started = time.monotonic()
     base = load_sd15_single_file(args.checkpoint, args.tokenizer)
@@ -121,8 +97,10 @@ def _load(args: argparse.Namespace) -> tuple[object, float]:
 
 
 def worker_classgen(args: argparse.Namespace, options: dict[str, object]) -> dict[str, object]:
-    """Generate the class images into the (temporary) cache; time each batch."""
-    from trainers.prior import GENERATE_BATCH, generate_class_images
+    """Generate the class images into the (temporary) cache; time each batch (the component alone:
+    a training job reuses them from that cache)."""
+    from bench.harness import PhaseRss
+    from trainers.data.class_images import GENERATE_BATCH, generate_class_images
 
     base, load_seconds = _load(args)
     spec = _class_spec(args)
@@ -132,7 +110,7 @@ def worker_classgen(args: argparse.Namespace, options: dict[str, object]) -> dic
         if done % spec.steps == 0:  # a batch finished its last denoising step
             marks.append(time.monotonic())
 
-    with _RssSampler() as sampler:
+    with PhaseRss() as rss:
         made = generate_class_images(base, spec, args.class_cache, on_step=on_step)
     batches = [b - a for a, b in itertools.pairwise(marks)]
     sizes = [min(GENERATE_BATCH, spec.count - i) for i in range(0, spec.count, GENERATE_BATCH)]
@@ -144,21 +122,20 @@ def worker_classgen(args: argparse.Namespace, options: dict[str, object]) -> dic
         "gen_s": marks[-1] - marks[0],
         "s_per_image": (marks[-1] - marks[0]) / spec.count,
         "s_per_image_after_first_batch": later,
-        "train_peak_gb": sampler.peak / GB,
+        "train_peak_gb": rss.peaks["start"] / GB,
     }
 
 
 def worker_train(args: argparse.Namespace, options: dict[str, object]) -> dict[str, object]:
-    """Train one configuration, save the checkpoint (then delete it), return the measurements."""
+    """Run one training job (checkpoint saved into a temporary folder, then deleted) and return
+    the measurements of its phases."""
     import torch
 
-    from trainers.callbacks import TrainingCallbacks
-    from trainers.config import DreamBoothTrainConfig
-    from trainers.dreambooth import save_dreambooth, train_dreambooth
-    from trainers.prior import class_subject, generate_class_images
-    from trainers.subject import SubjectData
+    from bench.harness import PhaseRss, phase_clock
+    from trainers.data.subject import SubjectData
+    from trainers.jobs import train_file
+    from trainers.training.config import DreamBoothTrainConfig
 
-    base, load_seconds = _load(args)
     generator = torch.Generator().manual_seed(0)
     images = tuple(
         torch.rand(args.resolution, args.resolution, 3, generator=generator) for _ in range(SUBJECT_IMAGES)
@@ -172,12 +149,6 @@ def worker_train(args: argparse.Namespace, options: dict[str, object]) -> dict[s
         source_names=tuple(f"img{i}" for i in range(SUBJECT_IMAGES)),
     )
     prior = bool(options.get("prior"))
-    class_data = None
-    class_reused = None
-    if prior:
-        made = generate_class_images(base, _class_spec(args), args.class_cache)
-        class_reused = made.reused
-        class_data = class_subject(made.folder, CLASS_PROMPT, args.resolution, tokenizer_dir=args.tokenizer)
     optimizer = str(options.get("optimizer") or args.prior_optimizer)
     config = DreamBoothTrainConfig(
         steps=args.steps,
@@ -190,54 +161,37 @@ def worker_train(args: argparse.Namespace, options: dict[str, object]) -> dict[s
         class_steps=args.class_steps,
         save_precision="fp16",
     )
-
-    class Clock(TrainingCallbacks):
-        def __init__(self) -> None:
-            self.marks: list[float] = []
-
-        def on_train_begin(self, total_steps: int) -> None:
-            self.marks.append(time.monotonic())
-
-        def on_step_end(self, state: object) -> None:
-            self.marks.append(time.monotonic())
-
-    clock = Clock()
-    before = _rss_bytes()
-    called = time.monotonic()
-    cpu_start = _cpu()
-    with _RssSampler() as train_sampler:
-        result = train_dreambooth(base, subject, config, callbacks=clock, class_subject=class_data,
-                                  base_model_name=args.checkpoint.name)
-    train_cpu = _cpu_since(cpu_start)
-    steps = [b - a for a, b in itertools.pairwise(clock.marks)]
-    after_warmup = steps[1:] or steps
-
     out_dir = Path(tempfile.mkdtemp(prefix="save-", dir=args.workdir))
     try:
-        started = time.monotonic()
-        with _RssSampler() as save_sampler:
-            path = save_dreambooth(base, result, out_dir / "bench.safetensors", "fp16")
-        save_seconds = time.monotonic() - started
-        size_gb = path.stat().st_size / GB
+        with PhaseRss() as rss:
+            clock = phase_clock(rss)
+            cpu_start = _cpu()
+            job = train_file(args.checkpoint, subject, config, out_dir / "bench.safetensors", args.tokenizer,
+                             callbacks=clock, before_load=clock.before_load, class_cache_dir=args.class_cache)
+            clock.stamp("end")
+        size_gb = job.path.stat().st_size / GB
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
+    marks, steps = clock.marks, clock.step_seconds()
+    after_warmup = steps[1:] or steps
+    class_reused = (job.prior.generated == 0) if prior else None
     return {
         **options,
         "optimizer": optimizer,
         "class_reused": class_reused,
-        "load_s": load_seconds,
-        "prepare_s": clock.marks[0] - called,
+        "load_s": marks["prepare"] - marks["load"],
+        "prepare_s": marks["train"] - marks["prepare"],
         "first_step_s": steps[0],
         "s_per_step": statistics.median(after_warmup),
         "steps_s": steps,
-        "final_loss": result.losses[-1],
-        "save_s": save_seconds,
+        "final_loss": job.losses[-1],
+        "save_s": marks["end"] - marks["save"],
         "save_gb": size_gb,
-        "before_train_gb": before / GB,
-        "train_peak_gb": train_sampler.peak / GB,
-        "save_peak_gb": save_sampler.peak / GB,
+        "before_train_gb": clock.rss_before_training / GB,
+        "train_peak_gb": rss.peaks["train"] / GB,
+        "save_peak_gb": rss.peaks["save"] / GB,
         "threads": torch.get_num_threads(),
-        "train_cpu": train_cpu,
+        "train_cpu": _cpu_since(cpu_start),
     }
 
 
@@ -254,7 +208,7 @@ def _label(row: dict[str, object], args: argparse.Namespace) -> str:
     if row.get("kind") == "classgen":
         return f"class images: {args.class_images} x {args.class_steps} steps, CFG 7.5"
     if row.get("prior"):
-        cached = "cached" if row.get("class_reused") else "generated first, untimed"
+        cached = "cached" if row.get("class_reused") else "generated in the job: counted in prepare"
         return f"{row['optimizer']} + prior ({args.class_images} class images, {cached})"
     return str(row["label"])
 

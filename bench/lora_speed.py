@@ -1,8 +1,9 @@
 """LoRA training speed and memory on the full-size SD1.5 architecture.
 
-Each configuration runs in a fresh Python process (so peak memory is its own): load the
-checkpoint, train a rank-16 LoRA at 64x64 pixels for N steps, report seconds per step (mean
-over the steps after the first, which pays for warm-up) and memory. Usage::
+Each configuration runs in a fresh Python process (so peak memory is its own) and trains through
+trainers.jobs.train_file, like the nodes and the CLI: load the checkpoint, train a rank-16 LoRA
+at 64x64 pixels for N steps, save it into a temporary folder; report seconds per step (mean over
+the steps after the first, which pays for warm-up) and memory. Usage::
 
     .venv/bin/python bench/lora_speed.py [--checkpoint CKPT] [--steps 5] [--matrix basic|full]
 
@@ -11,8 +12,8 @@ on first use). ``basic`` varies one option at a time from the default (cache_lat
 gradient checkpointing off, text encoder frozen); ``full`` runs all 8 combinations.
 
 Memory columns: ``peak RSS`` is the process maximum (getrusage, includes loading the model),
-``train peak`` the highest RSS sampled every 10 ms while train_lora ran, ``train +`` that peak
-minus the RSS right before training.
+``train peak`` the highest RSS sampled every 10 ms from the first step to the last, ``train +``
+that peak minus the RSS right before training.
 """
 
 from __future__ import annotations
@@ -24,39 +25,10 @@ import os
 import resource
 import subprocess
 import sys
-import threading
-import time
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-MB = 1024 * 1024
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class _RssSampler:
-    def __init__(self, interval: float = 0.01) -> None:
-        self.interval = interval
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_bytes())
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> _RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss_bytes())
 
 
 def worker(args: argparse.Namespace) -> int:
@@ -64,17 +36,12 @@ def worker(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(REPO))
     import torch
 
-    from trainers.callbacks import TrainingCallbacks
-    from trainers.checkpoint import load_sd15_single_file
-    from trainers.config import LoRATrainConfig
-    from trainers.lora import train_lora
-    from trainers.subject import SubjectData
+    from bench.harness import MB, PhaseRss, phase_clock
+    from trainers.data.subject import SubjectData
+    from trainers.jobs import train_file
+    from trainers.training.config import LoRATrainConfig
 
     options = json.loads(args.worker)
-    started = time.monotonic()
-    base = load_sd15_single_file(args.checkpoint, args.tokenizer)
-    load_seconds = time.monotonic() - started
-
     generator = torch.Generator().manual_seed(0)
     images = tuple(torch.rand(args.resolution, args.resolution, 3, generator=generator) for _ in range(4))
     subject = SubjectData(
@@ -93,35 +60,23 @@ def worker(args: argparse.Namespace) -> int:
         cache_latents=options["cache_latents"],
         gradient_checkpointing=options["gradient_checkpointing"],
     )
-
-    class Clock(TrainingCallbacks):
-        def __init__(self) -> None:
-            self.marks: list[float] = []
-
-        def on_train_begin(self, total_steps: int) -> None:
-            self.marks.append(time.monotonic())
-
-        def on_step_end(self, state: object) -> None:
-            self.marks.append(time.monotonic())
-
-    clock = Clock()
-    before = _rss_bytes()
-    called = time.monotonic()
-    with _RssSampler() as sampler:
-        train_lora(base, subject, config, callbacks=clock)
-    steps = [b - a for a, b in itertools.pairwise(clock.marks)]
+    with tempfile.TemporaryDirectory(prefix="bench-lora-") as out, PhaseRss() as rss:
+        clock = phase_clock(rss)
+        train_file(args.checkpoint, subject, config, Path(out) / "bench.safetensors", args.tokenizer,
+                   callbacks=clock, before_load=clock.before_load)
+    steps = clock.step_seconds()
     after_warmup = steps[1:] or steps
     print(
         json.dumps(
             {
                 **options,
-                "load_s": load_seconds,
-                "prepare_s": clock.marks[0] - called,
+                "load_s": clock.marks["prepare"] - clock.marks["load"],
+                "prepare_s": clock.marks["train"] - clock.marks["prepare"],
                 "first_step_s": steps[0],
                 "s_per_step": sum(after_warmup) / len(after_warmup),
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MB,
-                "train_peak_mb": sampler.peak / MB,
-                "train_extra_mb": (sampler.peak - before) / MB,
+                "train_peak_mb": rss.peaks["train"] / MB,
+                "train_extra_mb": (rss.peaks["train"] - clock.rss_before_training) / MB,
                 "threads": torch.get_num_threads(),
             }
         ),

@@ -9,7 +9,6 @@ import logging
 import os
 import time
 import traceback
-from dataclasses import fields
 from pathlib import Path
 
 import comfy.model_management
@@ -18,7 +17,8 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..trainers.callbacks import TrainingCallbacks
+from ..trainers.training.callbacks import LossHistory, TrainingCallbacks
+from ..trainers.training.config import field_spec, field_specs
 
 log = logging.getLogger(__name__)
 
@@ -64,36 +64,62 @@ def output_model_path(kind: str, stem: str) -> Path:
     return path
 
 
+NO_FOLDER = "(no subfolder in input/)"
+
+
+def input_subfolders(max_depth: int = 3) -> list[str]:
+    """Subfolders of ComfyUI's input directory, as relative posix paths (e.g. 'subjects/cat')."""
+    root = Path(folder_paths.get_input_directory())
+    found = []
+    for dirpath, dirnames, _ in os.walk(root):
+        rel = Path(dirpath).relative_to(root)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        if len(rel.parts) >= max_depth:
+            dirnames[:] = []
+        if rel.parts:
+            found.append(rel.as_posix())
+    return found or [NO_FOLDER]
+
+
+def resolve_input_folder(name: str) -> Path:
+    root = folder_paths.get_input_directory()
+    if name == NO_FOLDER:
+        raise ValueError("no subject folder: create input/<name>/ with 3-20 photos, or connect an IMAGE batch")
+    path = Path(root) / name
+    if not contained(path, root):
+        raise ValueError(f"folder {name!r} is outside ComfyUI's input directory")
+    if not path.is_dir():
+        raise ValueError(f"folder {name!r} not found in ComfyUI's input directory: refresh the page")
+    return path
+
+
 # -- widgets from the engine's dataclass metadata ------------------------------------------------
 def config_input(config_cls, name: str, tooltip: str | None = None, optional: bool = False,
                  **overrides) -> io.Input:
     """One widget for field `name` of a trainers config dataclass: default, bounds, choices and
-    help text all come from the dataclass, so the node and the engine can't disagree."""
-    spec = {f.name: f for f in fields(config_cls)}[name]
-    meta = dict(spec.metadata)
-    meta.update(overrides)
-    default = overrides.get("default", spec.default)
-    common = {"tooltip": tooltip or meta.get("help", ""), "optional": optional}
-    if "zero_means" in meta and (meta.get("min") or 0) > 0:
-        meta["min"] = 0  # 0 is allowed too ("off"); the config says what it means
-    if meta.get("choices"):
-        return io.Combo.Input(name, options=list(meta["choices"]), default=default, **common)
-    if isinstance(default, bool):
-        return io.Boolean.Input(name, default=default, **common)
-    if isinstance(default, int):
+    help text all come from `config.field_spec`, so the node and the engine can't disagree."""
+    spec = {**field_spec(config_cls, name), **overrides}
+    common = {"tooltip": tooltip or spec["help"], "optional": optional}
+    low = spec.get("min")
+    if "zero_means" in spec and (low or 0) > 0:
+        low = 0  # 0 is allowed too ("off"); the config says what it means
+    if "choices" in spec:
+        return io.Combo.Input(name, options=list(spec["choices"]), default=spec["default"], **common)
+    if spec["type"] == "bool":
+        return io.Boolean.Input(name, default=spec["default"], **common)
+    if spec["type"] == "int":
         # A training seed must not change by itself after each run (the frontend would add a
         # "randomize" control to any input named seed), or every run would retrain.
-        return io.Int.Input(name, default=default, min=meta.get("min"), max=meta.get("max"),
-                            step=meta.get("step", 1), control_after_generate=False if "seed" in name else None,
-                            **common)
-    if isinstance(default, float):
-        return io.Float.Input(name, default=default, min=meta.get("min"), max=meta.get("max"),
-                              step=meta.get("step", 1e-6), round=False, **common)
-    return io.String.Input(name, default=default, **common)
+        return io.Int.Input(name, default=spec["default"], min=low, max=spec.get("max"), step=spec.get("step", 1),
+                            control_after_generate=False if "seed" in name else None, **common)
+    if spec["type"] == "float":
+        return io.Float.Input(name, default=spec["default"], min=low, max=spec.get("max"),
+                              step=spec.get("step", 1e-6), round=False, **common)
+    return io.String.Input(name, default=spec["default"], **common)
 
 
 def config_kwargs(config_cls, values: dict) -> dict:
-    names = {f.name for f in fields(config_cls)}
+    names = {spec["name"] for spec in field_specs(config_cls)}
     return {k: v for k, v in values.items() if k in names}
 
 
@@ -102,10 +128,10 @@ class ComfyProgress(TrainingCallbacks):
     """Trainer callbacks -> ComfyUI progress bar (websocket `progress` events) and cancel check.
 
     Cancel is checked explicitly every step: newest ComfyUI throttles the progress hook that
-    would otherwise do it. `preview` (optional) makes a PIL image of the run so far from this
-    object (`losses`, `instance_losses`, `prior_losses`); it is sent as the node's live preview
-    at most every `preview_every` seconds. Class-image generation, when a run has it, reports
-    its denoising steps on the same bar before training starts.
+    would otherwise do it. `preview` (optional) makes a PIL image of the run so far from its
+    `history` (a LossHistory); it is sent as the node's live preview at most every
+    `preview_every` seconds. Class-image generation, when a run has it, reports its denoising
+    steps on the same bar before training starts.
     """
 
     def __init__(self, total: int, preview=None, preview_every: float = 2.0):
@@ -114,9 +140,7 @@ class ComfyProgress(TrainingCallbacks):
         self.preview = preview
         self.preview_every = preview_every
         self._last_preview = 0.0
-        self.losses: list[float] = []
-        self.instance_losses: list[float] = []
-        self.prior_losses: list[float] = []
+        self.history = LossHistory()
 
     def on_generate_step(self, done: int, total: int) -> None:
         comfy.model_management.throw_exception_if_processing_interrupted()
@@ -126,24 +150,15 @@ class ComfyProgress(TrainingCallbacks):
         comfy.model_management.throw_exception_if_processing_interrupted()
 
     def on_step_end(self, state) -> None:
-        self.losses.append(state.loss)
-        if state.prior_loss is not None:
-            self.instance_losses.append(state.instance_loss)
-            self.prior_losses.append(state.prior_loss)
+        self.history.add(state)
         comfy.model_management.throw_exception_if_processing_interrupted()
         image = None
         now = time.monotonic()
         if self.preview is not None and (now - self._last_preview >= self.preview_every
                                          or state.step == state.total_steps):
             self._last_preview = now
-            image = ("PNG", self.preview(self), 512)
+            image = ("PNG", self.preview(self.history), 512)
         self.bar.update_absolute(state.step, state.total_steps, image)
-
-    def extra_curves(self) -> dict[str, list[float]]:
-        if not self.prior_losses:
-            return {}
-        return {"instance": self.instance_losses, "prior": self.prior_losses}
-
 
 
 def class_image_cache() -> Path:

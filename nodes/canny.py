@@ -7,7 +7,7 @@ import logging
 import torch
 from comfy_api.latest import io
 
-from ..trainers.edges import CannySettings, canny_edges, to_uint8
+from ..trainers.control.edges import CannySettings, canny_edges, to_uint8
 from .bridge import CATEGORY
 
 log = logging.getLogger(__name__)

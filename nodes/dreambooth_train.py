@@ -7,41 +7,21 @@ import comfy.sd
 import folder_paths
 from comfy_api.latest import io
 
-from ..trainers.config import DreamBoothTrainConfig
-from ..trainers.jobs import train_dreambooth_file
-from ..trainers.names import validate_output_name
-from ..trainers.plot import loss_curve_image
-from .bridge import (
-    CATEGORY,
-    SUBJECT,
-    ComfyProgress,
-    class_image_cache,
-    config_input,
-    config_kwargs,
-    free_comfy_models,
-    model_path,
-    output_model_path,
-    tokenizer_dir,
-    training_scope,
-)
-from .lora_train import (
+from ..trainers.training.config import DreamBoothTrainConfig
+from .bridge import CATEGORY, SUBJECT, config_input
+from .training_shared import (
     PRIOR_FIELDS,
     check_inputs,
     checkpoint_input,
     class_folder_input,
     output_name_input,
     overwrite_input,
-    resolve_class_folder,
-    to_pil,
+    run_training_node,
 )
 
 TRAIN_FIELDS = ("steps", "unet_lr", "text_encoder_lr", "lr_scheduler", "lr_warmup_steps", "batch_size", "seed",
                 "optimizer", "precision", "gradient_checkpointing", "cache_latents", *PRIOR_FIELDS,
                 "save_precision")
-
-
-def curve(losses, extra, title):
-    return loss_curve_image(losses, title=title, extra_curves=extra or None)
 
 
 class DreamBoothTrain(io.ComfyNode):
@@ -92,23 +72,10 @@ class DreamBoothTrain(io.ComfyNode):
 
     @classmethod
     def execute(cls, subject, ckpt_name, output_name, overwrite, class_folder=None, **settings) -> io.NodeOutput:
-        config = DreamBoothTrainConfig(**config_kwargs(DreamBoothTrainConfig, settings))
-        checkpoint = model_path("checkpoints", ckpt_name)
-        output = output_model_path("checkpoints", validate_output_name(output_name))
-        folder = resolve_class_folder(class_folder)
-        progress = ComfyProgress(config.steps, preview=lambda p: to_pil(curve(p.losses, p.extra_curves(),
-                                                                              "DreamBooth loss")))
-        with training_scope():
-            job = train_dreambooth_file(checkpoint, subject, config, output, tokenizer_dir(), overwrite=overwrite,
-                                        callbacks=progress, before_load=free_comfy_models,
-                                        class_cache_dir=class_image_cache(), class_folder=folder)
-        if job.reused:
-            progress.bar.update_absolute(config.steps, config.steps)
+        job, curve = run_training_node(DreamBoothTrainConfig, subject, ckpt_name, output_name, overwrite,
+                                       class_folder, settings)
         # Exactly what a user gets from Load Checkpoint on this file later.
         model, clip, vae = comfy.sd.load_checkpoint_guess_config(
             str(job.path), output_vae=True, output_clip=True,
             embedding_directory=folder_paths.get_folder_paths("embeddings"))[:3]
-        state = "reused (an identical earlier run made it)" if job.reused else "trained"
-        report = f"{job.path.name}: {state}; {job.class_report}"
-        image = curve(job.losses, job.extra_curves(), f"DreamBooth loss ({job.path.name})")
-        return io.NodeOutput(model, clip, vae, job.path.name, image, report)
+        return io.NodeOutput(model, clip, vae, job.path.name, curve, job.report())

@@ -2,81 +2,22 @@
 
 from __future__ import annotations
 
-import folder_paths
-import torch
 from comfy_api.latest import io
 
-from ..trainers.config import LoRATrainConfig
-from ..trainers.jobs import train_lora_file
-from ..trainers.names import validate_output_name
-from ..trainers.plot import loss_curve_image
-from .bridge import (
-    CATEGORY,
-    SUBJECT,
-    ComfyProgress,
-    class_image_cache,
-    config_input,
-    config_kwargs,
-    free_comfy_models,
-    model_path,
-    output_model_path,
-    tokenizer_dir,
-    training_scope,
+from ..trainers.training.config import LoRATrainConfig
+from .bridge import CATEGORY, SUBJECT, config_input
+from .training_shared import (
+    PRIOR_FIELDS,
+    check_inputs,
+    checkpoint_input,
+    class_folder_input,
+    output_name_input,
+    overwrite_input,
+    run_training_node,
 )
 
 TRAIN_FIELDS = ("rank", "alpha", "steps", "unet_lr", "text_encoder_lr", "lr_scheduler", "lr_warmup_steps",
                 "batch_size", "seed", "precision", "gradient_checkpointing", "cache_latents")
-PRIOR_FIELDS = ("class_images", "prior_loss_weight", "class_steps", "class_guidance", "class_seed")
-GENERATE = "(generate from the base model)"
-
-
-def checkpoint_input() -> io.Input:
-    return io.Combo.Input("ckpt_name", options=folder_paths.get_filename_list("checkpoints"),
-                          tooltip="SD1.5 base model from models/checkpoints (single-file .safetensors).")
-
-
-def output_name_input(default: str) -> io.Input:
-    return io.String.Input("output_name", default=default,
-                           tooltip="File name (without extension) for the trained model. Letters, digits, "
-                                   "'-', '_' and '.'; no folders.")
-
-
-def overwrite_input() -> io.Input:
-    return io.Boolean.Input("overwrite", default=False,
-                            tooltip="Replace an existing file of that name. Off: a file from an identical "
-                                    "earlier run is reused, any other file is an error.")
-
-
-def class_folder_input() -> io.Input:
-    from .subject import input_subfolders
-
-    return io.Combo.Input("class_folder", optional=True, options=[GENERATE, *input_subfolders()], default=GENERATE,
-                          tooltip="Class images for prior preservation: generated from the base model with the "
-                                  "class prompt (cached in input/class_images/, reused by every run with the same "
-                                  "model, prompt, count, resolution and seed), or your own folder in input/ (at "
-                                  "most class_images of them, centre-cropped).")
-
-
-def resolve_class_folder(name):
-    from .subject import NO_FOLDER, resolve_input_folder
-
-    if name in (None, "", GENERATE, NO_FOLDER):
-        return None
-    return resolve_input_folder(name)
-
-
-def check_inputs(output_name: str, config_cls, **fields) -> bool | str:
-    try:
-        validate_output_name(output_name)
-        config_cls(**fields)
-    except ValueError as exc:
-        return str(exc)
-    return True
-
-
-def loss_curve(losses: list[float], title: str, extra: dict | None = None) -> torch.Tensor:
-    return loss_curve_image(losses, title=title, extra_curves=extra or None)
-
 
 
 class LoRATrain(io.ComfyNode):
@@ -118,24 +59,6 @@ class LoRATrain(io.ComfyNode):
 
     @classmethod
     def execute(cls, subject, ckpt_name, output_name, overwrite, class_folder=None, **settings) -> io.NodeOutput:
-        config = LoRATrainConfig(**config_kwargs(LoRATrainConfig, settings))
-        checkpoint = model_path("checkpoints", ckpt_name)
-        output = output_model_path("loras", validate_output_name(output_name))
-        folder = resolve_class_folder(class_folder)
-        progress = ComfyProgress(config.steps, preview=lambda p: to_pil(loss_curve(p.losses, "LoRA loss",
-                                                                                   p.extra_curves())))
-        with training_scope():
-            job = train_lora_file(checkpoint, subject, config, output, tokenizer_dir(), overwrite=overwrite,
-                                  callbacks=progress, before_load=free_comfy_models,
-                                  class_cache_dir=class_image_cache(), class_folder=folder)
-        if job.reused:
-            progress.bar.update_absolute(config.steps, config.steps)
-        curve = loss_curve(job.losses, f"LoRA loss ({output.name})", job.extra_curves())
-        return io.NodeOutput(job.state_dict, output.name, curve)
-
-
-def to_pil(image: torch.Tensor):
-    from PIL import Image
-
-    array = (image[0].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    return Image.fromarray(array)
+        job, curve = run_training_node(LoRATrainConfig, subject, ckpt_name, output_name, overwrite, class_folder,
+                                       settings)
+        return io.NodeOutput(job.tensors(), job.path.name, curve)

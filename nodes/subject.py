@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..trainers.images import (
+from ..trainers.data.images import (
     BAD_FILE_MODES,
     CAPTION_MODES,
     CROP_MODES,
@@ -18,35 +17,15 @@ from ..trainers.images import (
     load_subject,
     prepare_subject,
 )
-from .bridge import CATEGORY, SUBJECT, contained, tokenizer_dir
-
-NO_FOLDER = "(no subfolder in input/)"
-
-
-def input_subfolders(max_depth: int = 3) -> list[str]:
-    """Subfolders of ComfyUI's input directory, as relative posix paths (e.g. 'subjects/cat')."""
-    root = Path(folder_paths.get_input_directory())
-    found = []
-    for dirpath, dirnames, _ in os.walk(root):
-        rel = Path(dirpath).relative_to(root)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        if len(rel.parts) >= max_depth:
-            dirnames[:] = []
-        if rel.parts:
-            found.append(rel.as_posix())
-    return found or [NO_FOLDER]
-
-
-def resolve_input_folder(name: str) -> Path:
-    root = folder_paths.get_input_directory()
-    if name == NO_FOLDER:
-        raise ValueError("no subject folder: create input/<name>/ with 3-20 photos, or connect an IMAGE batch")
-    path = Path(root) / name
-    if not contained(path, root):
-        raise ValueError(f"folder {name!r} is outside ComfyUI's input directory")
-    if not path.is_dir():
-        raise ValueError(f"folder {name!r} not found in ComfyUI's input directory: refresh the page")
-    return path
+from .bridge import (
+    CATEGORY,
+    NO_FOLDER,
+    SUBJECT,
+    contained,
+    input_subfolders,
+    resolve_input_folder,
+    tokenizer_dir,
+)
 
 
 class LoadSubjectImages(io.ComfyNode):

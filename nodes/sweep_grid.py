@@ -15,7 +15,7 @@ import torch
 from comfy_api.latest import io
 
 from .bridge import CATEGORY
-from .lora_apply import FROM_INPUT, apply_lora, resolve_lora
+from .lora_patch import FROM_INPUT, apply_lora, resolve_lora
 
 MAX_CELLS = 64
 _SPLIT = re.compile(r"[,;\s]+")

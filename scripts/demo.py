@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         settings, placeholder = REAL, False
     else:
-        from trainers.placeholder import CHECKPOINT_NAME, write_placeholder_models
+        from trainers.sd15.placeholder import CHECKPOINT_NAME, write_placeholder_models
 
         cache = Path(os.environ.get("DBS_TEST_MODELS", REPO / ".cache" / "test-models"))
         print("No SD15_CHECKPOINT given: using the random-weight SD1.5 PLACEHOLDER. The run shows the whole "

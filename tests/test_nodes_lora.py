@@ -27,11 +27,11 @@ def env(tmp_path_factory, test_models):
 
 
 def _subject(env, n=2, res=64):
-    images = importlib.import_module("dreambooth_studio.trainers.images")
+    images = importlib.import_module("dreambooth_studio.trainers.data.images")
     gen = torch.Generator().manual_seed(0)
     raw = [torch.rand(80, 96, 3, generator=gen) for _ in range(n)]
-    return images.build_subject(raw, [f"img{i}.png" for i in range(n)], "a photo of sks toy",
-                                "a photo of toy", res)
+    return images.prepare_subject(raw, [f"img{i}.png" for i in range(n)], "a photo of sks toy",
+                                  "a photo of toy", res).subject
 
 
 def _train_node(env, name, text_encoder_lr=0.0, **overrides):
@@ -146,7 +146,7 @@ def test_identical_rerun_reuses_the_file(env, trained, monkeypatch):
     def no_load(*a, **k):
         raise AssertionError("base model loaded for a job whose result is on disk")
 
-    ckpt_mod = importlib.import_module("dreambooth_studio.trainers.checkpoint")
+    ckpt_mod = importlib.import_module("dreambooth_studio.trainers.sd15.checkpoint")
     monkeypatch.setattr(ckpt_mod, "load_sd15_single_file", no_load)
     again = _train_node(env, "inproc_unet_only")
     first = trained["unet"].result[0]
@@ -167,7 +167,7 @@ BAD_SETTINGS = [
 
 @pytest.mark.parametrize("overrides,field", BAD_SETTINGS)
 def test_bad_settings_fail_before_any_model_loads(env, monkeypatch, overrides, field):
-    ckpt_mod = importlib.import_module("dreambooth_studio.trainers.checkpoint")
+    ckpt_mod = importlib.import_module("dreambooth_studio.trainers.sd15.checkpoint")
     monkeypatch.setattr(ckpt_mod, "load_sd15_single_file",
                         lambda *a, **k: pytest.fail("model loaded despite bad input"))
     before = set((env["base"] / "models" / "loras").iterdir())
@@ -178,7 +178,7 @@ def test_bad_settings_fail_before_any_model_loads(env, monkeypatch, overrides, f
 
 @pytest.mark.parametrize("name", ["../escape", "a/b", "sub\\dir", "CON", "nul.txt", "", "..", ".hidden"])
 def test_bad_output_names_fail_before_any_model_loads(env, monkeypatch, name):
-    ckpt_mod = importlib.import_module("dreambooth_studio.trainers.checkpoint")
+    ckpt_mod = importlib.import_module("dreambooth_studio.trainers.sd15.checkpoint")
     monkeypatch.setattr(ckpt_mod, "load_sd15_single_file",
                         lambda *a, **k: pytest.fail("model loaded despite bad input"))
     with pytest.raises(ValueError):
@@ -186,7 +186,7 @@ def test_bad_output_names_fail_before_any_model_loads(env, monkeypatch, name):
 
 
 def test_existing_name_without_overwrite_is_an_error(env, trained, monkeypatch):
-    ckpt_mod = importlib.import_module("dreambooth_studio.trainers.checkpoint")
+    ckpt_mod = importlib.import_module("dreambooth_studio.trainers.sd15.checkpoint")
     monkeypatch.setattr(ckpt_mod, "load_sd15_single_file",
                         lambda *a, **k: pytest.fail("model loaded despite bad input"))
     path = env["base"] / "models" / "loras" / "inproc_unet_only.safetensors"
@@ -210,7 +210,7 @@ def test_checkpoint_that_is_not_sd15_is_refused(env, monkeypatch, kind):
     else:
         (ckpt_dir / "notes.safetensors").write_text("not a model")
         name = "notes.safetensors"
-    ckpt_mod = importlib.import_module("dreambooth_studio.trainers.checkpoint")
+    ckpt_mod = importlib.import_module("dreambooth_studio.trainers.sd15.checkpoint")
     monkeypatch.setattr(ckpt_mod, "load_sd15_single_file",
                         lambda *a, **k: pytest.fail("model loaded despite bad input"))
     lora_train = importlib.import_module("dreambooth_studio.nodes.lora_train")

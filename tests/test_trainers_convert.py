@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from tests.support.paths import repo_root
-from trainers import convert, sd15_config
-from trainers.placeholder import random_text_encoder, random_unet, random_vae, tiny_sd15
+from trainers.sd15 import architecture as sd15_config
+from trainers.sd15 import convert
+from trainers.sd15.placeholder import random_text_encoder, random_unet, random_vae, tiny_sd15
 
 pytestmark = pytest.mark.trainers
 
@@ -299,7 +300,7 @@ def test_trainers_never_imports_comfyui():
 
 def test_importing_trainers_is_cheap():
     code = (
-        "import sys, trainers, trainers.sd15_config; "
+        "import sys, trainers, trainers.sd15.architecture; "
         "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'safetensors') if m in sys.modules))"
     )
     out = subprocess.run(

@@ -18,18 +18,20 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import trainers.checkpoint
-import trainers.prior
+import trainers.data.class_images
+import trainers.sd15.checkpoint
 from tests.support.paths import repo_root, tokenizer_dir
 from tests.test_trainers_lora import PROMPT, Recorder, make_subject, synthetic_images
-from trainers import loop, placeholder
-from trainers.callbacks import NonFiniteLossError
-from trainers.checkpoint import CheckpointError, describe_checkpoint, load_sd15_single_file
-from trainers.config import ConfigError, DreamBoothTrainConfig, LoRATrainConfig
-from trainers.dreambooth import DreamBoothResult, curves_from_metadata, save_dreambooth, train_dreambooth
-from trainers.images import SubjectImageError
-from trainers.jobs import train_dreambooth_file, train_lora_file
-from trainers.prior import MANIFEST
+from trainers.data.class_images import MANIFEST
+from trainers.data.images import SubjectImageError
+from trainers.jobs import train_file
+from trainers.sd15 import placeholder
+from trainers.sd15.checkpoint import CheckpointError, describe_checkpoint, load_sd15_single_file
+from trainers.training import loop
+from trainers.training.callbacks import LossHistory, NonFiniteLossError
+from trainers.training.config import ConfigError, DreamBoothTrainConfig, LoRATrainConfig
+from trainers.training.dreambooth import DreamBoothResult, save_dreambooth, train_dreambooth
+from trainers.training.record import history_from_metadata
 
 pytestmark = pytest.mark.trainers
 
@@ -128,7 +130,7 @@ def write_photos(folder: Path, count: int, size: int = 64, start: int = 0) -> Pa
 
 def dreambooth_job(base_file, out_dir: Path, name: str = "db.safetensors", subject=None, callbacks=None,
                    cache: Path | None = None, **config):
-    return train_dreambooth_file(
+    return train_file(
         base_file, subject or make_subject(), DreamBoothTrainConfig(**config), out_dir / name, tokenizer_dir(),
         callbacks=callbacks, class_cache_dir=cache,
     )  # fmt: skip
@@ -145,7 +147,7 @@ def class_sets(cache: Path) -> list[Path]:
 
 def test_untrained_export_through_save_dreambooth_is_bit_identical(base_file, base_tensors, tmp_path):
     base = load_sd15_single_file(base_file, tokenizer_dir())
-    untrained = DreamBoothResult(losses=[], instance_losses=[], prior_losses=[], metadata={"dbs.kind": "dreambooth"})
+    untrained = DreamBoothResult(history=LossHistory(), metadata={"dbs.kind": "dreambooth"})
     path = save_dreambooth(base, untrained, tmp_path / "export.safetensors", "fp16")
     exported = load_file(str(path))
     assert set(exported) == set(base_tensors)
@@ -159,7 +161,7 @@ def test_weights_that_overflow_fp16_are_refused_and_nothing_is_written(tiny, tmp
     base = fresh(tiny)
     with torch.no_grad():
         base.unet.conv_in.weight[0, 0, 0, 0] = 1e6  # fine in fp32, inf in fp16
-    result = DreamBoothResult(losses=[1.0], instance_losses=[1.0], prior_losses=[], metadata={})
+    result = DreamBoothResult(history=LossHistory([1.0], [1.0]), metadata={})
     with pytest.raises(ValueError, match=r"model\.diffusion_model\..* is not finite in fp16; save in fp32"):
         save_dreambooth(base, result, tmp_path / "big.safetensors", "fp16")
     assert list(tmp_path.iterdir()) == []
@@ -197,7 +199,7 @@ def test_training_changes_the_unet_never_the_vae_and_the_text_encoder_only_when_
     assert metadata["dbs.kind"] == "dreambooth" and metadata["ss_base_model_version"] == "sd_v1"
     assert DreamBoothTrainConfig.from_dict(json.loads(metadata["dbs.config"])) == DreamBoothTrainConfig(
         steps=3, unet_lr=1e-4, text_encoder_lr=text_encoder_lr, class_images=0)
-    assert curves_from_metadata(metadata)["loss"] == pytest.approx(job.losses, rel=1e-4)
+    assert history_from_metadata(metadata).losses == pytest.approx(job.losses, rel=1e-4)
     assert describe_checkpoint(job.path).size == "tiny"  # loads as an SD1.5 checkpoint again
 
 
@@ -268,7 +270,7 @@ def test_cancel_during_class_generation_leaves_no_set_and_no_checkpoint(base_fil
 
 
 def test_prior_loss_weight_zero_trains_exactly_like_no_class_images(base_file, tmp_path, monkeypatch):
-    monkeypatch.setattr(trainers.prior, "generate_class_images", lambda *a, **k: pytest.fail("generated class images"))
+    monkeypatch.setattr(trainers.data.class_images, "generate_class_images", lambda *a, **k: pytest.fail("generated class images"))
     cache = tmp_path / "cache"
     weightless, plain = Counter(), Counter()
     a = dreambooth_job(base_file, tmp_path, "zero.safetensors", callbacks=weightless, cache=cache,
@@ -285,7 +287,7 @@ def test_prior_loss_weight_zero_trains_exactly_like_no_class_images(base_file, t
 def test_prior_loss_is_reported_separately_and_added_with_its_weight(base_file, tmp_path):
     classes = write_photos(tmp_path / "class_photos", 2, start=4)  # the user's own class images
     recorder = Counter()
-    job = train_dreambooth_file(
+    job = train_file(
         base_file, make_subject(), DreamBoothTrainConfig(steps=3, unet_lr=1e-4, class_images=2, prior_loss_weight=0.5),
         tmp_path / "prior.safetensors", tokenizer_dir(), callbacks=recorder, class_folder=classes,
     )  # fmt: skip
@@ -299,9 +301,9 @@ def test_prior_loss_is_reported_separately_and_added_with_its_weight(base_file, 
     metadata = metadata_of(job.path)
     assert metadata["ss_num_reg_images"] == "2" and metadata["ss_prior_loss_weight"] == "0.5"
     assert json.loads(metadata["dbs.prior"]) == {"source": "folder", "folder": "class_photos", "count": "2"}
-    curves = curves_from_metadata(metadata)
-    assert curves["prior"] == pytest.approx(job.prior_losses, rel=1e-4)
-    assert curves["instance"] == pytest.approx(job.instance_losses, rel=1e-4)
+    curves = history_from_metadata(metadata)
+    assert curves.prior_losses == pytest.approx(job.prior_losses, rel=1e-4)
+    assert curves.instance_losses == pytest.approx(job.instance_losses, rel=1e-4)
     assert "2 class images from folder class_photos" in job.class_report
 
 
@@ -315,7 +317,7 @@ def test_identical_job_reuses_the_file_and_a_different_one_refuses_to_overwrite(
     content, stamp = first.path.read_bytes(), first.path.stat().st_mtime_ns
 
     with monkeypatch.context() as patched:
-        patched.setattr(trainers.checkpoint, "load_sd15_single_file", lambda *a, **k: pytest.fail("loaded the base"))
+        patched.setattr(trainers.sd15.checkpoint, "load_sd15_single_file", lambda *a, **k: pytest.fail("loaded the base"))
         recorder = Counter()
         again = dreambooth_job(base_file, tmp_path, callbacks=recorder, **QUICK)
         assert again.reused and again.path == first.path
@@ -327,10 +329,50 @@ def test_identical_job_reuses_the_file_and_a_different_one_refuses_to_overwrite(
     assert first.path.read_bytes() == content and first.path.stat().st_mtime_ns == stamp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["db.safetensors"]
 
-    replaced = train_dreambooth_file(base_file, make_subject(), DreamBoothTrainConfig(**{**QUICK, "unet_lr": 3e-4}),
+    replaced = train_file(base_file, make_subject(), DreamBoothTrainConfig(**{**QUICK, "unet_lr": 3e-4}),
                                      first.path, tokenizer_dir(), overwrite=True)
     assert not replaced.reused and first.path.read_bytes() != content
     assert json.loads(metadata_of(first.path)["dbs.config"])["unet_lr"] == 3e-4
+
+
+def test_same_seed_gives_a_byte_identical_checkpoint(base_file, tmp_path):
+    for name in "abc":
+        (tmp_path / name).mkdir()
+    first = dreambooth_job(base_file, tmp_path / "a", **{**QUICK, "text_encoder_lr": 1e-5})
+    second = dreambooth_job(base_file, tmp_path / "b", **{**QUICK, "text_encoder_lr": 1e-5})
+    assert first.path.read_bytes() == second.path.read_bytes()  # metadata included: no timing in it
+    other = dreambooth_job(base_file, tmp_path / "c", **{**QUICK, "text_encoder_lr": 1e-5, "seed": 1})
+    assert changed(load_file(str(first.path)), load_file(str(other.path)))
+
+
+def diffusers_folder_of(base_file: Path, folder: Path) -> Path:
+    """The base checkpoint as a diffusers folder (fp32 safetensors, its own tokenizer)."""
+    base = load_sd15_single_file(base_file, tokenizer_dir())
+    for name in ("unet", "vae", "text_encoder"):
+        getattr(base, name).save_pretrained(folder / name, safe_serialization=True)
+    base.tokenizer.save_pretrained(folder / "tokenizer")
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    return folder
+
+
+@pytest.mark.parametrize("method", ["lora", "dreambooth"])
+def test_a_diffusers_folder_trains_like_its_single_file_and_is_reused(base_file, tmp_path, monkeypatch, method):
+    folder = diffusers_folder_of(base_file, tmp_path / "sd15-diffusers")
+    config = (LoRATrainConfig(steps=2, rank=4, unet_lr=1e-3) if method == "lora"
+              else DreamBoothTrainConfig(**QUICK))
+    from_file = train_file(base_file, make_subject(), config, tmp_path / "from_file.safetensors", tokenizer_dir())
+    from_folder = train_file(folder, make_subject(), config, tmp_path / "from_folder.safetensors", None)
+    # Same weights, same training; only kernel rounding may differ (the folder's weights are laid
+    # out contiguously, the single file's converted ones are not always).
+    a, b = load_file(str(from_file.path)), load_file(str(from_folder.path))
+    assert set(a) == set(b) and all(torch.allclose(a[k].float(), b[k].float(), rtol=1e-2, atol=1e-4) for k in a)
+    assert from_folder.losses == pytest.approx(from_file.losses, rel=1e-4)
+    metadata = metadata_of(from_folder.path)
+    assert metadata["dbs.base_model"] == "sd15-diffusers" and len(metadata["dbs.base_fingerprint"]) == 64
+    monkeypatch.setattr(trainers.sd15.checkpoint, "load_sd15_diffusers_folder",
+                        lambda *a, **k: pytest.fail("loaded the base"))
+    again = train_file(folder, make_subject(), config, tmp_path / "from_folder.safetensors", None)
+    assert again.reused and again.losses == pytest.approx(from_folder.losses, rel=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,8 +404,8 @@ BAD_INPUTS = {
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_bad_input_is_refused_before_the_model_loads(base_file, tmp_path, monkeypatch, case):
-    monkeypatch.setattr(trainers.checkpoint, "load_sd15_single_file", lambda *a, **k: pytest.fail("loaded the base"))
-    monkeypatch.setattr(trainers.prior, "generate_class_images", lambda *a, **k: pytest.fail("generated images"))
+    monkeypatch.setattr(trainers.sd15.checkpoint, "load_sd15_single_file", lambda *a, **k: pytest.fail("loaded the base"))
+    monkeypatch.setattr(trainers.data.class_images, "generate_class_images", lambda *a, **k: pytest.fail("generated images"))
     build, error, message = BAD_INPUTS[case]
     inputs = build(tmp_path)
     out = tmp_path / "out"
@@ -374,7 +416,7 @@ def test_bad_input_is_refused_before_the_model_loads(base_file, tmp_path, monkey
         checkpoint.write_text(text)
     before = sorted(p.name for p in tmp_path.rglob("*"))
     with pytest.raises(error, match=message):
-        train_dreambooth_file(
+        train_file(
             checkpoint, inputs.get("subject", make_subject()), DreamBoothTrainConfig(**inputs.get("config", QUICK)),
             out / inputs.get("output", "db.safetensors"), tokenizer_dir(), class_cache_dir=tmp_path / "cache",
             class_folder=inputs.get("class_folder"), before_load=lambda: pytest.fail("got as far as loading"),
@@ -482,13 +524,13 @@ def test_gradient_checkpointing_trains_the_same_weights(tiny, subject):
 
 
 def test_cli_help_lists_the_config_options(capsys):
-    from trainers.__main__ import main as trainers_main
+    from trainers.cli import main as trainers_main
 
     with pytest.raises(SystemExit) as caught:
         trainers_main(["dreambooth", "--help"])  # what `python -m trainers dreambooth --help` runs
     assert caught.value.code == 0
     help_text = " ".join(capsys.readouterr().out.split())
-    assert help_text.startswith("usage: python -m trainers.dreambooth")
+    assert help_text.startswith("usage: python -m trainers dreambooth")
     for option in ("--unet-lr", "--text-encoder-lr", "--optimizer {adamw,adafactor}", "--class-images",
                    "--prior-loss-weight", "--class-seed", "--class-steps", "--save-precision",
                    "--gradient-checkpointing", "--class-folder", "--class-cache", "--tokenizer"):
@@ -500,12 +542,12 @@ def test_cli_help_lists_the_config_options(capsys):
 def test_cli_refuses_bad_prior_input_before_loading_the_model(base_file, tmp_path, monkeypatch, capsys, command):
     """No class prompt with prior preservation on, then a text file as the checkpoint: an error
     message and exit status 2, without loading the base model or writing anything."""
-    import trainers.dreambooth
-    import trainers.lora
+    from trainers.cli import main as trainers_main
 
-    monkeypatch.setattr(trainers.checkpoint, "load_sd15_single_file", lambda *a, **k: pytest.fail("loaded the base"))
+    monkeypatch.setattr(trainers.sd15.checkpoint, "load_sd15_single_file", lambda *a, **k: pytest.fail("loaded the base"))
     photos = write_photos(tmp_path / "photos", 3)
-    main = {"dreambooth": trainers.dreambooth.main, "lora": trainers.lora.main}[command]
+    def main(argv: list[str]) -> int:
+        return trainers_main([command, *argv])
 
     def run(checkpoint: Path, *extra: str) -> tuple[int, str]:
         argv = ["--checkpoint", str(checkpoint), "--images", str(photos), "--instance-prompt", PROMPT,
@@ -536,7 +578,7 @@ def test_cli_trains_and_saves_a_checkpoint(base_file, tmp_path):
     photos = write_photos(tmp_path / "photos", 3, size=96)
     output = tmp_path / "sks toy.safetensors"
     command = [
-        sys.executable, "-m", "trainers.dreambooth", "--checkpoint", str(base_file), "--images", str(photos),
+        sys.executable, "-m", "trainers", "dreambooth", "--checkpoint", str(base_file), "--images", str(photos),
         "--instance-prompt", PROMPT, "--output", str(output), "--tokenizer", str(tokenizer_dir()),
         "--resolution", "64", "--steps", "2", "--class-images", "0", "--unet-lr", "1e-4",
         "--class-cache", str(tmp_path / "cache"),
@@ -553,6 +595,11 @@ def test_cli_trains_and_saves_a_checkpoint(base_file, tmp_path):
     assert json.loads(metadata["dbs.source_names"]) == ["img0.png", "img1.png", "img2.png"]
     assert json.loads(metadata["dbs.config"])["steps"] == 2
     assert not (tmp_path / "cache").exists()
+    # The identical command reuses the checkpoint instead of training again.
+    content = output.read_bytes()
+    again = subprocess.run(command, cwd=repo_root(), capture_output=True, timeout=300, env=env)
+    assert again.returncode == 0 and f"reused (identical earlier run) {output};" in again.stdout.decode()
+    assert "] 1/2 loss" not in again.stderr.decode() and output.read_bytes() == content
 
 
 # ---------------------------------------------------------------------------------------------
@@ -564,7 +611,7 @@ def test_lora_with_prior_preservation_records_class_images_and_shares_them(base_
     cache = tmp_path / "cache"
     recorder = Counter()
     config = LoRATrainConfig(steps=3, rank=4, unet_lr=1e-3, class_images=2, class_steps=2)
-    job = train_lora_file(base_file, make_subject(), config, tmp_path / "lora.safetensors", tokenizer_dir(),
+    job = train_file(base_file, make_subject(), config, tmp_path / "lora.safetensors", tokenizer_dir(),
                           callbacks=recorder, class_cache_dir=cache)
     assert recorder.generated and len(class_sets(cache)) == 1
     metadata = metadata_of(job.path)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from skimage import data
 
-from trainers.edges import (
+from trainers.control.edges import (
     AUTO_SIGMA,
     CannySettings,
     EdgeSettingsError,

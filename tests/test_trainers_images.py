@@ -13,16 +13,14 @@ import torch
 from PIL import Image
 
 from tests.support.paths import tokenizer_dir
-from trainers.images import (
+from trainers.data.images import (
     BACKGROUND_RGB,
     SubjectImageError,
-    build_subject,
     caption_with_token,
     decode_image,
     folder_fingerprint,
     instance_token,
     load_subject,
-    load_subject_folder,
     prepare_subject,
 )
 
@@ -425,13 +423,13 @@ def test_long_caption_is_warned_with_the_clip_tokenizer(tmp_path):
 
 
 # -- existing callers and IMAGE batches -----------------------------------------------------------
-def test_load_subject_folder_and_build_subject_keep_working(tmp_path):
+def test_the_folder_way_and_the_decoded_images_way_build_a_subject(tmp_path):
     folder = good_folder(tmp_path / "subject", count=2)
     (folder / "good0.txt").write_text("sks toy, side view", encoding="utf-8")
-    subject = load_subject_folder(folder, PROMPT, CLASS, RES, flip=True, sidecar_captions=True)
+    subject = load_subject(folder, PROMPT, CLASS, RES, flip=True, caption_mode="sidecar .txt").subject
     assert subject.captions == ("sks toy, side view", PROMPT) and subject.flip
     raw = [torch.rand(80, 96, 3), torch.rand(70, 50, 3)]
-    built = build_subject(raw, ["a", "b"], PROMPT, CLASS, RES)
+    built = prepare_subject(raw, ["a", "b"], PROMPT, CLASS, RES).subject
     assert len(built) == 2 and built.images[1].shape == (RES, RES, 3)
 
 

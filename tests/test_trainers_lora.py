@@ -15,22 +15,23 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from tests.support.paths import repo_root, tokenizer_dir
-from trainers import loop, placeholder
-from trainers.callbacks import NonFiniteLossError, StepState, TrainingCallbacks, TrainingStopped
-from trainers.config import ConfigError, LoRATrainConfig, field_spec, field_specs
-from trainers.lora import (
+from trainers.cli import build_parser
+from trainers.cli import main as cli_main
+from trainers.data.subject import SubjectData, center_crop_resize
+from trainers.files.names import validate_output_name
+from trainers.sd15 import placeholder
+from trainers.training import loop
+from trainers.training.callbacks import NonFiniteLossError, StepState, TrainingCallbacks, TrainingStopped
+from trainers.training.config import ConfigError, LoRATrainConfig, field_spec, field_specs
+from trainers.training.lora import (
     apply_lora,
-    build_parser,
     expected_kohya_keys,
     kohya_text_encoder_name,
-    lora_fingerprint,
-    losses_from_metadata,
     save_lora,
     train_lora,
 )
-from trainers.names import validate_output_name
-from trainers.plot import loss_curve_image
-from trainers.subject import SubjectData, center_crop_resize
+from trainers.training.plot import loss_curve_image
+from trainers.training.record import Provenance, history_from_metadata, run_fingerprint
 
 pytestmark = pytest.mark.trainers
 logger = logging.getLogger(__name__)
@@ -192,13 +193,16 @@ def test_config_rejects_bad_values_naming_field_and_range(values, fragments):
     assert isinstance(caught.value, ValueError)
 
 
-def test_cli_options_come_from_the_config_metadata():
+def test_cli_options_come_from_the_config_metadata(capsys):
     parser = build_parser()
-    base = ["--checkpoint", "c.safetensors", "--images", "d", "--instance-prompt", "p", "--output", "o.safetensors"]
+    base = ["lora", "--checkpoint", "c.safetensors", "--images", "d", "--instance-prompt", "p", "--output", "o.safetensors"]
     args = parser.parse_args(base + ["--unet-lr", "2e-4", "--no-cache-latents", "--lr-scheduler", "cosine", "--rank", "8"])
     assert (args.unet_lr, args.cache_latents, args.lr_scheduler, args.rank) == (2e-4, False, "cosine", 8)
     assert args.steps == 500 and args.gradient_checkpointing is False
-    help_text = parser.format_help()
+    with pytest.raises(SystemExit) as caught:
+        cli_main(["lora", "--help"])  # what `python -m trainers lora --help` prints
+    assert caught.value.code == 0
+    help_text = capsys.readouterr().out
     assert "--text-encoder-lr" in help_text and "--min-snr-gamma" in help_text
     assert "Allowed: a whole number >= 1 and <= 128" in " ".join(help_text.split())
 
@@ -359,8 +363,9 @@ def test_key_sets_unet_only_and_with_text_encoder(tiny, subject):
 
 def full_size_models():
     """Full SD1.5 UNet and text encoder with parameters on the meta device (no memory, names and shapes only)."""
-    from trainers import convert, sd15_config
-    from trainers.checkpoint import build_text_encoder, build_unet
+    from trainers.sd15 import architecture as sd15_config
+    from trainers.sd15 import convert
+    from trainers.sd15.checkpoint import build_text_encoder, build_unet
 
     with convert.parameters_on_meta():
         return build_unet(sd15_config.unet_config("full")), build_text_encoder(sd15_config.text_encoder_config("full"))
@@ -527,7 +532,7 @@ def test_huge_learning_rate_diverges_with_a_clear_error(tiny, subject):
 
 
 def test_bf16_on_cpu_falls_back_to_fp32_with_a_warning(tiny, subject, caplog):
-    with caplog.at_level(logging.WARNING, logger="trainers.lora"):
+    with caplog.at_level(logging.WARNING, logger="trainers.training.loop"):
         result = train_lora(tiny, subject, LoRATrainConfig(**FAST, precision="bf16"))
     assert "needs a CUDA GPU" in caplog.text
     assert result.metadata["ss_mixed_precision"] == "no"
@@ -535,7 +540,7 @@ def test_bf16_on_cpu_falls_back_to_fp32_with_a_warning(tiny, subject, caplog):
 
 
 def test_rejects_a_model_that_already_has_lora_layers(tiny, subject):
-    from trainers.lora import inject_lora, remove_lora, unet_lora_targets
+    from trainers.training.lora import inject_lora, remove_lora, unet_lora_targets
 
     tuner = inject_lora(tiny.unet, unet_lora_targets(tiny.unet), 4, 4.0, seed=0)
     try:
@@ -548,7 +553,7 @@ def test_rejects_a_model_that_already_has_lora_layers(tiny, subject):
 
 def test_prior_set_rides_along_in_the_loop(tiny, subject):
     """The loop takes a second (class) set: its loss is reported separately and added with its weight."""
-    from trainers.lora import inject_lora, lora_parameters, remove_lora, unet_lora_targets
+    from trainers.training.lora import inject_lora, lora_parameters, remove_lora, unet_lora_targets
 
     def prepared(s):
         return loop.prepare_training_set(
@@ -593,11 +598,10 @@ def test_min_snr_weights_follow_the_formula(tiny):
 
 
 def test_save_is_atomic_refuses_overwrite_and_carries_metadata(tiny, subject, tmp_path):
-    result = train_lora(
-        tiny, subject, LoRATrainConfig(**FAST, text_encoder_lr=1e-4), base_model_name="tiny.safetensors",
-        base_fingerprint="ab" * 32,
-    )  # fmt: skip
-    path = save_lora(result, tmp_path / "sks.safetensors")
+    config = LoRATrainConfig(**FAST, text_encoder_lr=1e-4)
+    result = train_lora(tiny, subject, config)
+    provenance = Provenance.of_run("tiny.safetensors", "ab" * 32, subject, config)
+    path = save_lora(result, tmp_path / "sks.safetensors", provenance=provenance)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sks.safetensors"]  # no temporary files left
     with safe_open(str(path), "pt") as handle:
         metadata = handle.metadata()
@@ -605,12 +609,12 @@ def test_save_is_atomic_refuses_overwrite_and_carries_metadata(tiny, subject, tm
     assert {dtypes[k] for k in dtypes if k.endswith("weight")} == {torch.float16}
     assert {dtypes[k] for k in dtypes if k.endswith("alpha")} == {torch.float32}
     assert LoRATrainConfig.from_dict(json.loads(metadata["dbs.config"])) == LoRATrainConfig(**FAST, text_encoder_lr=1e-4)
-    assert metadata["dbs.fingerprint"] == result.fingerprint == lora_fingerprint("ab" * 32, subject, LoRATrainConfig(**FAST, text_encoder_lr=1e-4))
+    assert metadata["dbs.fingerprint"] == provenance.fingerprint == run_fingerprint("ab" * 32, subject, config)
     assert metadata["dbs.subject_fingerprint"] == subject.fingerprint()
     assert metadata["ss_network_dim"] == "4" and metadata["ss_network_alpha"] == "4"
     assert metadata["ss_sd_model_name"] == "tiny.safetensors" and metadata["ss_base_model_version"] == "sd_v1"
     assert metadata["dbs.save_dtype"] == "float16"
-    assert losses_from_metadata(metadata) == pytest.approx(result.losses, rel=1e-4)
+    assert history_from_metadata(metadata).losses == pytest.approx(result.losses, rel=1e-4)
 
     stamp = path.stat().st_mtime_ns
     with pytest.raises(FileExistsError, match="already exists"):
@@ -629,11 +633,11 @@ def test_save_is_atomic_refuses_overwrite_and_carries_metadata(tiny, subject, tm
 
 def test_lora_fingerprint_changes_with_each_input(subject):
     config = LoRATrainConfig()
-    base = lora_fingerprint("base", subject, config)
-    assert base == lora_fingerprint("base", make_subject(), LoRATrainConfig())
-    assert lora_fingerprint("other", subject, config) != base
-    assert lora_fingerprint("base", make_subject(3), config) != base
-    assert lora_fingerprint("base", subject, LoRATrainConfig(seed=1)) != base
+    base = run_fingerprint("base", subject, config)
+    assert base == run_fingerprint("base", make_subject(), LoRATrainConfig())
+    assert run_fingerprint("other", subject, config) != base
+    assert run_fingerprint("base", make_subject(3), config) != base
+    assert run_fingerprint("base", subject, LoRATrainConfig(seed=1)) != base
 
 
 def test_loss_curve_image_draws_axes_and_curves():
@@ -662,7 +666,7 @@ def test_cli_trains_and_saves_with_a_progress_line(tmp_path):
     (images / "toy1.txt").write_text("a photo of sks toy, side view")
     output = tmp_path / "out.safetensors"
     command = [
-        sys.executable, "-m", "trainers.lora", "--checkpoint", str(checkpoint), "--images", str(images),
+        sys.executable, "-m", "trainers", "lora", "--checkpoint", str(checkpoint), "--images", str(images),
         "--instance-prompt", PROMPT, "--output", str(output), "--tokenizer", str(tokenizer_dir()),
         "--resolution", "64", "--steps", "4", "--rank", "4", "--text-encoder-lr", "1e-4", "--captions",
         "--loss-curve", str(tmp_path / "loss.png"),
@@ -680,8 +684,13 @@ def test_cli_trains_and_saves_with_a_progress_line(tmp_path):
     assert len(metadata["dbs.base_fingerprint"]) == 64 and "dbs.fingerprint" in metadata
     assert (tmp_path / "loss.png").stat().st_size > 0
 
+    # The identical command reuses the file; another run may not replace it without --overwrite.
+    content = output.read_bytes()
     again = subprocess.run(command, cwd=repo_root(), capture_output=True, text=True, timeout=300)
-    assert again.returncode == 2 and "exists" in again.stderr
+    assert again.returncode == 0 and f"reused (identical earlier run) {output}" in again.stdout, again.stderr[-2000:]
+    assert "] 1/4 loss" not in again.stderr and output.read_bytes() == content
+    other = subprocess.run(command + ["--seed", "1"], cwd=repo_root(), capture_output=True, text=True, timeout=300)
+    assert other.returncode == 2 and "exists" in other.stderr and output.read_bytes() == content
     bad = subprocess.run(command[:-2] + ["--unet-lr", "0"], cwd=repo_root(), capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "unet_lr must be a finite number > 0" in bad.stderr
 

@@ -14,8 +14,9 @@ import torch
 from safetensors.torch import save_file
 
 from tests.support.paths import repo_root, tokenizer_dir
-from trainers import checkpoint, convert, placeholder, sd15_config
-from trainers.checkpoint import (
+from trainers.sd15 import architecture as sd15_config
+from trainers.sd15 import checkpoint, convert, placeholder
+from trainers.sd15.checkpoint import (
     CheckpointError,
     describe_checkpoint,
     load_sd15_single_file,
@@ -182,13 +183,13 @@ def test_save_refuses_to_overwrite(tiny, tmp_path):
 
 
 def test_failed_save_leaves_nothing_behind(tiny, tmp_path, monkeypatch):
-    import trainers.fileio
+    import trainers.files.fileio
 
     def write_half_then_fail(tensors, handle, metadata=None):
         handle.write(b"partial data")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(trainers.fileio, "write_safetensors", write_half_then_fail)
+    monkeypatch.setattr(trainers.files.fileio, "write_safetensors", write_half_then_fail)
     with pytest.raises(OSError, match="No space left"):
         save_sd15_single_file(tmp_path / "model.safetensors", tiny.unet, tiny.vae, tiny.text_encoder)
     assert list(tmp_path.iterdir()) == []
@@ -523,7 +524,7 @@ def test_random_controlnet_has_non_zero_outputs():
 
 
 def test_placeholder_cli_writes_tiny_files_and_skips_existing(tmp_path):
-    command = [sys.executable, "-m", "trainers.placeholder", "--out", str(tmp_path / "models"), "--tiny"]
+    command = [sys.executable, "-m", "trainers", "placeholder", "--out", str(tmp_path / "models"), "--tiny"]
     env = {**os.environ, "PYTHONPATH": str(repo_root())}
     first = subprocess.run(command, cwd=repo_root(), env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr

@@ -20,7 +20,7 @@ def test_models_dir() -> Path:
 
 def ensure_test_models() -> dict[str, Path]:
     """``{"dir", "checkpoint", "controlnet"}``: the cached models, generated if missing or stale."""
-    from trainers.placeholder import write_placeholder_models
+    from trainers.sd15.placeholder import write_placeholder_models
 
     folder = test_models_dir()
     return {"dir": folder, **write_placeholder_models(folder)}

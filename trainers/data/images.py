@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..sd15.checkpoint import load_tokenizer
 from .subject import SubjectData, center_crop_resize
 
 log = logging.getLogger(__name__)
@@ -167,14 +168,6 @@ def scan_folder(folder: str | os.PathLike) -> FolderScan:
     return scan
 
 
-def list_subject_files(folder: str | os.PathLike) -> list[Path]:
-    """Image files directly in `folder`, sorted by name; links that leave the folder are refused."""
-    scan = scan_folder(folder)
-    if scan.problems:
-        raise SubjectImageError(scan.problems[0])
-    return scan.images
-
-
 # -- decoding -----------------------------------------------------------------------------------
 def _to_rgb_float(im) -> tuple[np.ndarray, list[str]]:
     """Any Pillow mode -> HxWx3 float32 in [0, 1], with a note for what was converted."""
@@ -269,15 +262,6 @@ def decode_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> tuple
         raise BadImageFile(f"cannot be decoded ({type(exc).__name__}: {exc})") from None
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
-
-
-def read_image(path: Path) -> torch.Tensor:
-    """Fully decoded RGB image, EXIF orientation applied, as HxWx3 float32 in [0, 1]."""
-    try:
-        rgb, _ = decode_image(path)
-    except BadImageFile as exc:
-        raise SubjectImageError(f"{Path(path).name}: {exc}") from None
-    return torch.from_numpy(np.ascontiguousarray(rgb))
 
 
 # -- cropping -----------------------------------------------------------------------------------
@@ -400,8 +384,6 @@ def caption_with_token(caption: str, instance_prompt: str, class_prompt: str = "
 
 @functools.lru_cache(maxsize=4)
 def _tokenizer(tokenizer_dir: str):
-    from .checkpoint import load_tokenizer
-
     return load_tokenizer(tokenizer_dir)
 
 
@@ -469,22 +451,6 @@ def prepare_subject(images: list[torch.Tensor], names: list[str], instance_promp
         for warning in report.warnings:
             log.info("%s: %s", report.name, warning)
     return SubjectLoad(subject=subject, images=reports)
-
-
-def build_subject(images: list[torch.Tensor], names: list[str], instance_prompt: str,
-                  class_prompt: str = "", resolution: int = 512, flip: bool = False,
-                  captions: list[str] | None = None, crop_mode: str = "center") -> SubjectData:
-    """Crop decoded HxWx3 images to `resolution`; captions default to the instance prompt."""
-    if captions:
-        # callers' captions are taken as given (no token insertion), as before
-        check_resolution(resolution)
-        prompt = _check_prompt(instance_prompt)
-        captions = [c.strip() or prompt for c in captions]
-        load = prepare_subject(images, names, instance_prompt, class_prompt, resolution, crop_mode, flip)
-        return SubjectData(images=load.subject.images, captions=tuple(captions), instance_prompt=prompt,
-                           class_prompt=load.subject.class_prompt, resolution=resolution,
-                           source_names=tuple(names), flip=flip)
-    return prepare_subject(images, names, instance_prompt, class_prompt, resolution, crop_mode, flip).subject
 
 
 def load_subject(folder: str | os.PathLike, instance_prompt: str, class_prompt: str = "",
@@ -594,17 +560,6 @@ def load_subject(folder: str | os.PathLike, instance_prompt: str, class_prompt: 
     for line in problems:
         log.warning("skipped %s", line)
     return load
-
-
-def load_subject_folder(folder: str | os.PathLike, instance_prompt: str, class_prompt: str = "",
-                        resolution: int = 512, max_images: int = 0, flip: bool = False,
-                        sidecar_captions: bool = False, crop_mode: str = "center", on_bad: str = "stop",
-                        tokenizer_dir: str | os.PathLike | None = None) -> SubjectData:
-    """All images of `folder` cropped to `resolution`, captioned with the instance prompt (or, with
-    `sidecar_captions`, `<image stem>.txt` where it exists). See :func:`load_subject`."""
-    return load_subject(folder, instance_prompt, class_prompt, resolution, max_images, flip, crop_mode,
-                        "sidecar .txt" if sidecar_captions else "instance prompt", on_bad,
-                        tokenizer_dir).subject
 
 
 _DIGESTS: dict[tuple, bytes] = {}  # (path, inode, size, mtime) -> content digest; skips re-reading

@@ -19,7 +19,12 @@ Data, prepared once by :func:`prepare_training_set`:
 
 A second :class:`TrainingSet` (class images for prior preservation) can ride along: its samples
 are appended to each batch and its loss, weighted by ``prior_loss_weight``, is added and reported
-separately. The trainers of this issue pass none.
+separately.
+
+What the loop steps with is built here too, so a setting means the same in LoRA and DreamBooth:
+AdamW with torch's defaults (which the diffusers and kohya recipes also use) or Adafactor used
+like Adam, a diffusers LR schedule with warmup, fp16/bf16 autocast only on CUDA (with a grad
+scaler for fp16).
 """
 
 from __future__ import annotations
@@ -35,7 +40,10 @@ from typing import Any
 
 import torch
 
-from .callbacks import NonFiniteLossError, StepState, TrainingCallbacks
+from ..data.subject import SubjectData
+from ..sd15.checkpoint import SD15Components
+from .callbacks import LossHistory, NonFiniteLossError, StepState, TrainingCallbacks, WithLossHistory
+from .config import ConfigError, DreamBoothTrainConfig, LoRATrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +63,33 @@ def model_device(model: Any) -> torch.device:
 
 def model_dtype(model: Any) -> torch.dtype:
     return next(model.parameters()).dtype
+
+
+def check_trainable(base: SD15Components, subject: SubjectData, class_subject: SubjectData | None, with_prior: bool,
+                    train_text_encoder: bool) -> None:
+    """What both trainers need before they touch a model: a subject, a tokenizer, class images
+    at the subject's resolution when prior preservation is on, and models that can take gradients."""
+    if with_prior and class_subject is None:
+        raise ValueError(
+            "prior preservation is on (class_images > 0 and prior_loss_weight > 0) but no class images were "
+            "given; generate them with trainers.data.class_images or set class_images to 0"
+        )
+    if with_prior and class_subject is not None and class_subject.resolution != subject.resolution:
+        raise ValueError(
+            f"class images are {class_subject.resolution} px but the subject is {subject.resolution} px; use "
+            f"class images of the training resolution"
+        )
+    if not isinstance(subject, SubjectData):
+        raise TypeError(f"subject must be a SubjectData, got {type(subject).__name__}")
+    if base.tokenizer is None:
+        raise ValueError("the base model has no tokenizer; load it with a tokenizer folder")
+    trained = [("UNet", base.unet)] + ([("text encoder", base.text_encoder)] if train_text_encoder else [])
+    for name, model in trained:
+        if any(p.is_inference() for p in model.parameters()):
+            raise RuntimeError(
+                f"the {name} was loaded under torch.inference_mode(); load the base model inside "
+                f"torch.inference_mode(False) so it can be trained"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,6 +191,18 @@ def prepare_training_set(
     else:
         training_set.pixels = signed
     return training_set
+
+
+def prepare_training_sets(base: SD15Components, subject: SubjectData, class_subject: SubjectData | None, *,
+                          cache_latents: bool, cache_text: bool) -> tuple[TrainingSet, TrainingSet | None]:
+    """The subject's training set and, with prior preservation, the class images' one."""
+    sets = [
+        prepare_training_set(data.pixels(), data.captions, vae=base.vae, text_encoder=base.text_encoder,
+                             tokenizer=base.tokenizer, flip=data.flip, cache_latents=cache_latents,
+                             cache_text=cache_text)
+        for data in ([subject] if class_subject is None else [subject, class_subject])
+    ]
+    return sets[0], (sets[1] if len(sets) > 1 else None)
 
 
 class IndexStream:
@@ -317,6 +364,13 @@ class LoopSettings:
     prior_loss_weight: float = 1.0
     autocast_dtype: torch.dtype | None = None  # CUDA mixed precision; None = no autocast
 
+    @classmethod
+    def of(cls, config: LoRATrainConfig | DreamBoothTrainConfig, autocast_dtype: torch.dtype | None) -> LoopSettings:
+        return cls(steps=config.steps, batch_size=config.batch_size, seed=config.seed,
+                   noise_offset=config.noise_offset, min_snr_gamma=config.min_snr_gamma,
+                   max_grad_norm=config.max_grad_norm, prior_loss_weight=config.prior_loss_weight,
+                   autocast_dtype=autocast_dtype)
+
 
 @dataclass
 class Optimization:
@@ -330,11 +384,9 @@ class Optimization:
 
 
 @dataclass
-class LoopResult:
-    losses: list[float] = field(default_factory=list)
-    instance_losses: list[float] = field(default_factory=list)
-    prior_losses: list[float] = field(default_factory=list)
-    seconds: float = 0.0
+class LoopResult(WithLossHistory):
+    history: LossHistory = field(default_factory=LossHistory)
+    seconds: float = 0.0  # training time, after caching
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
@@ -436,22 +488,80 @@ def run_training_loop(
         if not bool(torch.isfinite(loss)):
             raise NonFiniteLossError(step, "loss", lr)
         apply_gradients(loss, optimization, settings.max_grad_norm, step)
-        value = float(loss.detach())
-        result.losses.append(value)
-        result.instance_losses.append(float(parts[0].detach()))
-        if prior is not None:
-            result.prior_losses.append(float(parts[1].detach()))
-        callbacks.on_step_end(
-            StepState(
-                step=step,
-                total_steps=settings.steps,
-                loss=value,
-                lr=lr,
-                elapsed=time.monotonic() - started,
-                instance_loss=result.instance_losses[-1],
-                prior_loss=result.prior_losses[-1] if prior is not None else None,
-            )
+        state = StepState(
+            step=step,
+            total_steps=settings.steps,
+            loss=float(loss.detach()),
+            lr=lr,
+            elapsed=time.monotonic() - started,
+            instance_loss=float(parts[0].detach()),
+            prior_loss=float(parts[1].detach()) if prior is not None else None,
         )
+        result.history.add(state)
+        callbacks.on_step_end(state)
     result.seconds = time.monotonic() - started
     callbacks.on_train_end(list(result.losses))
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# What the loop steps with: precision (autocast), optimizer, LR schedule
+# ---------------------------------------------------------------------------------------------
+
+ADAMW_BETAS = (0.9, 0.999)
+ADAMW_WEIGHT_DECAY = 1e-2
+ADAMW_EPS = 1e-8
+ADAMW_DESCRIPTION = f"torch.optim.AdamW(betas={ADAMW_BETAS},weight_decay={ADAMW_WEIGHT_DECAY},eps={ADAMW_EPS})"
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device``; None means plain fp32.
+
+    bf16/fp16 autocast runs only on CUDA. On other devices training falls back to fp32 with a
+    warning (a workflow made on a GPU still runs on a CPU-only machine).
+    """
+    if precision == "fp32":
+        return None
+    if device.type != "cuda":
+        logger.warning("precision %s needs a CUDA GPU; training on %s in fp32 instead", precision, device.type)
+        return None
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("precision 'bf16' is not supported by this GPU; use 'fp16' or 'fp32'")
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def mixed_precision_name(autocast_dtype: torch.dtype | None) -> str:
+    """kohya's ``ss_mixed_precision`` value for an autocast dtype."""
+    return {None: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast_dtype]
+
+
+def make_optimizer(groups: list[dict[str, Any]], name: str) -> torch.optim.Optimizer:
+    """AdamW, or Adafactor used like Adam (absolute learning rate, no relative steps, no momentum)."""
+    if name == "adamw":
+        return torch.optim.AdamW(groups, betas=ADAMW_BETAS, weight_decay=ADAMW_WEIGHT_DECAY, eps=ADAMW_EPS)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(groups, scale_parameter=False, relative_step=False, warmup_init=False, weight_decay=0.0)
+    raise ConfigError(f"optimizer must be one of 'adamw', 'adafactor' (got {name!r})")
+
+
+def build_optimization(
+    config: LoRATrainConfig | DreamBoothTrainConfig,
+    unet_params: list[torch.nn.Parameter],
+    text_params: list[torch.nn.Parameter],
+    autocast_dtype: torch.dtype | None,
+    keep_grad_buffers: bool = False,
+) -> Optimization:
+    """Optimizer (one parameter group per model, each with its own lr), schedule and grad scaler."""
+    from diffusers.optimization import get_scheduler
+
+    groups: list[dict[str, Any]] = [{"params": unet_params, "lr": config.unet_lr}]
+    if text_params:
+        groups.append({"params": text_params, "lr": config.text_encoder_lr})
+    optimizer = make_optimizer(groups, config.optimizer)
+    scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps,
+                              num_training_steps=config.steps)
+    scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
+    return Optimization(optimizer, scheduler, unet_params + text_params, scaler, keep_grad_buffers=keep_grad_buffers)

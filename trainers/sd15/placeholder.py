@@ -4,10 +4,7 @@ The architecture is exact (full SD1.5 shapes, or the tiny layout), the weights a
 deterministic by seed. Images sampled from them are noise: they exercise plumbing, formats,
 shapes and training, not quality.
 
-CLI::
-
-    python -m trainers.placeholder --out DIR [--tiny] [--seed N]
-
+``python -m trainers placeholder --out DIR [--tiny] [--seed N]`` (:func:`write_placeholder_models`)
 writes ``sd15-random.safetensors`` and ``controlnet-sd15-random.safetensors`` (with ``--tiny``:
 ``sd15-tiny-random.safetensors`` and ``controlnet-sd15-tiny-random.safetensors``) into DIR,
 keeping files that already exist.
@@ -15,30 +12,29 @@ keeping files that already exist.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import convert, sd15_config
+from ..files.fileio import atomic_save_safetensors, refuse_existing
+from . import architecture, convert
 from .checkpoint import (
+    CheckpointError,
     SD15Components,
     build_text_encoder,
     build_unet,
     build_vae,
     load_tokenizer,
     make_noise_scheduler,
+    read_safetensors_header,
 )
-from .fileio import atomic_save_safetensors, refuse_existing
 
-# Named explicitly so `python -m trainers.placeholder` logs as the module, not as __main__.
-logger = logging.getLogger("trainers.placeholder")
+logger = logging.getLogger(__name__)
 
 # Bump when the generated weights change, so caches of generated files can tell stale copies.
 PLACEHOLDER_VERSION = "2"
@@ -62,15 +58,15 @@ def _seeded(seed: int, offset: int, factory: Any) -> Any:
 
 
 def random_unet(size: str = "full", seed: int = 0) -> Any:
-    return _seeded(seed, _UNET_SEED, lambda: build_unet(sd15_config.unet_config(size)))
+    return _seeded(seed, _UNET_SEED, lambda: build_unet(architecture.unet_config(size)))
 
 
 def random_vae(size: str = "full", seed: int = 0) -> Any:
-    return _seeded(seed, _VAE_SEED, lambda: build_vae(sd15_config.vae_config(size)))
+    return _seeded(seed, _VAE_SEED, lambda: build_vae(architecture.vae_config(size)))
 
 
 def random_text_encoder(size: str = "full", seed: int = 0) -> Any:
-    return _seeded(seed, _TEXT_SEED, lambda: build_text_encoder(sd15_config.text_encoder_config(size)))
+    return _seeded(seed, _TEXT_SEED, lambda: build_text_encoder(architecture.text_encoder_config(size)))
 
 
 def random_controlnet(size: str = "full", seed: int = 0) -> Any:
@@ -78,7 +74,7 @@ def random_controlnet(size: str = "full", seed: int = 0) -> Any:
     from diffusers import ControlNetModel
 
     def build() -> Any:
-        model = ControlNetModel(**sd15_config.controlnet_config(size))
+        model = ControlNetModel(**architecture.controlnet_config(size))
         zero_initialised = [
             *model.controlnet_down_blocks,
             model.controlnet_mid_block,
@@ -128,13 +124,13 @@ def write_random_sd15_checkpoint(
     started = time.monotonic()
     state: dict[str, torch.Tensor] = {}
     parts = (
-        (convert.UNET_PREFIX, random_unet, convert.unet_diffusers_to_ldm, sd15_config.unet_config),
-        (convert.VAE_PREFIX, random_vae, convert.vae_diffusers_to_ldm, sd15_config.vae_config),
+        (convert.UNET_PREFIX, random_unet, convert.unet_diffusers_to_ldm, architecture.unet_config),
+        (convert.VAE_PREFIX, random_vae, convert.vae_diffusers_to_ldm, architecture.vae_config),
         (
             convert.TEXT_ENCODER_PREFIX,
             random_text_encoder,
             convert.text_encoder_diffusers_to_ldm,
-            sd15_config.text_encoder_config,
+            architecture.text_encoder_config,
         ),
     )
     for prefix, build, to_ldm, config in parts:
@@ -182,8 +178,6 @@ def write_random_controlnet(
 
 
 def _is_current(path: Path, seed: int) -> bool:
-    from .checkpoint import CheckpointError, read_safetensors_header
-
     if not path.is_file():
         return False
     try:
@@ -224,23 +218,3 @@ def write_placeholder_models(
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return paths
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m trainers.placeholder",
-        description="Write random-weight SD1.5 checkpoint and ControlNet files for tests and the demo.",
-    )
-    parser.add_argument("--out", required=True, type=Path, help="folder to write into (created if missing)")
-    parser.add_argument("--tiny", action="store_true", help="tiny SD1.5-shaped models instead of full size")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    paths = write_placeholder_models(args.out, tiny=args.tiny, seed=args.seed)
-    for kind, path in paths.items():
-        print(f"{kind}: {path} ({path.stat().st_size / 1e6:.1f} MB)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

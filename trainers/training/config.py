@@ -11,6 +11,9 @@ Bounds in metadata:
 - ``min`` / ``max``: inclusive limits; ``min_exclusive=True`` makes ``min`` exclusive.
 - ``zero_means``: 0 is also allowed and means what the text says ("off", "same as rank").
 - ``choices``: allowed strings.
+
+Other metadata: ``omit_at_default`` marks a field added after files were shipped; at its default
+it is left out of :meth:`training_identity`, so files trained before it existed stay reusable.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, get_type_hints
+from typing import Any, ClassVar, get_type_hints
+
+from ..data.class_images import PriorRequest
 
 LR_SCHEDULERS = (
     "constant",
@@ -202,18 +207,30 @@ class _PriorFields:
 
     class_images: int
     prior_loss_weight: float
+    class_seed: int
+    class_steps: int
+    class_guidance: float
 
     @property
     def with_prior(self) -> bool:
-        return self.class_images > 0 and self.prior_loss_weight > 0
+        return self.prior_request.enabled
+
+    @property
+    def prior_request(self) -> PriorRequest:
+        return PriorRequest(count=self.class_images, loss_weight=self.prior_loss_weight, seed=self.class_seed,
+                            steps=self.class_steps, guidance=self.class_guidance)
 
     def training_identity(self) -> dict[str, Any]:
         """The settings that decide what training produces: without prior preservation the
-        class-image settings change nothing, so they are left out."""
+        class-image settings change nothing, so they are left out (as are ``omit_at_default``
+        fields at their default)."""
         values = self.to_dict()  # type: ignore[attr-defined]
         if not self.with_prior:
             for name in CLASS_IMAGE_FIELDS:
                 values.pop(name, None)
+        for spec in field_specs(type(self)):
+            if spec.get("omit_at_default") and values.get(spec["name"]) == spec["default"]:
+                values.pop(spec["name"])
         return values
 
 
@@ -268,6 +285,13 @@ def _min_snr_gamma() -> Any:
     )
 
 
+def _save_precision(**extra: Any) -> Any:
+    return _spec(
+        "fp16", "Precision of the saved file: fp16 (what most SD1.5 files use), bf16, or fp32 (twice the size).",
+        choices=SAVE_PRECISIONS, **extra,
+    )
+
+
 def _check_warmup(config: Any) -> None:
     if config.lr_warmup_steps > config.steps:
         raise ConfigError(
@@ -283,6 +307,8 @@ def _check_warmup(config: Any) -> None:
 @dataclass(frozen=True)
 class LoRATrainConfig(_PriorFields, _ValidatedConfig):
     """Hyper-parameters of LoRA training on SD1.5 (UNet attention, optionally the text encoder)."""
+
+    method: ClassVar[str] = "lora"
 
     rank: int = _spec(16, "LoRA rank (dimension of the low-rank update). 4-32 is typical for a subject.", min=1, max=128)
     alpha: float = _spec(
@@ -316,9 +342,14 @@ class LoRATrainConfig(_PriorFields, _ValidatedConfig):
     class_steps: int = _class_steps()
     class_guidance: float = _class_guidance()
     class_seed: int = _class_seed()
+    save_precision: str = _save_precision(omit_at_default=True)
 
     def _check_together(self) -> None:
         _check_warmup(self)
+
+    @property
+    def optimizer(self) -> str:
+        return "adamw"  # the LoRA recipe of diffusers and kohya; its states are small
 
     @property
     def effective_alpha(self) -> float:
@@ -332,6 +363,8 @@ class LoRATrainConfig(_PriorFields, _ValidatedConfig):
 @dataclass(frozen=True)
 class DreamBoothTrainConfig(_PriorFields, _ValidatedConfig):
     """Hyper-parameters of DreamBooth: the whole SD1.5 UNet (optionally the text encoder) fine-tuned."""
+
+    method: ClassVar[str] = "dreambooth"
 
     steps: int = _spec(800, "Optimizer steps to train (about 80-100 per subject photo).", min=1, max=100_000)
     unet_lr: float = _spec(
@@ -367,10 +400,7 @@ class DreamBoothTrainConfig(_PriorFields, _ValidatedConfig):
     class_steps: int = _class_steps()
     class_guidance: float = _class_guidance()
     class_seed: int = _class_seed()
-    save_precision: str = _spec(
-        "fp16", "Precision of the saved checkpoint: fp16 (2 GB, what most SD1.5 files use), bf16 or fp32 (4 GB).",
-        choices=SAVE_PRECISIONS,
-    )
+    save_precision: str = _save_precision()
 
     def _check_together(self) -> None:
         _check_warmup(self)

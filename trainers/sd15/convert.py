@@ -41,7 +41,7 @@ _POSITION_IDS = "embeddings.position_ids"
 
 # Entries of original LDM training checkpoints that are not weights of the three models: the
 # DDPM schedule buffers of LatentDiffusion and the training-time log-variance. They are skipped
-# when reading (SD1.5 uses a fixed schedule, shipped in sd15_config).
+# when reading (SD1.5 uses a fixed schedule, shipped in architecture.py).
 LDM_SCHEDULE_BUFFERS = frozenset(
     {
         "betas",

@@ -13,9 +13,11 @@ forget what the class looks like. Generating them is the slow part of a run, and
   images do not depend on the batch size). Images are written into a hidden temporary folder
   that is renamed into place only when the set is complete: a cancelled or failed generation
   leaves nothing behind, and a complete folder is always a whole set.
-- :func:`find_class_images` finds a complete cached set (its manifest matches the spec);
-  :func:`class_subject` loads a set, or a user's own folder of class images, as a
-  :class:`~trainers.subject.SubjectData` captioned with the class prompt.
+- :func:`find_class_images` finds a complete cached set (its manifest matches the spec).
+- :func:`plan_prior` decides, before any model loads, which class images a run trains with
+  (a user's folder, a cached set, or a set still to generate) and checks the inputs;
+  :func:`realize_prior` generates what is missing with the loaded base model and returns the
+  images as a :class:`~trainers.data.subject.SubjectData` captioned with the class prompt.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from typing import Any
 
 import torch
 
+from ..sd15.checkpoint import SD15Components
+from .images import load_subject
 from .subject import SubjectData
 
 logger = logging.getLogger(__name__)
@@ -41,6 +45,12 @@ logger = logging.getLogger(__name__)
 CLASS_ENGINE_VERSION = "1"
 MANIFEST = "class_images.json"
 GENERATE_BATCH = 4
+
+
+def default_class_cache() -> Path:
+    """Where the command line keeps generated class images: $XDG_CACHE_HOME or ~/.cache."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "dreambooth_studio" / "class_images"
 
 
 @dataclass(frozen=True)
@@ -108,7 +118,7 @@ def find_class_images(cache_dir: str | os.PathLike, spec: ClassImageSpec) -> Cla
     return ClassImageSet(folder=folder, generated=0, spec=spec)
 
 
-def _pipeline(base: Any) -> Any:
+def _pipeline(base: SD15Components) -> Any:
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     scheduler = DPMSolverMultistepScheduler.from_config(base.noise_scheduler.config)
@@ -127,7 +137,7 @@ def _pipeline(base: Any) -> Any:
 
 
 def generate_class_images(
-    base: Any,
+    base: SD15Components,
     spec: ClassImageSpec,
     cache_dir: str | os.PathLike,
     on_step: Callable[[int, int], None] | None = None,
@@ -208,20 +218,109 @@ def _image_seed(seed: int, index: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def class_subject(
-    folder: str | os.PathLike,
-    class_prompt: str,
-    resolution: int,
-    max_images: int = 0,
-    tokenizer_dir: str | os.PathLike | None = None,
-) -> SubjectData:
+def _class_subject(folder: Path, class_prompt: str, resolution: int, max_images: int = 0,
+                   tokenizer_dir: str | os.PathLike | None = None) -> SubjectData:
     """The class images of ``folder`` (generated, or a user's own photos: centre-cropped) as a
     training set captioned with ``class_prompt``; unusable files are an error naming them."""
-    from .images import load_subject_folder
+    return load_subject(folder, instance_prompt=class_prompt, class_prompt=class_prompt, resolution=resolution,
+                        max_images=max_images, crop_mode="center", tokenizer_dir=tokenizer_dir).subject
 
-    if not class_prompt.strip():
-        raise ValueError("the class prompt is empty: prior preservation captions the class images with it")
-    return load_subject_folder(
-        folder, instance_prompt=class_prompt, class_prompt=class_prompt, resolution=resolution,
-        max_images=max_images, crop_mode="center", tokenizer_dir=tokenizer_dir,
-    )  # fmt: skip
+
+# -- which class images a run trains with, decided before any model loads -------------------------
+
+
+@dataclass(frozen=True)
+class PriorRequest:
+    """The prior-preservation settings of a training config (see ``config.prior_request``)."""
+
+    count: int  # class images; 0 = prior preservation off
+    loss_weight: float  # 0 = prior preservation off
+    seed: int = 0
+    steps: int = 25
+    guidance: float = 7.5
+
+    @property
+    def enabled(self) -> bool:
+        return self.count > 0 and self.loss_weight > 0
+
+
+@dataclass
+class PriorPlan:
+    """The class images a run will train with (nothing when prior preservation is off)."""
+
+    enabled: bool
+    source: str = ""  # identity for the run fingerprint: generated set key or folder fingerprint
+    folder_subject: SubjectData | None = None  # a user's class folder, loaded up front
+    spec: ClassImageSpec | None = None  # a set to generate (or reuse from the cache)
+    cached: ClassImageSet | None = None  # that set, when it is already in the cache
+    report: str = "prior preservation off"
+    weight: float = 0.0
+    generated: int = 0
+    folder: Path | None = None
+
+    def info(self) -> dict[str, str]:
+        """Where the class images came from, for the saved file's metadata."""
+        if not self.enabled:
+            return {}
+        if self.spec is not None:
+            spec = self.spec
+            return {"source": "generated", "prompt": spec.prompt, "count": str(spec.count),
+                    "resolution": str(spec.resolution), "seed": str(spec.seed), "steps": str(spec.steps),
+                    "guidance": f"{spec.guidance:g}", "folder": self.folder.name if self.folder else ""}
+        count = len(self.folder_subject) if self.folder_subject is not None else 0
+        return {"source": "folder", "folder": str(self.folder.name if self.folder else ""), "count": str(count)}
+
+
+def plan_prior(request: PriorRequest, subject: SubjectData, base_fingerprint: str,
+               cache_dir: str | os.PathLike | None, class_folder: str | os.PathLike | None,
+               tokenizer_dir: str | os.PathLike | None = None) -> PriorPlan:
+    """Check the prior-preservation inputs and find cached class images, without loading a model."""
+    if not request.enabled:
+        if class_folder is not None:
+            logger.info("class folder %s not used: prior preservation is off (class_images 0 or "
+                        "prior_loss_weight 0)", Path(class_folder).name)
+        return PriorPlan(enabled=False)
+    if not subject.class_prompt.strip():
+        raise ValueError(
+            "prior preservation needs a class prompt (e.g. 'a photo of woman face'): set class_prompt on Load "
+            "Subject Images, or set class_images to 0 to train without class images")
+    if class_folder is not None:
+        folder = Path(class_folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"class image folder {folder} not found")
+        data = _class_subject(folder, subject.class_prompt, subject.resolution, max_images=request.count,
+                              tokenizer_dir=tokenizer_dir)
+        return PriorPlan(enabled=True, source="folder:" + data.fingerprint(), folder_subject=data, folder=folder,
+                         weight=request.loss_weight,
+                         report=f"prior preservation: {len(data)} class images from folder {folder.name} "
+                                f"(captioned {subject.class_prompt!r}), loss weight {request.loss_weight:g}")
+    if cache_dir is None:
+        raise ValueError("prior preservation needs a class image cache folder or a class image folder")
+    spec = ClassImageSpec(base_fingerprint=base_fingerprint, prompt=subject.class_prompt, count=request.count,
+                          resolution=subject.resolution, seed=request.seed, steps=request.steps,
+                          guidance=request.guidance)
+    cached = find_class_images(cache_dir, spec)
+    return PriorPlan(enabled=True, source="generated:" + spec.key(), spec=spec, cached=cached,
+                     folder=Path(cache_dir) / spec.folder_name(), weight=request.loss_weight,
+                     report=f"prior preservation: {spec.count} class images of {spec.prompt!r} at "
+                            f"{spec.resolution} px, {'in the cache' if cached else 'not generated yet'} "
+                            f"({spec.folder_name()}), loss weight {request.loss_weight:g}")
+
+
+def realize_prior(plan: PriorPlan, base: SD15Components, cache_dir: str | os.PathLike | None,
+                  on_step: Callable[[int, int], None] | None = None,
+                  tokenizer_dir: str | os.PathLike | None = None) -> SubjectData | None:
+    """The class images as a SubjectData (generating them with ``base`` if not cached), or None."""
+    if not plan.enabled:
+        return None
+    if plan.folder_subject is not None:
+        return plan.folder_subject
+    spec = plan.spec
+    assert spec is not None and cache_dir is not None  # plan_prior made a spec because there is a cache
+    made = plan.cached or generate_class_images(base, spec, cache_dir, on_step=on_step)
+    plan.generated = made.generated
+    plan.folder = made.folder
+    plan.report = (f"prior preservation: {spec.count} class images of {spec.prompt!r} at {spec.resolution} px, "
+                   f"{'reused from the cache' if made.reused else 'generated now'} ({made.folder.name}), "
+                   f"loss weight {plan.weight:g}")
+    return _class_subject(made.folder, spec.prompt, spec.resolution, tokenizer_dir=tokenizer_dir)

@@ -7,6 +7,7 @@ would list it. Existing files are kept unless the caller asks to overwrite them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -138,10 +139,35 @@ def _fsync_dir(folder: Path) -> None:
 
 def sha256_file(path: str | os.PathLike, chunk_bytes: int = 16 * 1024 * 1024) -> str:
     """SHA-256 hex digest of a file's bytes (a base-model fingerprint; ~2-5 s for an SD1.5 file)."""
-    import hashlib
-
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while block := handle.read(chunk_bytes):
             digest.update(block)
     return digest.hexdigest()
+
+
+_HASH_MEMO: dict[tuple[str, int, int], str] = {}
+
+
+def content_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a base model's content: a file's bytes, or for a folder (a diffusers model) its
+    files' relative names and hashes, in name order (hidden files left out). Each file's hash is
+    remembered per (path, size, mtime) for this process, so a sweep hashes a model once."""
+    path = Path(path)
+    if not path.is_dir():
+        return _memo_sha256(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        relative = file.relative_to(path)
+        if any(part.startswith(".") for part in relative.parts):
+            continue
+        digest.update(f"{relative.as_posix()}\0{_memo_sha256(file)}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
+
+
+def _memo_sha256(path: Path) -> str:
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    if key not in _HASH_MEMO:
+        _HASH_MEMO[key] = sha256_file(path)
+    return _HASH_MEMO[key]

@@ -5,7 +5,7 @@
   SD2.x, a LoRA, a ControlNet, an inpainting model, not a model at all) and what to pick instead.
   It is cheap and runs before any model is built.
 - :func:`load_sd15_single_file` builds diffusers/transformers models from a single-file
-  checkpoint with the configs shipped in :mod:`trainers.sd15_config` (inferred from the tensor
+  checkpoint with the configs shipped in :mod:`trainers.sd15.architecture` (inferred from the tensor
   shapes, so the tiny test layout loads too).
 - :func:`load_sd15_diffusers_folder` loads a local diffusers folder.
 - :func:`save_sd15_single_file` writes the single-file layout ComfyUI loads, atomically.
@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from . import convert, sd15_config
-from .fileio import atomic_save_safetensors, check_metadata, refuse_existing
+from ..files.fileio import atomic_save_safetensors, check_metadata, refuse_existing
+from . import architecture, convert
 
 logger = logging.getLogger(__name__)
 
@@ -307,14 +307,14 @@ def _infer_text_encoder_config(t: Shapes) -> dict[str, Any]:
         "intermediate_size": t["encoder.layers.0.mlp.fc1.weight"][0],
         "projection_dim": hidden,
         "num_hidden_layers": _count(t.keys(), "encoder.layers.{}"),
-        "num_attention_heads": sd15_config.clip_num_heads(hidden),
+        "num_attention_heads": architecture.clip_num_heads(hidden),
         "max_position_embeddings": t["embeddings.position_embedding.weight"][0],
     }
 
 
 def _complete(derived: dict[str, Any], preset: Any) -> tuple[dict[str, Any], str]:
     """The shipped preset that has exactly these derived fields, else the full one updated."""
-    for size in sd15_config.SIZES:
+    for size in architecture.SIZES:
         config = preset(size)
         if all(config.get(key) == value for key, value in derived.items()):
             return config, size
@@ -328,12 +328,12 @@ def infer_configs(shapes: Shapes) -> tuple[dict[str, Any], dict[str, Any], dict[
     text = convert.normalize_text_encoder_keys(_strip(shapes, convert.TEXT_ENCODER_PREFIX))  # type: ignore[arg-type]
     try:
         unet, unet_size = _complete(
-            _infer_unet_config(_strip(shapes, convert.UNET_PREFIX)), sd15_config.unet_config
+            _infer_unet_config(_strip(shapes, convert.UNET_PREFIX)), architecture.unet_config
         )
         vae, vae_size = _complete(
-            _infer_vae_config(_strip(shapes, convert.VAE_PREFIX)), sd15_config.vae_config
+            _infer_vae_config(_strip(shapes, convert.VAE_PREFIX)), architecture.vae_config
         )
-        te, te_size = _complete(_infer_text_encoder_config(text), sd15_config.text_encoder_config)
+        te, te_size = _complete(_infer_text_encoder_config(text), architecture.text_encoder_config)
     except KeyError as error:
         raise CheckpointError(
             f"the checkpoint lacks tensor {error.args[0]!r}; the file is damaged or incomplete"
@@ -433,14 +433,14 @@ def load_tokenizer(tokenizer_dir: str | os.PathLike) -> Any:
         )
     # ComfyUI's copy says model_max_length 8192; SD1.5's text encoder has 77 positions.
     return CLIPTokenizer.from_pretrained(
-        str(folder), model_max_length=sd15_config.MAX_TOKEN_LENGTH, local_files_only=True
+        str(folder), model_max_length=architecture.MAX_TOKEN_LENGTH, local_files_only=True
     )
 
 
 def make_noise_scheduler() -> Any:
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(**sd15_config.noise_scheduler_config())
+    return DDPMScheduler(**architecture.noise_scheduler_config())
 
 
 def build_unet(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor] | None = None) -> Any:
@@ -483,7 +483,7 @@ def model_config(model: Any) -> dict[str, Any]:
     config = model.config
     if hasattr(config, "to_dict") and not isinstance(config, Mapping):  # transformers
         values = config.to_dict()
-        return {key: values[key] for key in sd15_config.text_encoder_config() if key in values}
+        return {key: values[key] for key in architecture.text_encoder_config() if key in values}
     return {key: value for key, value in dict(config).items() if not key.startswith("_")}
 
 
@@ -497,7 +497,7 @@ def load_sd15_single_file(
 ) -> SD15Components:
     """Load an SD1.5 single-file safetensors checkpoint into diffusers/transformers models.
 
-    Offline and pickle-free: configs come from :mod:`trainers.sd15_config` (chosen by the tensor
+    Offline and pickle-free: configs come from :mod:`trainers.sd15.architecture` (chosen by the tensor
     shapes), the tokenizer from ``tokenizer_dir``. Models are returned on the CPU in eval mode.
     """
     from safetensors import safe_open
@@ -531,6 +531,32 @@ def load_sd15_single_file(
         size=info.size,
         source=str(info.path),
     )
+
+
+def check_sd15(path: str | os.PathLike) -> None:
+    """Refuse anything that is not an SD1.5 single file or diffusers folder, reading only headers
+    and config files (no weights)."""
+    path = Path(path)
+    if path.is_dir():
+        _check_diffusers_folder(path)
+    else:
+        describe_checkpoint(path)
+
+
+def load_sd15(
+    path: str | os.PathLike, tokenizer_dir: str | os.PathLike | None, dtype: torch.dtype = torch.float32
+) -> SD15Components:
+    """An SD1.5 single-file checkpoint or diffusers folder, whichever ``path`` is.
+
+    A folder's own ``tokenizer/`` is used when ``tokenizer_dir`` is None.
+    """
+    if Path(path).is_dir():
+        return load_sd15_diffusers_folder(path, tokenizer_dir, dtype)
+    if tokenizer_dir is None:
+        raise FileNotFoundError(
+            "no CLIP tokenizer folder: give ComfyUI's comfy/sd1_tokenizer (a single-file checkpoint has none)"
+        )
+    return load_sd15_single_file(path, tokenizer_dir, dtype)
 
 
 def _header_keys(path: Path) -> list[str]:
@@ -658,7 +684,7 @@ def load_sd15_diffusers_folder(
     )
     channels = list(unet.config.block_out_channels)
     size = next(
-        (s for s in sd15_config.SIZES if sd15_config.unet_config(s)["block_out_channels"] == channels),
+        (s for s in architecture.SIZES if architecture.unet_config(s)["block_out_channels"] == channels),
         "custom",
     )
     return SD15Components(

@@ -9,7 +9,7 @@ put the base models back as they were; nothing is saved.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -26,8 +26,58 @@ class StepState:
     prior_loss: float | None = None
 
 
+@dataclass
+class LossHistory:
+    """The per-step losses of a run: the total, and its subject (instance) and class (prior) parts.
+
+    ``prior_losses`` is empty without prior preservation; ``instance_losses`` may then equal
+    ``losses`` (the loop records it) or be empty (a file that did not record it).
+    """
+
+    losses: list[float] = field(default_factory=list)
+    instance_losses: list[float] = field(default_factory=list)
+    prior_losses: list[float] = field(default_factory=list)
+
+    def add(self, state: StepState) -> None:
+        self.losses.append(state.loss)
+        if state.instance_loss is not None:
+            self.instance_losses.append(state.instance_loss)
+        if state.prior_loss is not None:
+            self.prior_losses.append(state.prior_loss)
+
+    def extra_curves(self) -> dict[str, list[float]]:
+        """The subject and class parts to plot beside the total (nothing without prior preservation)."""
+        if not self.prior_losses:
+            return {}
+        return {"instance": self.instance_losses, "prior": self.prior_losses}
+
+
+class WithLossHistory:
+    """Results that carry a ``history``: its curves read as attributes of the result."""
+
+    history: LossHistory
+
+    @property
+    def losses(self) -> list[float]:
+        return self.history.losses
+
+    @property
+    def instance_losses(self) -> list[float]:
+        return self.history.instance_losses
+
+    @property
+    def prior_losses(self) -> list[float]:
+        return self.history.prior_losses
+
+    def extra_curves(self) -> dict[str, list[float]]:
+        return self.history.extra_curves()
+
+
 class TrainingCallbacks:
     """No-op base; override what you need."""
+
+    def on_base_loaded(self) -> None:
+        """Called by a job once the base model is loaded (before class images and caching)."""
 
     def on_generate_step(self, done: int, total: int) -> None:
         """Called after every denoising step while class images are generated (before training).
@@ -41,6 +91,9 @@ class TrainingCallbacks:
 
     def on_train_end(self, losses: list[float]) -> None:
         """Called after the last step, before the result is assembled."""
+
+    def on_save_begin(self) -> None:
+        """Called by a job when training is done and its memory released, right before the file is written."""
 
 
 class TrainingStopped(Exception):

@@ -1,0 +1,104 @@
+"""What LoRATrain and DreamBoothTrain share: their common inputs, and one helper that runs a
+training node (config from the widgets, checked names and paths, progress with a live loss
+curve, memory scope, the job, the loss-curve image). Not a node itself."""
+
+from __future__ import annotations
+
+import folder_paths
+import torch
+from comfy_api.latest import io
+
+from ..trainers.files.names import validate_output_name
+from ..trainers.jobs import JobResult, train_file
+from ..trainers.training.callbacks import LossHistory
+from ..trainers.training.config import CLASS_IMAGE_FIELDS
+from ..trainers.training.plot import loss_curve_image
+from .bridge import (
+    NO_FOLDER,
+    ComfyProgress,
+    class_image_cache,
+    config_kwargs,
+    free_comfy_models,
+    input_subfolders,
+    model_path,
+    output_model_path,
+    resolve_input_folder,
+    tokenizer_dir,
+    training_scope,
+)
+
+PRIOR_FIELDS = CLASS_IMAGE_FIELDS
+GENERATE = "(generate from the base model)"
+# Where each method's files go, and the title of its loss curve.
+MODEL_FOLDERS = {"lora": "loras", "dreambooth": "checkpoints"}
+TITLES = {"lora": "LoRA loss", "dreambooth": "DreamBooth loss"}
+
+
+def checkpoint_input() -> io.Input:
+    return io.Combo.Input("ckpt_name", options=folder_paths.get_filename_list("checkpoints"),
+                          tooltip="SD1.5 base model from models/checkpoints (single-file .safetensors).")
+
+
+def output_name_input(default: str) -> io.Input:
+    return io.String.Input("output_name", default=default,
+                           tooltip="File name (without extension) for the trained model. Letters, digits, "
+                                   "'-', '_' and '.'; no folders.")
+
+
+def overwrite_input() -> io.Input:
+    return io.Boolean.Input("overwrite", default=False,
+                            tooltip="Replace an existing file of that name. Off: a file from an identical "
+                                    "earlier run is reused, any other file is an error.")
+
+
+def class_folder_input() -> io.Input:
+    return io.Combo.Input("class_folder", optional=True, options=[GENERATE, *input_subfolders()], default=GENERATE,
+                          tooltip="Class images for prior preservation: generated from the base model with the "
+                                  "class prompt (cached in input/class_images/, reused by every run with the same "
+                                  "model, prompt, count, resolution and seed), or your own folder in input/ (at "
+                                  "most class_images of them, centre-cropped).")
+
+
+def resolve_class_folder(name):
+    if name in (None, "", GENERATE, NO_FOLDER):
+        return None
+    return resolve_input_folder(name)
+
+
+def check_inputs(output_name: str, config_cls, **fields) -> bool | str:
+    """For validate_inputs: the output name and the config fields ComfyUI no longer checks."""
+    try:
+        validate_output_name(output_name)
+        config_cls(**fields)
+    except ValueError as exc:
+        return str(exc)
+    return True
+
+
+def curve_image(history: LossHistory, title: str) -> torch.Tensor:
+    return loss_curve_image(history.losses, title=title, extra_curves=history.extra_curves() or None)
+
+
+def to_pil(image: torch.Tensor):
+    from PIL import Image
+
+    array = (image[0].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    return Image.fromarray(array)
+
+
+def run_training_node(config_cls, subject, ckpt_name: str, output_name: str, overwrite: bool, class_folder,
+                      settings: dict) -> tuple[JobResult, torch.Tensor]:
+    """Train (or reuse) the file a training node asks for: (job result, loss-curve IMAGE)."""
+    config = config_cls(**config_kwargs(config_cls, settings))
+    checkpoint = model_path("checkpoints", ckpt_name)
+    output = output_model_path(MODEL_FOLDERS[config.method], validate_output_name(output_name))
+    folder = resolve_class_folder(class_folder)
+    title = TITLES[config.method]
+    progress = ComfyProgress(config.steps, preview=lambda history: to_pil(curve_image(history, title)))
+    with training_scope():
+        job = train_file(checkpoint, subject, config, output, tokenizer_dir(), overwrite=overwrite,
+                         callbacks=progress, before_load=free_comfy_models, class_cache_dir=class_image_cache(),
+                         class_folder=folder)
+    if job.reused:
+        progress.bar.update_absolute(config.steps, config.steps)
+    return job, curve_image(job.history, f"{title} ({job.path.name})")

@@ -1,0 +1,190 @@
+"""``python -m trainers <command>``: the engine's only command line.
+
+Commands: ``lora`` and ``dreambooth`` (train on a folder of photos; parse -> job -> print, with
+the same options meaning the same thing in both), ``placeholder`` (random-weight SD1.5 models).
+Training goes through :func:`trainers.jobs.train_file`, like the ComfyUI nodes: an identical
+earlier run is reused, a different file of the same name is an error unless ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data.class_images import default_class_cache
+from .data.images import BAD_FILE_MODES, CROP_MODES, load_subject
+from .jobs import train_file
+from .sd15.placeholder import write_placeholder_models
+from .training.callbacks import StepState, TrainingCallbacks
+from .training.config import (
+    ConfigError,
+    DreamBoothTrainConfig,
+    LoRATrainConfig,
+    add_config_arguments,
+    config_from_args,
+)
+from .training.plot import loss_curve_image
+
+PROG = "python -m trainers"
+TRAINERS = {
+    "lora": (LoRATrainConfig, "train a LoRA on a folder of subject photos (kohya .safetensors)",
+             "LoRA file to write (.safetensors)"),
+    "dreambooth": (DreamBoothTrainConfig, "fine-tune the whole UNet (DreamBooth) and save a checkpoint",
+                   "checkpoint file to write (.safetensors)"),
+}
+
+
+class TerminalProgress(TrainingCallbacks):
+    """A one-line progress bar on a terminal stream, redrawn with carriage returns."""
+
+    def __init__(self, stream: Any = None, width: int = 30) -> None:
+        self.stream = stream or sys.stderr
+        self.width = width
+
+    def _bar(self, done: float) -> str:
+        filled = int(self.width * done)
+        return f"\r[{'#' * filled}{'.' * (self.width - filled)}]"
+
+    def on_generate_step(self, done: int, total: int) -> None:
+        self.stream.write(f"{self._bar(done / max(total, 1))} class images: step {done}/{total}")
+        if done == total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+    def on_step_end(self, state: StepState) -> None:
+        per_step = state.elapsed / state.step
+        eta = per_step * (state.total_steps - state.step)
+        self.stream.write(
+            f"{self._bar(state.step / max(state.total_steps, 1))} {state.step}/{state.total_steps} "
+            f"loss {state.loss:.4f} lr {state.lr:.2e} {per_step:.2f} s/step eta {_duration(eta)}"
+        )
+        self.stream.flush()
+
+    def on_train_end(self, losses: list[float]) -> None:
+        self.stream.write("\n")
+        self.stream.flush()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def default_tokenizer_dir() -> Path | None:
+    """$DBS_TOKENIZER, or the tokenizer of the ComfyUI at $COMFYUI_PATH."""
+    for candidate in (os.environ.get("DBS_TOKENIZER"), os.environ.get("COMFYUI_PATH")):
+        if candidate:
+            path = Path(candidate)
+            for folder in (path, path / "comfy" / "sd1_tokenizer"):
+                if (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file():
+                    return folder
+    return None
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, output_help: str) -> None:
+    """The options both training commands share (the config fields come from the config class)."""
+    parser.add_argument("--checkpoint", required=True, type=Path,
+                        help="SD1.5 base model: a single-file .safetensors or a diffusers folder")
+    parser.add_argument("--images", required=True, type=Path, help="folder with 3-20 photos of the subject")
+    parser.add_argument("--instance-prompt", required=True, help="prompt naming the subject, e.g. 'a photo of sks dog'")
+    parser.add_argument("--class-prompt", default="",
+                        help="prompt of the subject's class, e.g. 'a photo of dog' (needed for prior preservation)")
+    parser.add_argument("--output", required=True, type=Path, help=output_help)
+    parser.add_argument(
+        "--tokenizer", type=Path, default=None,
+        help="CLIP tokenizer folder (ComfyUI's comfy/sd1_tokenizer); default: $DBS_TOKENIZER, "
+        "$COMFYUI_PATH/comfy/sd1_tokenizer, or a diffusers folder's tokenizer/",
+    )  # fmt: skip
+    parser.add_argument("--resolution", type=int, default=512, help="training resolution, a multiple of 64 (default 512)")
+    parser.add_argument("--max-images", type=int, default=0, help="use at most this many photos (by name); 0 = all")
+    parser.add_argument("--crop-mode", choices=CROP_MODES, default="center",
+                        help="how photos are cropped square: around the face, centred, or padded (default center)")
+    parser.add_argument("--captions", action="store_true", help="use <image>.txt next to each image as its caption")
+    parser.add_argument("--bad-files", choices=BAD_FILE_MODES, default="stop",
+                        help="stop: unusable photos are an error naming them; skip: leave them out (default stop)")
+    parser.add_argument("--flip", action="store_true", help="random horizontal flip augmentation")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1 ...")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --output if it holds another run (an identical run is always reused)")
+    parser.add_argument("--loss-curve", type=Path, default=None, help="also write the loss curve as a PNG")
+    parser.add_argument("--class-folder", type=Path, default=None,
+                        help="prior preservation: use these class images (at most --class-images) instead of "
+                             "generating them")
+    parser.add_argument("--class-cache", type=Path, default=None,
+                        help="prior preservation: where generated class images are kept "
+                             "(default ~/.cache/dreambooth_studio/class_images)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="DreamBooth Studio engine: SD1.5 subject training.")
+    commands = parser.add_subparsers(dest="command", metavar="<command>")
+    for name, (config_cls, text, output_help) in TRAINERS.items():
+        sub = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        add_run_arguments(sub, output_help)
+        add_config_arguments(sub, config_cls)
+    placeholder = commands.add_parser("placeholder", help="write random-weight SD1.5 test models",
+                                      description="Write random-weight SD1.5 checkpoint and ControlNet files "
+                                                  "for tests and the demo (existing current files are kept).")
+    placeholder.add_argument("--out", required=True, type=Path, help="folder to write into (created if missing)")
+    placeholder.add_argument("--tiny", action="store_true", help="tiny SD1.5-shaped models instead of full size")
+    placeholder.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    return parser
+
+
+def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    config_cls = TRAINERS[args.command][0]
+    try:
+        config = config_from_args(config_cls, args)
+    except ConfigError as error:
+        parser.error(str(error))
+    tokenizer = args.tokenizer or default_tokenizer_dir()
+    if tokenizer is None and not args.checkpoint.is_dir():
+        parser.error("no tokenizer folder: pass --tokenizer (e.g. ComfyUI/comfy/sd1_tokenizer)")
+    try:
+        subject = load_subject(args.images, args.instance_prompt, args.class_prompt, args.resolution,
+                               args.max_images, args.flip, crop_mode=args.crop_mode,
+                               caption_mode="sidecar .txt" if args.captions else "instance prompt",
+                               on_bad=args.bad_files, tokenizer_dir=tokenizer).subject
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
+        else torch.device(args.device)
+    try:
+        job = train_file(args.checkpoint, subject, config, args.output, tokenizer, overwrite=args.overwrite,
+                         callbacks=TerminalProgress(), class_cache_dir=args.class_cache or default_class_cache(),
+                         class_folder=args.class_folder, device=device)
+    except (ValueError, FileExistsError, FileNotFoundError) as error:
+        sys.stderr.write(f"error: {error}\n")
+        return 2
+    state = "reused (identical earlier run)" if job.reused else "saved"
+    print(f"{state} {job.path}; {job.class_report}" + (f"; final loss {job.losses[-1]:.4f}" if job.losses else ""))
+    if args.loss_curve is not None:
+        from PIL import Image
+
+        title = f"{'LoRA' if args.command == 'lora' else 'DreamBooth'} loss: {args.output.stem}"
+        curve = loss_curve_image(job.losses, title=title, extra_curves=job.extra_curves())
+        Image.fromarray((curve[0].numpy() * 255).round().astype("uint8")).save(args.loss_curve)
+        print(f"loss curve: {args.loss_curve}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        parser.print_help(sys.stdout)
+        return 0
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "placeholder":
+        for kind, path in write_placeholder_models(args.out, tiny=args.tiny, seed=args.seed).items():
+            print(f"{kind}: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+        return 0
+    return _train(args, parser)

@@ -1,0 +1,1 @@
+"""What is trained on: subject photos and the class images of prior preservation."""

@@ -1,0 +1,1 @@
+"""Atomic safetensors files, content hashes and safe output names (imports nothing of the engine)."""

@@ -1,0 +1,1 @@
+"""The SD1.5 model: architecture configs, conversion, loading and saving, placeholder models."""

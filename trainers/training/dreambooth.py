@@ -1,0 +1,179 @@
+"""DreamBooth: the whole SD1.5 UNet (optionally the text encoder) fine-tuned on a subject, with
+the class-specific prior-preservation loss, saved as a single-file checkpoint ComfyUI loads.
+
+What is trained: every UNet weight in fp32 (AdamW, or Adafactor for about half the memory); the
+text encoder too when ``text_encoder_lr > 0`` (its own parameter group); the VAE never. With
+prior preservation a batch of class images rides along with every subject batch and their loss,
+weighted by ``prior_loss_weight``, is added to the subject loss and reported on its own.
+
+Unlike LoRA, training changes the base models it is given (there is no adapter to remove): load
+a fresh copy per run. :func:`save_dreambooth` writes the LDM single-file layout
+(``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.transformer.*``), fp16
+by default, with the training config and losses as metadata.
+
+Whole runs (checks, base model, class images, reuse, provenance) go through :mod:`trainers.jobs`;
+the command line is ``python -m trainers dreambooth``.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data.subject import SubjectData
+from ..sd15.checkpoint import SD15Components, save_sd15_single_file, sd15_state_dict
+from .callbacks import LossHistory, NonFiniteLossError, TrainingCallbacks, WithLossHistory
+from .config import DreamBoothTrainConfig
+from .loop import (
+    SAVE_DTYPES,
+    LoopModels,
+    LoopSettings,
+    Optimization,
+    build_optimization,
+    check_trainable,
+    model_device,
+    prepare_training_sets,
+    resolve_precision,
+    run_training_loop,
+)
+from .record import Provenance, training_metadata
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DreamBoothResult(WithLossHistory):
+    """A finished run; the trained weights are in the models that were passed in."""
+
+    history: LossHistory
+    metadata: dict[str, str]  # training_metadata(...) with the DreamBooth keys; provenance is added on save
+    seconds: float = 0.0
+    trained: tuple[str, ...] = ()  # "unet", and "text_encoder" when it was trained
+
+
+def _check_inputs(base: SD15Components, subject: SubjectData, config: DreamBoothTrainConfig,
+                  class_subject: SubjectData | None) -> None:
+    if not isinstance(config, DreamBoothTrainConfig):
+        raise TypeError(f"config must be a DreamBoothTrainConfig, got {type(config).__name__}")
+    check_trainable(base, subject, class_subject, config.with_prior, config.train_text_encoder)
+
+
+def _text_checkpointing(text_encoder: Any, on: bool) -> None:
+    # transformers 5 renamed gradient_checkpointing_enable/disable (the old names warn).
+    name = "activation_checkpointing_enable" if on else "activation_checkpointing_disable"
+    if not hasattr(text_encoder, name):
+        name = "gradient_checkpointing_enable" if on else "gradient_checkpointing_disable"
+    getattr(text_encoder, name)()
+
+
+def train_dreambooth(
+    base: SD15Components,
+    subject: SubjectData,
+    config: DreamBoothTrainConfig,
+    callbacks: TrainingCallbacks | None = None,
+    class_subject: SubjectData | None = None,
+) -> DreamBoothResult:
+    """Fine-tune ``base.unet`` (and ``base.text_encoder`` if its lr > 0) IN PLACE on ``subject``.
+
+    ``class_subject`` holds the class images when ``config.with_prior``; it is ignored (with a
+    log line) otherwise. Raises NonFiniteLossError when training diverges (the models then hold
+    partly trained weights: do not save them). On return the models are in eval mode with
+    ``requires_grad`` off.
+    """
+    _check_inputs(base, subject, config, class_subject)
+    if class_subject is not None and not config.with_prior:
+        logger.info("prior preservation is off (class_images 0 or prior_loss_weight 0): class images not used")
+        class_subject = None
+    callbacks = callbacks or TrainingCallbacks()
+    unet, vae, text_encoder = base.unet, base.vae, base.text_encoder
+    device = model_device(unet)
+    autocast_dtype = resolve_precision(config.precision, device)
+    train_text = config.train_text_encoder
+    logger.info(
+        "DreamBooth: %d images at %dpx, %d steps, unet lr %g, text encoder %s, %s, prior %s, on %s",
+        len(subject), subject.resolution, config.steps, config.unet_lr,
+        f"lr {config.text_encoder_lr:g}" if train_text else "frozen", config.optimizer,
+        f"{len(class_subject)} class images x {config.prior_loss_weight:g}" if class_subject else "off", device,
+    )  # fmt: skip
+    optimization: Optimization | None = None
+    checkpointing = False
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            for model in (unet, vae, text_encoder):
+                model.requires_grad_(False)
+                model.eval()
+            instance, prior = prepare_training_sets(base, subject, class_subject, cache_latents=config.cache_latents,
+                                                    cache_text=not train_text)
+            unet_params = list(unet.parameters())
+            text_params = list(text_encoder.parameters()) if train_text else []
+            for parameter in unet_params + text_params:
+                if parameter.dtype != torch.float32:
+                    parameter.data = parameter.data.float()
+                parameter.requires_grad_(True)
+            if config.gradient_checkpointing:
+                checkpointing = True
+                unet.enable_gradient_checkpointing()
+                if train_text:
+                    _text_checkpointing(text_encoder, True)
+            unet.train()
+            if train_text:
+                text_encoder.train()
+            # Zero gradients in place: the 3.4 GB of UNet gradients are not re-allocated every step.
+            optimization = build_optimization(config, unet_params, text_params, autocast_dtype,
+                                              keep_grad_buffers=True)
+            loop = run_training_loop(LoopModels(unet, vae, text_encoder, base.noise_scheduler), instance,
+                                     optimization, LoopSettings.of(config, autocast_dtype), callbacks, prior=prior)
+    finally:
+        # Optimizer states and gradients are as large as the UNet (or twice): give them back now.
+        optimization = None
+        for model in (unet, text_encoder):
+            model.zero_grad(set_to_none=True)
+            model.requires_grad_(False)
+            model.eval()
+        if checkpointing:
+            unet.disable_gradient_checkpointing()
+            if train_text:
+                _text_checkpointing(text_encoder, False)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    trained = ("unet", "text_encoder") if train_text else ("unet",)
+    for name in trained:
+        model = getattr(base, name)
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            raise NonFiniteLossError(config.steps, f"{name} weight")
+    metadata = training_metadata(
+        config, subject, loop.history, device, autocast_dtype, len(class_subject) if class_subject is not None else 0,
+        extra={"ss_optimizer": config.optimizer, "dbs.trained": "+".join(trained)},
+    )  # fmt: skip
+    logger.info("DreamBooth trained %s in %.1f s: loss %.4f -> %.4f", "+".join(trained), loop.seconds,
+                loop.losses[0], loop.losses[-1])
+    return DreamBoothResult(history=loop.history, metadata=metadata, seconds=loop.seconds, trained=trained)
+
+
+def save_dreambooth(base: SD15Components, result: DreamBoothResult, path: str | os.PathLike,
+                    save_precision: str = "fp16", overwrite: bool = False,
+                    provenance: Provenance | None = None) -> Path:
+    """Write the trained models as an SD1.5 single-file checkpoint (atomic, no clobber by default).
+
+    ``provenance`` (from the job) names the base model and the run fingerprint. Refuses weights
+    that are not finite in the saved precision (fp16 overflows above 65504): save in fp32 then.
+    """
+    dtype = SAVE_DTYPES[save_precision]
+    state = sd15_state_dict(base.unet, base.vae, base.text_encoder, dtype)
+    bad = next((key for key, tensor in state.items() if tensor.is_floating_point()
+                and not bool(torch.isfinite(tensor).all())), None)
+    del state
+    if bad is not None:
+        raise ValueError(f"checkpoint tensor {bad} is not finite in {save_precision}; save in fp32 or retrain with "
+                         f"a lower learning rate")
+    metadata = {**result.metadata, **(provenance or Provenance()).metadata(), "dbs.save_precision": save_precision}
+    return save_sd15_single_file(path, base.unet, base.vae, base.text_encoder, dtype=dtype, metadata=metadata,
+                                 overwrite=overwrite)

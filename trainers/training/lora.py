@@ -1,0 +1,445 @@
+"""LoRA training of SD1.5 on a subject, exported in the kohya format every SD1.5 tool reads.
+
+What is trained (peft LoRA layers, base weights frozen, LoRA weights fp32):
+
+- UNet: ``to_q``, ``to_k``, ``to_v``, ``to_out.0`` of both attentions (self ``attn1`` and cross
+  ``attn2``) of every transformer block: 128 modules in SD1.5 (16 blocks x 2 x 4).
+- Text encoder, when ``text_encoder_lr > 0``: ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj`` of
+  every CLIP self-attention (48 modules in SD1.5), as the diffusers DreamBooth-LoRA recipe does.
+  The MLPs (fc1/fc2) are left alone: fewer weights to overfit on 5-20 photos.
+
+Export (:func:`kohya_state_dict`): ``lora_unet_<diffusers module path, . -> _>`` and
+``lora_te_text_model_encoder_layers_<i>_self_attn_<q|k|v|out>_proj``, each with
+``.lora_down.weight`` (rank x in), ``.lora_up.weight`` (out x rank) and ``.alpha`` (a scalar;
+the update is ``up @ down * alpha / rank``, the same scale peft used in training). These are the
+names ComfyUI's LoraLoader, A1111/Forge and diffusers' kohya converter map. peft/diffusers key
+names are never written (ComfyUI does not load them).
+
+The base models passed in are left as they came: adapters are injected for training and removed
+afterwards (no copy of the 860M-parameter UNet), and ``requires_grad``, train/eval mode and
+gradient checkpointing are restored, also when training fails or a callback raises.
+
+Whole runs (checks, base model, class images, reuse, provenance) go through :mod:`trainers.jobs`;
+the command line is ``python -m trainers lora``.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data.subject import SubjectData
+from ..files.fileio import atomic_save_safetensors, check_metadata, refuse_existing
+from ..sd15.checkpoint import SD15Components
+from .callbacks import LossHistory, NonFiniteLossError, TrainingCallbacks, WithLossHistory
+from .config import LoRATrainConfig
+from .loop import (
+    ADAMW_DESCRIPTION,
+    LoopModels,
+    LoopSettings,
+    Optimization,
+    build_optimization,
+    check_trainable,
+    derive_seed,
+    model_device,
+    prepare_training_sets,
+    resolve_precision,
+    run_training_loop,
+)
+from .record import Provenance, training_metadata
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_NAME = "dbs_lora"
+UNET_PREFIX = "lora_unet_"
+TEXT_ENCODER_PREFIX = "lora_te_"
+
+_UNET_TARGET = re.compile(r"(^|\.)transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
+_TEXT_TARGET = re.compile(r"(^|\.)encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)$")
+# transformers 4 nests CLIP's modules under ``text_model``; 5 does not. Kohya names always have it.
+_TEXT_MODEL = "text_model."
+
+
+# ---------------------------------------------------------------------------------------------
+# Which modules, and their kohya names
+# ---------------------------------------------------------------------------------------------
+
+
+def unet_lora_targets(unet: torch.nn.Module) -> list[str]:
+    """Module paths of the UNet attention projections that get LoRA layers."""
+    return [
+        name
+        for name, module in unet.named_modules()
+        if _UNET_TARGET.search(name) and isinstance(module, torch.nn.Linear)
+    ]
+
+
+def text_encoder_lora_targets(text_encoder: torch.nn.Module) -> list[str]:
+    """Module paths of the CLIP self-attention projections that get LoRA layers."""
+    return [
+        name
+        for name, module in text_encoder.named_modules()
+        if _TEXT_TARGET.search(name) and isinstance(module, torch.nn.Linear)
+    ]
+
+
+def kohya_unet_name(module_path: str) -> str:
+    return UNET_PREFIX + module_path.replace(".", "_")
+
+
+def kohya_text_encoder_name(module_path: str) -> str:
+    if module_path.startswith(_TEXT_MODEL):
+        module_path = module_path[len(_TEXT_MODEL) :]
+    return TEXT_ENCODER_PREFIX + (_TEXT_MODEL + module_path).replace(".", "_")
+
+
+def expected_kohya_keys(unet: torch.nn.Module, text_encoder: torch.nn.Module | None = None) -> list[str]:
+    """Every tensor name a LoRA of these models holds (text encoder ones only if it is given)."""
+    modules = [kohya_unet_name(n) for n in unet_lora_targets(unet)]
+    if text_encoder is not None:
+        modules += [kohya_text_encoder_name(n) for n in text_encoder_lora_targets(text_encoder)]
+    return sorted(f"{m}.{suffix}" for m in modules for suffix in ("lora_down.weight", "lora_up.weight", "alpha"))
+
+
+def _module_table(unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> dict[str, torch.nn.Linear]:
+    table = {kohya_unet_name(n): unet.get_submodule(n) for n in unet_lora_targets(unet)}
+    if text_encoder is not None:
+        table.update(
+            {kohya_text_encoder_name(n): text_encoder.get_submodule(n) for n in text_encoder_lora_targets(text_encoder)}
+        )
+    return table  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------------
+# Injecting and removing peft adapters
+# ---------------------------------------------------------------------------------------------
+
+
+def _has_lora_layers(model: torch.nn.Module) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(m, BaseTunerLayer) for m in model.modules())
+
+
+def inject_lora(model: torch.nn.Module, targets: list[str], rank: int, alpha: float, seed: int) -> Any:
+    """Add LoRA layers (peft) to ``targets`` in place; returns the peft tuner that removes them again.
+
+    The down weights are initialised from ``seed`` (Kaiming-uniform, peft's default), the up
+    weights are zero, so the model's output is unchanged until training moves them.
+    """
+    from peft import LoraConfig, LoraModel
+
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=targets,
+        lora_dropout=0.0,
+        bias="none",
+        init_lora_weights=True,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LoraModel(model, config, ADAPTER_NAME)
+
+
+def remove_lora(tuner: Any) -> None:
+    """Replace every LoRA layer by the original module it wrapped (no merging)."""
+    tuner.unload()
+
+
+def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for name, p in model.named_parameters() if f".{ADAPTER_NAME}." in name]
+
+
+def _lora_layers(model: torch.nn.Module) -> Iterator[tuple[str, Any]]:
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A:
+            yield name, module
+
+
+def kohya_state_dict(
+    unet: torch.nn.Module, text_encoder: torch.nn.Module | None, rank: int, alpha: float
+) -> dict[str, torch.Tensor]:
+    """The trained LoRA layers of models with injected adapters, as kohya tensors (fp32, CPU copies)."""
+    state: dict[str, torch.Tensor] = {}
+    parts: list[tuple[torch.nn.Module, Any]] = [(unet, kohya_unet_name)]
+    if text_encoder is not None:
+        parts.append((text_encoder, kohya_text_encoder_name))
+    for model, namer in parts:
+        for path, layer in _lora_layers(model):
+            name = namer(path)
+            state[f"{name}.lora_down.weight"] = layer.lora_A[ADAPTER_NAME].weight.detach().float().cpu().clone()
+            state[f"{name}.lora_up.weight"] = layer.lora_B[ADAPTER_NAME].weight.detach().float().cpu().clone()
+            state[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+    return state
+
+
+@torch.no_grad()
+def apply_lora(
+    unet: torch.nn.Module,
+    text_encoder: torch.nn.Module | None,
+    state_dict: Mapping[str, torch.Tensor],
+    unet_scale: float = 1.0,
+    text_encoder_scale: float = 1.0,
+) -> dict[str, int]:
+    """Merge a kohya LoRA into the weights of ``unet`` / ``text_encoder`` IN PLACE (pass copies).
+
+    ``W += scale * alpha / rank * up @ down``. Returns ``{"unet": n, "text_encoder": m}`` modules
+    patched; raises ValueError listing keys that match no module of these models.
+    """
+    table = _module_table(unet, text_encoder)
+    modules = {key.rsplit(".", 2)[0] if key.endswith(".weight") else key.rsplit(".", 1)[0] for key in state_dict}
+    unknown = sorted(m for m in modules if m not in table)
+    if unknown:
+        raise ValueError(f"{len(unknown)} LoRA modules match no layer of the models: {unknown[:5]}")
+    counts = {"unet": 0, "text_encoder": 0}
+    for name in sorted(modules):
+        down = state_dict[f"{name}.lora_down.weight"].float()
+        up = state_dict[f"{name}.lora_up.weight"].float()
+        rank = down.shape[0]
+        alpha_key = f"{name}.alpha"
+        alpha = float(state_dict[alpha_key]) if alpha_key in state_dict else float(rank)
+        is_unet = name.startswith(UNET_PREFIX)
+        scale = (unet_scale if is_unet else text_encoder_scale) * alpha / rank
+        layer = table[name]
+        layer.weight += (scale * (up @ down)).to(layer.weight.device, layer.weight.dtype)
+        counts["unet" if is_unet else "text_encoder"] += 1
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------
+# Keeping the base models as they came
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _ModelState:
+    requires_grad: dict[str, bool]
+    training: dict[str, bool]
+    checkpointing: bool | None
+
+
+def _snapshot(model: torch.nn.Module) -> _ModelState:
+    checkpointing = getattr(model, "is_gradient_checkpointing", None) if hasattr(model, "enable_gradient_checkpointing") else None
+    return _ModelState(
+        requires_grad={name: p.requires_grad for name, p in model.named_parameters()},
+        training={name: m.training for name, m in model.named_modules()},
+        checkpointing=checkpointing,
+    )
+
+
+def _restore(model: torch.nn.Module, state: _ModelState) -> None:
+    if state.checkpointing is not None and model.is_gradient_checkpointing != state.checkpointing:
+        if state.checkpointing:
+            model.enable_gradient_checkpointing()
+        else:
+            model.disable_gradient_checkpointing()
+    for name, parameter in model.named_parameters():
+        if name in state.requires_grad:
+            parameter.requires_grad_(state.requires_grad[name])
+    for name, module in model.named_modules():
+        if name in state.training:
+            module.training = state.training[name]
+
+
+@contextmanager
+def _restored_afterwards(*models: torch.nn.Module) -> Iterator[None]:
+    states = [(model, _snapshot(model)) for model in models]
+    try:
+        yield
+    finally:
+        for model, state in states:
+            _restore(model, state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoRAResult(WithLossHistory):
+    """A trained LoRA, not yet saved."""
+
+    state_dict: dict[str, torch.Tensor]  # kohya keys, fp32, CPU
+    history: LossHistory  # one loss per optimizer step (with its subject and class parts)
+    metadata: dict[str, str]  # training_metadata(...) with the LoRA keys; provenance is added on save
+    unet_modules: int
+    text_encoder_modules: int
+    seconds: float = 0.0  # training time, without model setup and caching
+
+
+def _check_inputs(
+    base: SD15Components, subject: SubjectData, config: LoRATrainConfig, class_subject: SubjectData | None
+) -> None:
+    if not isinstance(config, LoRATrainConfig):
+        raise TypeError(f"config must be a LoRATrainConfig, got {type(config).__name__}")
+    check_trainable(base, subject, class_subject, config.with_prior, config.train_text_encoder)
+    for name in ("unet", "text_encoder"):
+        if _has_lora_layers(getattr(base, name)):
+            raise ValueError(f"the {name} already has LoRA layers injected; pass a clean base model")
+
+
+def _lora_metadata(config: LoRATrainConfig, counts: tuple[int, int]) -> dict[str, str]:
+    """The keys only a LoRA file has (network shape, optimizer, which modules)."""
+    return {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(config.rank),
+        "ss_network_alpha": f"{config.effective_alpha:g}",
+        "ss_network_train_unet_only": str(not config.train_text_encoder),
+        "ss_optimizer": ADAMW_DESCRIPTION,
+        "dbs.unet_modules": str(counts[0]),
+        "dbs.text_encoder_modules": str(counts[1]),
+        "dbs.lora_targets": json.dumps(
+            {
+                "unet": "transformer_blocks.*.attn1/attn2.to_q,to_k,to_v,to_out.0",
+                "text_encoder": "encoder.layers.*.self_attn.q_proj,k_proj,v_proj,out_proj"
+                if config.train_text_encoder
+                else "",
+            }
+        ),
+    }
+
+
+def train_lora(
+    base: SD15Components,
+    subject: SubjectData,
+    config: LoRATrainConfig,
+    callbacks: TrainingCallbacks | None = None,
+    class_subject: SubjectData | None = None,
+) -> LoRAResult:
+    """Train a LoRA of ``base`` on ``subject``; returns the kohya tensors, losses and metadata.
+
+    Training runs where ``base.unet`` is (the VAE and text encoder run where they are). The
+    models are returned unchanged. ``class_subject`` holds the class images when
+    ``config.with_prior``. Raises NonFiniteLossError if training diverges; whatever a callback
+    raises propagates after cleanup.
+    """
+    _check_inputs(base, subject, config, class_subject)
+    if class_subject is not None and not config.with_prior:
+        logger.info("prior preservation is off (class_images 0 or prior_loss_weight 0): class images not used")
+        class_subject = None
+    callbacks = callbacks or TrainingCallbacks()
+    unet, vae, text_encoder = base.unet, base.vae, base.text_encoder
+    device = model_device(unet)
+    autocast_dtype = resolve_precision(config.precision, device)
+    train_text = config.train_text_encoder
+    alpha = config.effective_alpha
+    started = time.monotonic()
+    logger.info(
+        "LoRA training: %d images at %dpx, rank %d, alpha %g, %d steps, unet lr %g, text encoder %s, on %s",
+        len(subject), subject.resolution, config.rank, alpha, config.steps, config.unet_lr,
+        f"lr {config.text_encoder_lr:g}" if train_text else "frozen", device,
+    )  # fmt: skip
+
+    tuners: list[Any] = []
+    optimization: Optimization | None = None
+    try:
+        with torch.inference_mode(False), torch.enable_grad(), _restored_afterwards(unet, vae, text_encoder):
+            for model in (unet, vae, text_encoder):
+                model.requires_grad_(False)
+            vae.eval()
+            text_encoder.eval()
+            instance, prior = prepare_training_sets(base, subject, class_subject, cache_latents=config.cache_latents,
+                                                    cache_text=not train_text)
+            try:
+                tuners.append(
+                    inject_lora(unet, unet_lora_targets(unet), config.rank, alpha, derive_seed(config.seed, "unet"))
+                )
+                if train_text:
+                    tuners.append(
+                        inject_lora(
+                            text_encoder,
+                            text_encoder_lora_targets(text_encoder),
+                            config.rank,
+                            alpha,
+                            derive_seed(config.seed, "text_encoder"),
+                        )
+                    )
+                unet_params = lora_parameters(unet)
+                text_params = lora_parameters(text_encoder) if train_text else []
+                for parameter in unet_params + text_params:
+                    parameter.data = parameter.data.float()
+                    parameter.requires_grad_(True)
+                if config.gradient_checkpointing:
+                    unet.enable_gradient_checkpointing()
+                unet.train()
+                if train_text:
+                    text_encoder.train()
+                optimization = build_optimization(config, unet_params, text_params, autocast_dtype)
+                loop = run_training_loop(LoopModels(unet, vae, text_encoder, base.noise_scheduler), instance,
+                                         optimization, LoopSettings.of(config, autocast_dtype), callbacks, prior=prior)
+                state = kohya_state_dict(unet, text_encoder if train_text else None, config.rank, alpha)
+            finally:
+                optimization = None
+                for tuner in reversed(tuners):
+                    remove_lora(tuner)
+                tuners.clear()
+    finally:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    bad = [key for key, tensor in state.items() if not bool(torch.isfinite(tensor).all())]
+    if bad:
+        raise NonFiniteLossError(config.steps, f"LoRA weight {bad[0]}")
+    counts = (
+        sum(1 for k in state if k.startswith(UNET_PREFIX) and k.endswith(".alpha")),
+        sum(1 for k in state if k.startswith(TEXT_ENCODER_PREFIX) and k.endswith(".alpha")),
+    )
+    metadata = training_metadata(config, subject, loop.history, device, autocast_dtype,
+                                 len(class_subject) if class_subject is not None else 0,
+                                 extra=_lora_metadata(config, counts))
+    logger.info(
+        "LoRA trained in %.1f s (%.1f s with caching): %d UNet + %d text-encoder modules, loss %.4f -> %.4f",
+        loop.seconds, time.monotonic() - started, counts[0], counts[1], loop.losses[0], loop.losses[-1],
+    )  # fmt: skip
+    return LoRAResult(state_dict=state, history=loop.history, metadata=metadata, unet_modules=counts[0],
+                      text_encoder_modules=counts[1], seconds=loop.seconds)
+
+
+def save_lora(
+    result: LoRAResult,
+    path: str | os.PathLike,
+    overwrite: bool = False,
+    dtype: torch.dtype | None = torch.float16,
+    provenance: Provenance | None = None,
+) -> Path:
+    """Write ``result`` as a kohya LoRA ``.safetensors`` file, atomically; returns the path.
+
+    Up/down weights are cast to ``dtype`` (fp16 by default, like most shared LoRAs; None keeps
+    fp32); ``.alpha`` stays fp32 so its value is exact. ``provenance`` (from the job) names the
+    base model and the run fingerprint. Refuses to replace an existing file unless
+    ``overwrite``, and refuses weights that do not fit ``dtype`` (use fp32 then).
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"LoRA file name must end in .safetensors, got {path.name}")
+    refuse_existing(path, overwrite)
+    metadata = check_metadata({**result.metadata, **(provenance or Provenance()).metadata()})
+    tensors: dict[str, torch.Tensor] = {}
+    for key, tensor in result.state_dict.items():
+        tensor = tensor.detach().to("cpu")
+        if dtype is not None and not key.endswith(".alpha"):
+            tensor = tensor.to(dtype)
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(
+                f"LoRA tensor {key} is not finite in {dtype}; save with dtype=torch.float32 or retrain with a "
+                f"lower learning rate"
+            )
+        tensors[key] = tensor.contiguous()
+    metadata["dbs.save_dtype"] = str(dtype).replace("torch.", "") if dtype is not None else "float32"
+    return atomic_save_safetensors(tensors, path, metadata=metadata, overwrite=overwrite)
