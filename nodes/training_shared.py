@@ -4,6 +4,8 @@ curve, memory scope, the job, the loss-curve image). Not a node itself."""
 
 from __future__ import annotations
 
+import logging
+
 import folder_paths
 import torch
 from comfy_api.latest import io
@@ -26,6 +28,8 @@ from .bridge import (
     tokenizer_dir,
     training_scope,
 )
+
+log = logging.getLogger(__name__)
 
 PRIOR_FIELDS = CLASS_IMAGE_FIELDS
 GENERATE = "(generate from the base model)"
@@ -101,4 +105,5 @@ def run_training_node(config_cls, subject, ckpt_name: str, output_name: str, ove
                          class_folder=folder)
     if job.reused:
         progress.bar.update_absolute(config.steps, config.steps)
+    log.info(job.report())
     return job, curve_image(job.history, f"{title} ({job.path.name})")

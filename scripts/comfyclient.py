@@ -32,6 +32,16 @@ class PromptRejected(RuntimeError):
                 parts.append(f"node {node_id} ({info.get('class_type')}): {err.get('message')}: {err.get('details')}")
         super().__init__("; ".join(p for p in parts if p))
 
+    @property
+    def node_ids(self) -> set[str]:
+        """The nodes ComfyUI blamed."""
+        return set(self.payload.get("node_errors") or {})
+
+    def details(self, node_id: str) -> list[str]:
+        """The error details ComfyUI reported for one node (e.g. "output_name - <our message>")."""
+        info = (self.payload.get("node_errors") or {}).get(node_id) or {}
+        return [str(err.get("details", "")) for err in info.get("errors", [])]
+
 
 @dataclass
 class RunResult:

@@ -26,6 +26,12 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
+# Texts of the toasts and dialogs on screen (the frontend's workflow-validation alert is a toast,
+# not a console error).
+VISIBLE_ALERTS_JS = """() => [...document.querySelectorAll('.p-toast-message, .p-dialog, [role=alertdialog]')]
+    .filter(e => e.offsetParent !== null).map(e => e.innerText.trim().slice(0, 500))"""
+
+
 def is_ui_workflow(data: object) -> bool:
     return isinstance(data, dict) and isinstance(data.get("nodes"), list) and "links" in data
 
@@ -79,9 +85,7 @@ class Frontend:
     def visible_alerts(self) -> list[str]:
         """Texts of the toasts and dialogs on screen (the frontend's workflow-validation alert is a
         toast, not a console error)."""
-        return self.page.evaluate("""() => [...document.querySelectorAll(
-                '.p-toast-message, .p-dialog, [role=alertdialog]')]
-            .filter(e => e.offsetParent !== null).map(e => e.innerText.trim().slice(0, 500))""")
+        return self.page.evaluate(VISIBLE_ALERTS_JS)
 
     def load(self, ui: dict) -> None:
         """Open a UI-format workflow in the canvas (no missing-model dialogs)."""

@@ -1,13 +1,49 @@
-"""The ComfyUI canvas in headless Chromium with the pack installed."""
+"""The ComfyUI canvas in headless Chromium with the pack installed: what a user sees."""
 
 from __future__ import annotations
 
 import pytest
 
+from scripts.frontend import VISIBLE_ALERTS_JS
+
 pytestmark = pytest.mark.browser
 
 MISSING_TYPES_JS = """() => window.app.graph._nodes
     .filter(n => !LiteGraph.registered_node_types[n.type]).map(n => n.type)"""
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+# Fit every node of the graph into the part of the canvas the page's menus, banner and minimap
+# leave free, then report each node's box on screen (CSS pixels), whether the canvas itself is what
+# shows at its corners and centre (nothing drawn over it), and where each widget is.
+FIT_AND_MEASURE_JS = """([left, top, right, bottom]) => {
+    const c = app.canvas, nodes = app.graph._nodes, title = LiteGraph.NODE_TITLE_HEIGHT;
+    c.draw(true, true);  // nodes take their final size when first drawn
+    let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
+    for (const n of nodes) {
+        x0 = Math.min(x0, n.pos[0]); y0 = Math.min(y0, n.pos[1] - title);
+        x1 = Math.max(x1, n.pos[0] + n.size[0]); y1 = Math.max(y1, n.pos[1] + n.size[1]);
+    }
+    const rect = c.canvas.getBoundingClientRect();
+    const scale = Math.min((right - left) / (x1 - x0), (bottom - top) / (y1 - y0), 1.0);
+    c.ds.scale = scale;
+    c.ds.offset = [(left - rect.left) / scale - x0, (top - rect.top) / scale - y0];
+    c.setDirty(true, true);
+    c.draw(true, true);
+    const screen = (x, y) => { const [sx, sy] = c.ds.convertOffsetToCanvas([x, y]); return [rect.left + sx, rect.top + sy]; };
+    const seen = ([x, y]) => document.elementFromPoint(x, y) === c.canvas;
+    return nodes.map(n => {
+        const [a, b] = screen(n.pos[0], n.pos[1] - title), [d, e] = screen(n.pos[0] + n.size[0], n.pos[1] + n.size[1]);
+        const probes = [[a + 3, b + 3], [d - 3, b + 3], [a + 3, e - 3], [d - 3, e - 3], [(a + d) / 2, (b + e) / 2]];
+        return {type: n.type, box: [a, b, d, e], visible: probes.map(seen),
+                widgets: (n.widgets || []).map(w => ({name: w.name, at: screen(n.pos[0] + n.size[0] / 2,
+                    n.pos[1] + (w.last_y ?? w.y ?? 0) + LiteGraph.NODE_WIDGET_HEIGHT / 2)}))};
+    });
+}"""
+
+
+def assert_clean(page):
+    """No console error and nothing alarming on screen."""
+    assert page.console_errors == [], page.console_errors
+    assert page.evaluate(VISIBLE_ALERTS_JS) == []
 
 
 def test_canvas_opens_and_default_workflow_has_no_missing_nodes(canvas_page, artifacts_dir):
@@ -19,7 +55,7 @@ def test_canvas_opens_and_default_workflow_has_no_missing_nodes(canvas_page, art
     assert page.evaluate(MISSING_TYPES_JS) == []
     page.wait_for_timeout(500)
     page.screenshot(path=str(artifacts_dir / "canvas-default-workflow.png"))
-    assert not [e for e in page.console_errors if "missing" in e.lower() and "node" in e.lower()]
+    assert_clean(page)
 
 
 PACK_NODES = ["LoadSubjectImages", "LoRATrain", "DreamBoothTrain", "ApplyLoRAScaled", "CannyControl", "LoRAScaleGrid"]
@@ -30,28 +66,37 @@ def test_pack_nodes_appear_in_the_canvas_with_tooltips(canvas_page, artifacts_di
     page.evaluate("() => window.app.graph.clear()")
     info = page.evaluate("""(types) => types.map((type, i) => {
         const node = LiteGraph.createNode(type);
-        node.pos = [40 + 380 * i, 160];
+        node.pos = [40 + 420 * (i % 3), 80 + 900 * Math.floor(i / 3)];
         window.app.graph.add(node);
         const def = LiteGraph.registered_node_types[type].nodeData;
         const inputs = Object.assign({}, def.input.required || {}, def.input.optional || {});
         return {type, category: def.category, description: def.description,
-                widgets: (node.widgets || []).map(w => w.name),
+                inputs: Object.fromEntries(Object.entries(inputs).map(([k, v]) => [k, Array.isArray(v[0]) ? "COMBO" : v[0]])),
                 untipped: Object.entries(inputs).filter(([k, v]) => !(v[1] && v[1].tooltip)).map(([k]) => k),
                 outputTips: def.output_tooltips,
                 tooltips: Object.fromEntries(Object.entries(inputs).map(([k, v]) => [k, (v[1] || {}).tooltip]))};
     })""", PACK_NODES)
-    page.evaluate("() => window.app.canvas.setDirty(true, true)")
+    free_area = [110, 150, 1140, 970]  # right of the sidebar, below the menus, left of the minimap
+    shown = page.evaluate(FIT_AND_MEASURE_JS, free_area)
     page.wait_for_timeout(500)
     page.screenshot(path=str(artifacts_dir / "canvas-pack-nodes.png"))
-    for node in info:
+    for node, on_screen in zip(info, shown, strict=True):
         assert node["category"] == "DreamBooth", node
         assert node["description"], node
         assert node["untipped"] == [], node
         assert all(node["outputTips"]), node
-    train = next(n for n in info if n["type"] == "LoRATrain")
-    assert {"rank", "steps", "unet_lr", "text_encoder_lr", "seed"} <= set(train["widgets"])
+        # the whole node is on screen, not under the page's menus or minimap
+        assert all(on_screen["visible"]), (node["type"], on_screen["box"], on_screen["visible"])
+        # one widget per widget-type input of the schema, nothing else (no seed "control after generate")
+        expected = {name for name, kind in node["inputs"].items() if kind in WIDGET_TYPES}
+        assert {w["name"] for w in on_screen["widgets"]} == expected, node["type"]
     canny = next(n for n in info if n["type"] == "CannyControl")
     assert "OpenCV units (0-255)" in canny["tooltips"]["low_threshold"]
-    assert {"low_threshold", "high_threshold", "blur", "strength", "start_percent", "end_percent"} <= set(canny["widgets"])
-    # the training seed stays put between runs (no "control after generate" widget)
-    assert "control_after_generate" not in train["widgets"]
+    # the tooltip a user reads when hovering LoRATrain's rank widget
+    train = next(n for n in shown if n["type"] == "LoRATrain")
+    rank = next(w for w in train["widgets"] if w["name"] == "rank")
+    page.mouse.move(rank["at"][0] - 40, rank["at"][1])
+    page.mouse.move(*rank["at"])
+    page.wait_for_selector(".node-tooltip", timeout=5000)
+    assert page.inner_text(".node-tooltip").startswith("LoRA rank (dimension of the low-rank update)")
+    assert_clean(page)

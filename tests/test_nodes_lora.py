@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -119,6 +120,34 @@ def test_scales_act_on_their_side_only(env, trained, base_model):
     assert not model.patches and not clip.patcher.patches
 
 
+@pytest.mark.parametrize("scale", [0.5, -1.0])
+def test_fractional_and_negative_scales_add_that_share_of_the_update(env, trained, base_model, scale):
+    """A patched layer is base + scale * alpha/rank * up @ down, on the UNet and the text encoder
+    alike (a scale handled as on/off would give the whole update)."""
+    import comfy.lora
+
+    apply = importlib.import_module("dreambooth_studio.nodes.lora_apply").ApplyLoRAScaled
+    model, clip = base_model
+    lora_sd = trained["te"].result[0]
+    patched_model, patched_clip = apply.execute(model=model, clip=clip, lora_name="(use the lora input)",
+                                                unet_scale=scale, text_encoder_scale=scale, lora=lora_sd).result
+    unet_keys = comfy.lora.model_lora_keys_unet(model.model, {})
+    clip_keys = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
+    cases = [
+        (patched_model, model, unet_keys, "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"),
+        (patched_clip.patcher, clip.patcher, clip_keys, "lora_te_text_model_encoder_layers_0_self_attn_q_proj"),
+    ]
+    for patched, original, key_map, module in cases:
+        key = key_map[module]
+        base_weight = original.model.state_dict()[key].float()
+        weight = comfy.lora.calculate_weight(patched.patches[key], base_weight.clone(), key)
+        down, up = lora_sd[f"{module}.lora_down.weight"].float(), lora_sd[f"{module}.lora_up.weight"].float()
+        update = up @ down * float(lora_sd[f"{module}.alpha"]) / down.shape[0]
+        assert update.abs().max() > 0, module
+        # within float32 rounding of weights about 1000x larger than the update
+        assert torch.allclose(weight - base_weight, scale * update, rtol=1e-2, atol=1e-8), module
+
+
 def test_lora_matching_nothing_is_an_error(env, base_model):
     apply = importlib.import_module("dreambooth_studio.nodes.lora_apply").ApplyLoRAScaled
     model, clip = base_model
@@ -176,13 +205,24 @@ def test_bad_settings_fail_before_any_model_loads(env, monkeypatch, overrides, f
     assert set((env["base"] / "models" / "loras").iterdir()) == before
 
 
-@pytest.mark.parametrize("name", ["../escape", "a/b", "sub\\dir", "CON", "nul.txt", "", "..", ".hidden"])
-def test_bad_output_names_fail_before_any_model_loads(env, monkeypatch, name):
+@pytest.mark.parametrize(("name", "reason"), [
+    ("../escape", "contains a path separator"), ("a/b", "contains a path separator"),
+    ("sub\\dir", "contains a path separator"), ("CON", "reserved device name"), ("nul.txt", "reserved device name"),
+    ("", "output name is empty"), ("..", "contains '..'"), (".hidden", "starts with '.'"),
+])
+def test_bad_output_names_fail_before_any_model_loads(env, monkeypatch, name, reason):
     ckpt_mod = importlib.import_module("dreambooth_studio.trainers.sd15.checkpoint")
     monkeypatch.setattr(ckpt_mod, "load_sd15_single_file",
                         lambda *a, **k: pytest.fail("model loaded despite bad input"))
-    with pytest.raises(ValueError):
+    base = env["base"]
+
+    def listing():
+        return sorted(str(p.relative_to(base)) for p in base.rglob("*") if "input" not in p.parts)
+
+    before = listing()
+    with pytest.raises(ValueError, match=re.escape(reason) + ".*Use letters, digits"):
         _train_node(env, name)
+    assert listing() == before  # nothing written anywhere (models, output, temp)
 
 
 def test_existing_name_without_overwrite_is_an_error(env, trained, monkeypatch):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
+import numpy as np
 import psutil
 import pytest
 
@@ -74,7 +75,8 @@ def first_run(comfy_server, subject_folder, test_models, artifacts_dir):
     client = ComfyClient(comfy_server.url)
     sets_before = class_sets(comfy_server)
     with PeakRSS(comfy_server.proc.pid) as rss:
-        result = client.run(graph(test_models, "e2e_dreambooth"), timeout=1800).raise_for_status()
+        # lr high enough that the trained model samples differently from its base
+        result = client.run(graph(test_models, "e2e_dreambooth", unet_lr=1e-4), timeout=1800).raise_for_status()
     (artifacts_dir / "dreambooth-server-peak-rss.txt").write_text(f"{rss.peak / 1e9:.2f} GB\n")
     yield result, class_sets(comfy_server) - sets_before
     for name in ("e2e_dreambooth.safetensors", "e2e_dreambooth_again.safetensors"):
@@ -99,6 +101,27 @@ def test_dreambooth_loop_completes_and_reports_both_phases(comfy_server, first_r
     assert image.shape == (64, 64, 3)
     loss = saved_image(comfy_server, result, "save_loss")
     assert loss.shape[0] > 100 and loss.std() > 5  # a drawn chart, not a blank image
+
+
+def test_returned_model_is_the_saved_file_and_the_report_says_trained_then_reused(comfy_server, comfy_client,
+                                                                                  first_run, test_models):
+    result, _ = first_run
+    trained = saved_image(comfy_server, result)
+    # the same prompt and seed through Load Checkpoint on the saved file: the very same image
+    sample = {"positive": "a photo of sks robot", "seed": 123, "steps": 2, "size": 64}
+    reloaded = comfy_client.run(txt2img("e2e_dreambooth.safetensors", prefix="db_reloaded", **sample))
+    assert np.array_equal(saved_image(comfy_server, reloaded.raise_for_status()), trained)
+    base = comfy_client.run(txt2img(test_models["checkpoint"].name, prefix="db_base", **sample))
+    assert not np.array_equal(saved_image(comfy_server, base.raise_for_status()), trained)  # not the base model
+    log = comfy_server.log_text()
+    assert "e2e_dreambooth.safetensors: trained; prior preservation: 2 class images of 'a photo of robot' at 64 px, " \
+           "generated now" in log
+    # forget ComfyUI's cached outputs: the node runs again and finds its own file
+    comfy_client.post_json("/free", {"free_memory": True})
+    again = comfy_client.run(graph(test_models, "e2e_dreambooth", unet_lr=1e-4), timeout=1800).raise_for_status()
+    assert [p["max"] for p in again.progress_for("train")] == [TRAIN_STEPS]  # set to done at once, no training
+    assert "e2e_dreambooth.safetensors: reused (an identical earlier run made it); checkpoint reused, no class " \
+           "images needed" in comfy_server.log_text()[len(log):]
 
 
 def test_saved_checkpoint_loads_in_comfyui_as_sd15_without_key_warnings(comfy_server, first_run):
@@ -166,9 +189,9 @@ def test_cancel_during_training_leaves_no_file_and_frees_memory(comfy_server, co
 
 
 @pytest.mark.parametrize("overrides,expected", [
-    ({"unet_lr": float("nan")}, "unet_lr"),
-    ({"prior_loss_weight": float("inf")}, "prior_loss_weight"),
-    ({"output_name": "../escape"}, "output"),
+    ({"unet_lr": float("nan")}, "unet_lr must be a finite number > 0"),
+    ({"prior_loss_weight": float("inf")}, "prior_loss_weight must be a finite number >= 0 and <= 100"),
+    ({"output_name": "../escape"}, "output name '../escape' contains a path separator; give a plain file name"),
 ])
 def test_bad_inputs_are_rejected_with_a_clear_message(comfy_client, subject_folder, test_models, overrides,
                                                       expected):
@@ -176,7 +199,9 @@ def test_bad_inputs_are_rejected_with_a_clear_message(comfy_client, subject_fold
     bad["train"]["inputs"].update(overrides)
     with pytest.raises(PromptRejected) as info:
         comfy_client.run(bad, timeout=120)
-    assert expected in str(info.value)
+    # blamed on the training node alone, with the reason and what to use
+    assert info.value.node_ids == {"train"}, info.value.payload
+    assert any(expected in detail for detail in info.value.details("train")), info.value.details("train")
 
 
 def test_prior_without_a_class_prompt_fails_before_any_model_loads(comfy_server, comfy_client, subject_folder,

@@ -50,8 +50,9 @@ def test_full_loop_runs_and_reports_every_training_step(comfy_server, trained_ru
     assert "e2e_lora.safetensors" in loras(comfy_server)
     image = saved_image(comfy_server, trained_run)
     assert image.shape == (64, 64, 3)
-    log = comfy_server.log_text()
-    assert "lora key not loaded" not in log and "NOT LOADED" not in log
+    # Apply LoRA's own match report: every module of the trained LoRA found in the model
+    assert "the connected LoRA: 128 UNet and 48 text-encoder modules matched of 176; 0 unmatched" in \
+        comfy_server.log_text()
 
 
 def test_scales_zero_equal_no_lora_and_each_scale_acts(comfy_server, comfy_client, trained_run, test_models):
@@ -102,10 +103,10 @@ def test_interrupt_stops_training_within_a_step(comfy_server, comfy_client, subj
 
 
 @pytest.mark.parametrize("overrides,expected", [
-    ({"unet_lr": float("nan")}, "unet_lr"),
-    ({"unet_lr": 0.0}, "unet_lr"),
-    ({"steps": 0}, "steps"),
-    ({"output_name": "../escape"}, "output"),
+    ({"unet_lr": float("nan")}, "unet_lr must be a finite number > 0"),
+    ({"unet_lr": 0.0}, "unet_lr must be a finite number > 0"),
+    ({"steps": 0}, "steps must be a whole number >= 1"),
+    ({"output_name": "../escape"}, "output name '../escape' contains a path separator; give a plain file name"),
 ])
 def test_bad_inputs_are_rejected_with_a_clear_message(comfy_client, subject_folder, test_models,
                                                       overrides, expected):
@@ -113,7 +114,9 @@ def test_bad_inputs_are_rejected_with_a_clear_message(comfy_client, subject_fold
     graph["train"]["inputs"].update(overrides)
     with pytest.raises(PromptRejected) as info:
         comfy_client.run(graph, timeout=120)
-    assert expected in str(info.value)
+    # blamed on the training node alone, with the reason and what to use
+    assert info.value.node_ids == {"train"}, info.value.payload
+    assert any(expected in detail for detail in info.value.details("train")), info.value.details("train")
 
 
 def test_resolution_not_a_multiple_of_64_is_rejected(comfy_client, subject_folder, test_models):
@@ -123,13 +126,34 @@ def test_resolution_not_a_multiple_of_64_is_rejected(comfy_client, subject_folde
         comfy_client.run(graph, timeout=120)
 
 
+LOADS = ("SD1.5 layout", "model weight dtype", "Requested to load", "loaded completely")  # model-load log lines
+
+
+@pytest.mark.parametrize("case", ["broken checkpoint", "output holds another run"])
 def test_training_error_reaches_the_client_before_any_model_loads(comfy_server, comfy_client, subject_folder,
-                                                                  test_models):
+                                                                  test_models, trained_run, case):
+    # the trained run above did load its base model, and said so in the log
+    assert "sd15-random.safetensors (full SD1.5 layout" in comfy_server.log_text()
     (comfy_server.models_dir / "checkpoints" / "broken.safetensors").write_bytes(b"\x00" * 64)
-    graph = lora_graph(test_models["checkpoint"].name, "never_written")
-    graph["train"]["inputs"]["ckpt_name"] = "broken.safetensors"
+    if case == "broken checkpoint":
+        graph = lora_graph(test_models["checkpoint"].name, "never_written")
+        graph["train"]["inputs"]["ckpt_name"] = "broken.safetensors"
+        name, expected = "never_written.safetensors", "broken.safetensors"
+    else:  # e2e_lora.safetensors was trained with 3 steps
+        graph = lora_graph(test_models["checkpoint"].name, "e2e_lora", steps=2)
+        name, expected = "e2e_lora.safetensors", "already exists"
+    # only the photos, the training node and its loss curve: no other node would load a model
+    graph = {node: graph[node] for node in ("subject", "train")}
+    graph["loss"] = {"class_type": "SaveImage", "inputs": {"images": ["train", 2], "filename_prefix": "never_saved"}}
+    before_files = {p.name: p.stat().st_mtime_ns for p in (comfy_server.models_dir / "loras").iterdir()}
+    log_before = len(comfy_server.log_text())
     result = comfy_client.run(graph, timeout=120)
     assert result.status == "error"
     assert result.error["node_id"] == "train"
-    assert "broken.safetensors" in result.error["exception_message"]
-    assert "never_written.safetensors" not in loras(comfy_server)
+    assert expected in result.error["exception_message"]
+    this_run = comfy_server.log_text()[log_before:]
+    assert not [line for line in this_run.splitlines() if any(mark in line for mark in LOADS)], this_run[-2000:]
+    assert {p.name: p.stat().st_mtime_ns for p in (comfy_server.models_dir / "loras").iterdir()} == before_files
+    assert (name in before_files) == (case != "broken checkpoint")
+
+

@@ -11,10 +11,6 @@ from skimage import data
 
 pytestmark = pytest.mark.server
 
-PORTRAITS = "subject_upload/portraits"
-BROKEN = "subject_upload/broken"
-
-
 def subject_graph(folder, crop_mode="face", caption_mode="sidecar .txt", bad_files="stop", prefix="subject_crops"):
     return {
         "subject": {"class_type": "LoadSubjectImages", "inputs": {
@@ -39,33 +35,46 @@ def upload(client, tmp_path, name, content, subfolder):
 
 
 @pytest.fixture(scope="module")
-def uploaded(comfy_server, tmp_path_factory):
+def client(comfy_server):
     from scripts.comfyclient import ComfyClient
 
-    client = ComfyClient(comfy_server.url)
-    tmp = tmp_path_factory.mktemp("uploads")
+    return ComfyClient(comfy_server.url)
+
+
+@pytest.fixture
+def portraits(client, tmp_path, request):
+    """A folder of this test's own: a portrait with a caption, a photo without a face (and no
+    caption), and a mirrored duplicate of the portrait."""
+    folder = f"subject_upload/{request.node.name}/portraits"
     astronaut = cv2.resize(data.astronaut(), (256, 256), interpolation=cv2.INTER_AREA)
-    upload(client, tmp, "astronaut.png", astronaut, PORTRAITS)
-    upload(client, tmp, "astronaut.txt", "sks woman in a space suit", PORTRAITS)
-    upload(client, tmp, "coffee.png", cv2.resize(data.coffee(), (192, 128)), PORTRAITS)
-    upload(client, tmp, "astronaut_again.png", astronaut[:, ::-1].copy(), PORTRAITS)
-    upload(client, tmp, "good.png", astronaut, BROKEN)
-    upload(client, tmp, "half.jpg", b"\xff\xd8\xff\xe0\x00\x10JFIF", BROKEN)
-    return client
+    upload(client, tmp_path, "astronaut.png", astronaut, folder)
+    upload(client, tmp_path, "astronaut.txt", "sks woman in a space suit", folder)
+    upload(client, tmp_path, "coffee.png", cv2.resize(data.coffee(), (192, 128)), folder)
+    upload(client, tmp_path, "astronaut_again.png", astronaut[:, ::-1].copy(), folder)
+    return folder
+
+
+@pytest.fixture
+def broken(client, tmp_path, request):
+    """A folder of this test's own with one good photo and one truncated JPEG."""
+    folder = f"subject_upload/{request.node.name}/broken"
+    upload(client, tmp_path, "good.png", cv2.resize(data.astronaut(), (256, 256)), folder)
+    upload(client, tmp_path, "half.jpg", b"\xff\xd8\xff\xe0\x00\x10JFIF", folder)
+    return folder
 
 
 def report_text(result):
     return result.outputs["report"]["text"][0]
 
 
-def test_uploaded_subfolder_appears_in_the_folder_combo(uploaded):
-    options = uploaded.object_info()["LoadSubjectImages"]["input"]["required"]["folder"]
+def test_uploaded_subfolder_appears_in_the_folder_combo(client, portraits, broken):
+    options = client.object_info()["LoadSubjectImages"]["input"]["required"]["folder"]
     choices = options[1]["options"] if len(options) > 1 and "options" in options[1] else options[0]
-    assert PORTRAITS in choices and BROKEN in choices
+    assert portraits in choices and broken in choices
 
 
-def test_node_crops_captions_and_reports_through_the_server(comfy_server, uploaded):
-    result = uploaded.run(subject_graph(PORTRAITS), timeout=300).raise_for_status()
+def test_node_crops_captions_and_reports_through_the_server(comfy_server, client, portraits):
+    result = client.run(subject_graph(portraits), timeout=300).raise_for_status()
     files = result.files("save")
     assert len(files) == 3
     crop = np.asarray(Image.open(comfy_server.output_dir / files[0]["subfolder"] / files[0]["filename"]))
@@ -78,22 +87,23 @@ def test_node_crops_captions_and_reports_through_the_server(comfy_server, upload
     assert "no coffee.txt caption: instance prompt used" in report
 
 
-def test_node_reruns_only_when_a_file_changes(uploaded, tmp_path):
-    graph = subject_graph(PORTRAITS, prefix="subject_rerun")
-    uploaded.run(graph, timeout=300).raise_for_status()
-    again = uploaded.run(graph, timeout=300).raise_for_status()
+def test_node_reruns_only_when_a_file_changes(client, portraits, tmp_path):
+    graph = subject_graph(portraits, prefix="subject_rerun")
+    first = client.run(graph, timeout=300).raise_for_status()
+    assert "no coffee.txt caption: instance prompt used" in report_text(first)
+    again = client.run(graph, timeout=300).raise_for_status()
     cached = [n for e in again.events if e.get("type") == "execution_cached" for n in e["data"]["nodes"]]
     assert "subject" in cached
-    upload(uploaded, tmp_path, "coffee.txt", "sks woman holding a coffee", PORTRAITS)
-    changed = uploaded.run(graph, timeout=300).raise_for_status()
+    upload(client, tmp_path, "coffee.txt", "sks woman holding a coffee", portraits)
+    changed = client.run(graph, timeout=300).raise_for_status()
     cached = [n for e in changed.events if e.get("type") == "execution_cached" for n in e["data"]["nodes"]]
     assert "subject" not in cached
     assert "coffee.png: crop center (fallback); no face found, fell back to centre crop; caption from coffee.txt" \
         in report_text(changed)
 
 
-def test_bad_file_is_an_execution_error_naming_it(uploaded):
-    result = uploaded.run(subject_graph(BROKEN, prefix="never_saved"), timeout=300)
+def test_bad_file_is_an_execution_error_naming_it(client, broken):
+    result = client.run(subject_graph(broken, prefix="never_saved"), timeout=300)
     assert result.status == "error"
     assert result.error["node_id"] == "subject"
     message = result.error["exception_message"]
@@ -102,7 +112,7 @@ def test_bad_file_is_an_execution_error_naming_it(uploaded):
     assert not result.files("save")
 
 
-def test_bad_file_skipped_on_request(uploaded):
-    result = uploaded.run(subject_graph(BROKEN, bad_files="skip", prefix="skipped"), timeout=300).raise_for_status()
+def test_bad_file_skipped_on_request(client, broken):
+    result = client.run(subject_graph(broken, bad_files="skip", prefix="skipped"), timeout=300).raise_for_status()
     assert len(result.files("save")) == 1
     assert "SKIPPED half.jpg: truncated" in report_text(result)

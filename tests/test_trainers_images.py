@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import time
 import unicodedata
 
@@ -15,6 +16,7 @@ from PIL import Image
 from tests.support.paths import tokenizer_dir
 from trainers.data.images import (
     BACKGROUND_RGB,
+    FACE_SCALE,
     SubjectImageError,
     caption_with_token,
     decode_image,
@@ -23,6 +25,7 @@ from trainers.data.images import (
     load_subject,
     prepare_subject,
 )
+from trainers.data.subject import center_crop_resize
 
 pytestmark = pytest.mark.trainers
 
@@ -236,6 +239,9 @@ def test_multi_frame_tiff_uses_the_first_frame(tmp_path):
     result = load(folder)
     report = result.images[result.subject.source_names.index("stack.tif")]
     assert "has 2 frames; used the first" in report.warnings
+    rgb, _ = decode_image(folder / "stack.tif")
+    first, second = (np.asarray(frame, dtype=np.float32) / 255 for frame in frames)
+    assert np.array_equal(rgb, first) and not np.array_equal(rgb, second)
 
 
 # -- modes and bit depths ------------------------------------------------------------------------
@@ -252,21 +258,26 @@ def test_exif_rotated_photo_comes_out_upright(tmp_path):
     assert "turned upright from EXIF orientation 6" in notes
 
 
-@pytest.mark.parametrize("writer", ["pillow_grey16", "opencv_rgb48"])
+@pytest.mark.parametrize("writer", ["pillow_grey16", "opencv_rgb48", "opencv_rgba64"])
 def test_16_bit_png_keeps_its_tones(tmp_path, writer):
+    """Ramps whose values are not multiples of 257 and differ per channel: 8-bit truncation,
+    a wrong scale or swapped channels all show up pixel by pixel."""
     import cv2
 
-    eight = np.asarray(photo(2, size=(96, 96)))
+    ramp = (np.arange(96 * 96, dtype=np.int64).reshape(96, 96) * 613 + 5) % 65536
     if writer == "pillow_grey16":
-        grey8 = np.asarray(Image.fromarray(eight).convert("L"))
-        Image.fromarray(grey8.astype(np.uint16) * 257).save(tmp_path / "deep.png")
-        reference = grey8
+        Image.fromarray(ramp.astype(np.uint16)).save(tmp_path / "deep.png")
+        expected = np.repeat(ramp[..., None], 3, axis=2) / 65535
     else:
-        cv2.imwrite(str(tmp_path / "deep.png"), (eight.astype(np.uint16) * 257)[..., ::-1])
-        reference = eight
+        rgb16 = np.stack([ramp, 65535 - ramp, (ramp * 7 + 1000) % 65536], axis=-1)
+        if writer == "opencv_rgba64":  # opaque alpha: nothing composited
+            rgb16 = np.concatenate([rgb16, np.full_like(ramp, 65535)[..., None]], axis=-1)
+        order = [2, 1, 0, 3][: rgb16.shape[-1]]  # OpenCV writes BGR(A)
+        cv2.imwrite(str(tmp_path / "deep.png"), rgb16[..., order].astype(np.uint16))
+        expected = rgb16[..., :3] / 65535
     rgb, _ = decode_image(tmp_path / "deep.png")
-    assert abs(rgb.mean() * 255 - reference.mean()) < 2.0
-    assert rgb.max() <= 1.0
+    assert rgb.shape == (96, 96, 3)
+    assert np.abs(rgb - expected).max() < 1e-6  # 8 bits would be off by up to 1/255
 
 
 def test_rgba_png_composites_on_the_fixed_background(tmp_path):
@@ -296,7 +307,13 @@ def test_other_modes_convert_to_rgb(tmp_path, mode, expected_pixel):
     img.save(tmp_path / f"m.{suffix}")
     rgb, _ = decode_image(tmp_path / f"m.{suffix}")
     assert rgb.shape == (64, 64, 3) and rgb.dtype == np.float32
-    assert 0.0 <= rgb.min() and rgb.max() <= 1.0
+    # pixel for pixel what Pillow's own conversion gives (transparency composited on the background)
+    with Image.open(tmp_path / f"m.{suffix}") as saved:
+        rgba = np.asarray(saved.convert("RGBA"), dtype=np.float32) / 255
+    alpha = rgba[..., 3:]
+    expected = rgba[..., :3] * alpha + np.array(BACKGROUND_RGB, dtype=np.float32) / 255 * (1 - alpha)
+    assert np.abs(rgb - expected).max() < 1e-6
+    assert len(np.unique(rgb.reshape(-1, 3), axis=0)) > 1  # the photo, not a flat fill
     if expected_pixel:
         assert np.allclose(rgb[0, 0], np.array(expected_pixel) / 255)
 
@@ -344,15 +361,27 @@ def test_face_crop_contains_the_face_on_real_photos(tmp_path, source, kind, face
     result = load_subject(folder, PROMPT, CLASS, 128, crop_mode="face")
     report = result.images[0]
     assert report.subject_found.startswith(f"{kind} found")
-    # crop "face (SxS at x=L y=T)": the face box lies inside it
-    side, rest = report.crop.split("(")[1].split("x", 1)
-    left = int(rest.split("x=")[1].split()[0])
-    top = int(rest.split("y=")[1].rstrip(")"))
-    side = int(side)
+    # "... found at x=X y=Y size=WxH": the detection covers the face seen by eye
+    found = re.search(r"at x=(\d+) y=(\d+) size=(\d+)x(\d+)", report.subject_found)
+    x, y, w, h = (int(v) for v in found.groups())
     x0, y0, x1, y1 = face_box
+    assert x <= (x0 + x1) / 2 <= x + w and y <= (y0 + y1) / 2 <= y + h
+    # crop "face (SxS at x=L y=T)": FACE_SCALE times the detection, centred on it, kept in the image
+    side, left, top = (int(v) for v in re.search(r"\((\d+)x\d+ at x=(\d+) y=(\d+)\)", report.crop).groups())
+    height, width = image.shape[:2]
+    wanted = round(max(w, h) * FACE_SCALE)
+    assert side == min(wanted, height, width)
+    if wanted < min(height, width):
+        assert side < min(height, width)  # a real crop, not the whole short side
+    for start, size, centre, limit in ((left, side, x + w / 2, width), (top, side, y + h / 2, height)):
+        if 0 < start < limit - size:  # not pushed against an edge: centred on the face
+            assert abs(start + size / 2 - centre) <= 1
+        else:
+            assert start in (0, limit - size) and start <= centre <= start + size
     assert left <= x0 and top <= y0 and left + side >= x1 and top + side >= y1
-    assert side <= min(image.shape[:2])
-    assert result.subject.images[0].shape == (128, 128, 3)
+    # the trained pixels are exactly that square, resized
+    square = torch.from_numpy(image[top:top + side, left:left + side].astype(np.float32) / 255)
+    assert torch.equal(result.subject.images[0], center_crop_resize(square, 128))
 
 
 def test_photo_without_a_face_falls_back_to_centre_and_says_so(tmp_path):

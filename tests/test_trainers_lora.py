@@ -22,7 +22,13 @@ from trainers.files.names import validate_output_name
 from trainers.sd15 import placeholder
 from trainers.training import loop
 from trainers.training.callbacks import NonFiniteLossError, StepState, TrainingCallbacks, TrainingStopped
-from trainers.training.config import ConfigError, LoRATrainConfig, field_spec, field_specs
+from trainers.training.config import (
+    ConfigError,
+    DreamBoothTrainConfig,
+    LoRATrainConfig,
+    field_spec,
+    field_specs,
+)
 from trainers.training.lora import (
     apply_lora,
     expected_kohya_keys,
@@ -452,9 +458,15 @@ def test_models_unchanged_after_training_with_every_option(tiny, subject):
     assert_unchanged(tiny, before)
 
 
-def test_cached_and_uncached_latents_train_the_same_lora(tiny, subject):
+def test_cached_and_uncached_latents_train_the_same_lora(tiny, subject, monkeypatch):
+    calls = []
+    encode = type(tiny.vae).encode
+    monkeypatch.setattr(type(tiny.vae), "encode", lambda self, x, *a, **k: calls.append(len(x)) or encode(self, x, *a, **k))
     cached = train_lora(tiny, subject, LoRATrainConfig(**FAST, cache_latents=True))
+    assert calls == [len(subject)]  # every image once, before the first step
+    calls.clear()
     encoded = train_lora(tiny, subject, LoRATrainConfig(**FAST, cache_latents=False))
+    assert calls == [1] * FAST["steps"]  # the batch of each step (batch size 1)
     for key, tensor in cached.state_dict.items():
         # Same draws and distribution; only float rounding of batched vs single VAE calls differs.
         assert torch.allclose(tensor, encoded.state_dict[key], atol=1e-4, rtol=1e-3), key
@@ -468,6 +480,11 @@ def test_flip_caches_both_mirror_images(tiny):
     )  # fmt: skip
     assert prepared.latent_mean.shape == (2, 2, 4, 8, 8)
     assert not torch.allclose(prepared.latent_mean[0], prepared.latent_mean[1])
+    # index 0: the images as they are; index 1: the encoding of their mirrored pixels
+    pixels = subject.pixels() * 2 - 1
+    for variant, images in enumerate((pixels, pixels.flip(-1))):
+        mean, std = loop.encode_latent_stats(tiny.vae, images)
+        assert torch.equal(prepared.latent_mean[variant], mean) and torch.equal(prepared.latent_std[variant], std)
     assert prepared.embeddings.shape == (1, 77, 32) and prepared.caption_index.tolist() == [0, 0]
 
 
@@ -587,8 +604,13 @@ def test_prior_set_rides_along_in_the_loop(tiny, subject):
 def test_min_snr_weights_follow_the_formula(tiny):
     timesteps = torch.tensor([10, 500, 990])
     weights = loop.min_snr_weights(tiny.noise_scheduler, timesteps, 5.0)
-    snr = loop.snr(tiny.noise_scheduler, timesteps)
-    assert torch.allclose(weights, torch.minimum(snr, torch.tensor(5.0)) / snr)
+    # SNR(t) = alpha_bar_t / (1 - alpha_bar_t), from the DDPM schedule SD1.5 trains with
+    # (scaled_linear betas 0.00085-0.012 over 1000 steps), computed here, not by the code under test
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    alpha_bar = torch.cumprod(1 - betas, dim=0)[timesteps]
+    snr = alpha_bar / (1 - alpha_bar)
+    assert torch.allclose(weights.double(), torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / snr,
+                          rtol=1e-6)
     assert float(weights[0]) < 1.0 and float(weights[2]) == pytest.approx(1.0)
 
 
@@ -631,13 +653,54 @@ def test_save_is_atomic_refuses_overwrite_and_carries_metadata(tiny, subject, tm
     assert not (tmp_path / "huge.safetensors").exists()
 
 
-def test_lora_fingerprint_changes_with_each_input(subject):
-    config = LoRATrainConfig()
+# A value other than the default for every config field (a new field without one fails below).
+OTHER_VALUES = {
+    "rank": 8, "alpha": 4.0, "steps": 10, "unet_lr": 2e-4, "text_encoder_lr": 1e-5, "lr_scheduler": "cosine",
+    "lr_warmup_steps": 3, "batch_size": 2, "seed": 1, "precision": "bf16", "gradient_checkpointing": True,
+    "cache_latents": False, "max_grad_norm": 0.5, "noise_offset": 0.05, "min_snr_gamma": 5.0, "class_images": 3,
+    "prior_loss_weight": 0.5, "class_steps": 10, "class_guidance": 5.0, "class_seed": 1, "save_precision": "fp32",
+    "optimizer": "adafactor",
+}
+PRIOR_ONLY = {"prior_loss_weight", "class_steps", "class_guidance", "class_seed"}
+
+
+def _identity_cases():
+    for cls in (LoRATrainConfig, DreamBoothTrainConfig):
+        for spec in field_specs(cls):
+            for prior in (False, True):
+                yield pytest.param(cls, spec["name"], prior, id=f"{cls.__name__}-{spec['name']}-prior_{prior}")
+
+
+@pytest.mark.parametrize(("cls", "name", "prior"), list(_identity_cases()))
+def test_run_fingerprint_changes_with_each_input(subject, cls, name, prior):
+    """Every config field is part of the run identity, except the class-image settings while
+    prior preservation is off (they change nothing then)."""
+    base = {"lr_scheduler": "linear", "class_images": 2 if prior else 0}  # linear: warmup is allowed
+    if name == "lr_scheduler":
+        base["lr_scheduler"] = "constant"
+    if name == "class_images":
+        base["class_images"] = 0
+    config = cls(**base)
+    changed_config = cls(**{**base, name: OTHER_VALUES[name]})
+    assert getattr(changed_config, name) != getattr(config, name)
+    fingerprint = run_fingerprint("base", subject, config, "generated:abc")
+    expected_change = prior or name not in PRIOR_ONLY
+    assert (run_fingerprint("base", subject, changed_config, "generated:abc") != fingerprint) == expected_change
+
+
+def test_run_fingerprint_changes_with_base_subject_and_class_images(subject):
+    config, with_prior = LoRATrainConfig(), LoRATrainConfig(class_images=2)
     base = run_fingerprint("base", subject, config)
     assert base == run_fingerprint("base", make_subject(), LoRATrainConfig())
     assert run_fingerprint("other", subject, config) != base
     assert run_fingerprint("base", make_subject(3), config) != base
-    assert run_fingerprint("base", subject, LoRATrainConfig(seed=1)) != base
+    assert run_fingerprint("base", make_subject(flip=True), config) != base
+    # the class images count only when prior preservation is on
+    assert run_fingerprint("base", subject, config, "generated:a") == run_fingerprint("base", subject, config, "generated:b")
+    assert run_fingerprint("base", subject, with_prior, "generated:a") != \
+        run_fingerprint("base", subject, with_prior, "generated:b")
+    # LoRA and DreamBooth runs of the same inputs never share a fingerprint
+    assert run_fingerprint("base", subject, DreamBoothTrainConfig(class_images=0)) != base
 
 
 def test_loss_curve_image_draws_axes_and_curves():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -163,12 +164,13 @@ def test_save_fp16_and_load_keeps_fp16_precision(tiny, tmp_path):
 
 def test_loaded_model_matches_original_outputs(tiny, tiny_file):
     loaded = load_sd15_single_file(tiny_file, tokenizer_dir())
-    reference = placeholder.random_unet("tiny", seed=0)
+    reference = placeholder.random_unet("tiny", seed=0).half().float()  # the file stores fp16
+    assert _states_equal(reference, loaded.unet)
     latents, context = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32)
     with torch.no_grad():
         expected = reference(latents, 500, encoder_hidden_states=context).sample
         actual = loaded.unet(latents, 500, encoder_hidden_states=context).sample
-    assert torch.allclose(actual, expected, atol=2e-2)  # weights went through fp16
+    assert torch.equal(actual, expected)
 
 
 def test_save_refuses_to_overwrite(tiny, tmp_path):
@@ -432,11 +434,31 @@ def test_describe_refuses_pickle_files(tmp_path, suffix):
         load_sd15_single_file(path, tokenizer_dir())
 
 
-def test_describe_refuses_a_renamed_pickle(tmp_path):
+@pytest.mark.parametrize("start", [b"PK\x03\x04", b"\x80\x02", b"\x80\x04"], ids=["zip", "pickle2", "pickle4"])
+def test_describe_refuses_a_renamed_pickle(tmp_path, start):
     path = tmp_path / "renamed.safetensors"
-    path.write_bytes(b"PK\x03\x04" + b"\0" * 100)
+    path.write_bytes(start + b"\0" * 100)
     with pytest.raises(CheckpointError, match="PyTorch pickle file renamed"):
         describe_checkpoint(path)
+
+
+@pytest.mark.parametrize("low_bytes", [b"\x80", b"PK"], ids=["0x80", "PK"])
+def test_a_safetensors_header_length_that_starts_like_a_pickle_is_read(tmp_path, low_bytes):
+    """The 8-byte header length of a real file can begin with 0x80 or "PK" (a full-size
+    DreamBooth checkpoint did): it is read as the safetensors file it is."""
+    wanted = int.from_bytes(low_bytes, "little")
+    header = {"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "__metadata__": {"pad": ""}}
+    size = len(json.dumps(header).encode())
+    length = size + (wanted - size) % (1 << (8 * len(low_bytes)))  # the next length with those low bytes
+    header["__metadata__"]["pad"] = "x" * (length - size)
+    raw = json.dumps(header).encode()
+    assert len(raw) == length
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(struct.pack("<Q", length) + raw + b"\0" * 8)
+    assert path.read_bytes()[: len(low_bytes)] == low_bytes
+    pad = length - size
+    shapes, metadata, _ = checkpoint.read_safetensors_header(path)
+    assert shapes == {"x": (2,)} and len(metadata["pad"]) == pad
 
 
 def test_describe_missing_path_and_folder(tmp_path):

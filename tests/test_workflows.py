@@ -159,9 +159,16 @@ def test_runner_converts_a_ui_workflow_and_sets_inputs_by_title(comfy_server, wo
     assert by_title["LoRA Train"]["steps"] == 2
     assert by_title["LoRA Scale x CFG Grid"]["cfg_values"] == "4, 8"
     assert by_title["Load Checkpoint"]["ckpt_name"] == test_models["checkpoint"].name
-    twin = api_twin("lora_scale_grid")
-    for node_id, node in twin.items():  # everything else as the twin has it
-        assert prompt[node_id]["class_type"] == node["class_type"]
+    # everything else exactly as the API twin has it: same nodes, same inputs, same links
+    expected = api_twin("lora_scale_grid")
+    overrides = {"LoRA Train": {"steps": 2}, "Load Checkpoint": {"ckpt_name": test_models["checkpoint"].name},
+                 "LoRA Scale x CFG Grid": {"cfg_values": "4, 8"}}
+    for node in expected.values():
+        node["inputs"].update(overrides.get(node["_meta"]["title"], {}))
+    assert set(prompt) == set(expected)
+    for node_id, node in expected.items():
+        assert prompt[node_id]["class_type"] == node["class_type"], node_id
+        assert prompt[node_id]["inputs"] == node["inputs"], node_id
 
 
 @pytest.mark.server

@@ -4,7 +4,8 @@ What a folder of real photos throws at a trainer, and what happens to it here:
 
 - Decoding: every image is fully decoded (truncated files fail here, not during training), EXIF
   orientation is applied, transparency is composited on ``BACKGROUND_RGB``, 16-bit images are
-  scaled from 0-65535, palette / CMYK / LA / greyscale are converted to RGB, and an image over
+  scaled from 0-65535 at full depth (16-bit colour PNGs through OpenCV, which keeps all 16 bits
+  where Pillow keeps 8), palette / CMYK / LA / greyscale are converted to RGB, and an image over
   ``max_pixels`` is refused before decoding (decompression-bomb guard).
 - Unusable files (empty, truncated, not an image, undecodable, short side under half the
   resolution, too many pixels, links or names that resolve outside the folder) are collected by
@@ -213,6 +214,45 @@ def _signature(path: Path) -> str:
     return next((kind for magic, kind in _SIGNATURES if head.startswith(magic)), "")
 
 
+# EXIF orientation -> what makes the pixel array upright (as Pillow's exif_transpose does).
+_UPRIGHT = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def _is_deep_colour_png(path: Path) -> bool:
+    """A PNG with 16 bits per channel in colour (RGB or RGBA): Pillow would read it at 8 bits."""
+    with open(path, "rb") as handle:
+        head = handle.read(26)
+    return len(head) == 26 and head[12:16] == b"IHDR" and head[24] == 16 and head[25] in (2, 6)
+
+
+def _deep_colour_png(path: Path, orientation: int) -> tuple[np.ndarray, list[str]]:
+    """A 16-bit RGB(A) PNG at full depth (OpenCV reads all 16 bits), upright, alpha on the background."""
+    import cv2
+
+    data = np.fromfile(path, dtype=np.uint8)
+    decoded = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if decoded is None or decoded.dtype != np.uint16 or decoded.ndim != 3:
+        raise BadImageFile("damaged PNG (16-bit colour data cannot be read)")
+    channels = decoded[..., [2, 1, 0, 3][: decoded.shape[2]]].astype(np.float32) / 65535.0  # BGR(A) -> RGB(A)
+    channels = _UPRIGHT.get(orientation, lambda a: a)(channels)
+    notes = ["16-bit colour scaled to 0-1"]
+    rgb = channels[..., :3]
+    if channels.shape[2] == 4 and float(channels[..., 3].min()) < 1.0:
+        alpha = channels[..., 3:4]
+        background = np.asarray(BACKGROUND_RGB, dtype=np.float32) / 255.0
+        rgb = rgb * alpha + background * (1.0 - alpha)
+        notes.append(f"transparent pixels composited on RGB{BACKGROUND_RGB}")
+    return np.ascontiguousarray(rgb, dtype=np.float32), notes
+
+
 def decode_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, list[str]]:
     """Fully decoded RGB image, EXIF orientation applied, as HxWx3 float32 in [0, 1], plus notes.
 
@@ -240,10 +280,12 @@ def decode_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> tuple
                 notes.append(f"has {im.n_frames} frames; used the first")
             im.load()
             orientation = im.getexif().get(0x0112, 1)
-            upright = ImageOps.exif_transpose(im)
             if orientation not in (None, 1):
                 notes.append(f"turned upright from EXIF orientation {orientation}")
-            rgb, more = _to_rgb_float(upright)
+            if im.format == "PNG" and _is_deep_colour_png(path):
+                rgb, more = _deep_colour_png(path, orientation)
+            else:
+                rgb, more = _to_rgb_float(ImageOps.exif_transpose(im))
             return rgb, notes + more
     except BadImageFile:
         raise

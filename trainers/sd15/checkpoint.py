@@ -100,18 +100,21 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[Shapes, dict[str, 
         head = handle.read(8)
         if len(head) < 8:
             raise CheckpointError(f"{path.name} is not a safetensors file: it is only {size} bytes long.")
-        if head[:2] == b"PK" or head[:1] == b"\x80":
-            raise CheckpointError(
-                f"{path.name} is a PyTorch pickle file renamed to .safetensors. Pickle files can run code "
-                f"when loaded, so this pack only reads real safetensors files. {PICK_SD15}"
-            )
         (header_len,) = struct.unpack("<Q", head)
-        if header_len > min(size - 8, _MAX_HEADER_BYTES):
+        # A safetensors file is an 8-byte little-endian length and a JSON object. Only when that is
+        # not what the file holds are its first bytes read as another format's signature (the
+        # length's low byte can be 0x80 or "P" in a real safetensors file).
+        raw = handle.read(header_len) if header_len <= min(size - 8, _MAX_HEADER_BYTES) else b""
+        if raw[:1] != b"{":
+            if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+                raise CheckpointError(
+                    f"{path.name} is a PyTorch pickle file renamed to .safetensors. Pickle files can run code "
+                    f"when loaded, so this pack only reads real safetensors files. {PICK_SD15}"
+                )
             raise CheckpointError(
                 f"{path.name} is not a safetensors file (its first bytes are not a safetensors header; "
                 f"is it a renamed text, image or archive file?), or it is truncated. {PICK_SD15}"
             )
-        raw = handle.read(header_len)
     try:
         header = json.loads(raw.decode("utf-8"))
         if not isinstance(header, dict):
