@@ -258,7 +258,7 @@ def test_exif_rotated_photo_comes_out_upright(tmp_path):
     assert "turned upright from EXIF orientation 6" in notes
 
 
-@pytest.mark.parametrize("writer", ["pillow_grey16", "opencv_rgb48", "opencv_rgba64"])
+@pytest.mark.parametrize("writer", ["pillow_grey16", "opencv_rgb48", "opencv_rgba64", "opencv_rgba64_transparent"])
 def test_16_bit_png_keeps_its_tones(tmp_path, writer):
     """Ramps whose values are not multiples of 257 and differ per channel: 8-bit truncation,
     a wrong scale or swapped channels all show up pixel by pixel."""
@@ -270,11 +270,15 @@ def test_16_bit_png_keeps_its_tones(tmp_path, writer):
         expected = np.repeat(ramp[..., None], 3, axis=2) / 65535
     else:
         rgb16 = np.stack([ramp, 65535 - ramp, (ramp * 7 + 1000) % 65536], axis=-1)
-        if writer == "opencv_rgba64":  # opaque alpha: nothing composited
-            rgb16 = np.concatenate([rgb16, np.full_like(ramp, 65535)[..., None]], axis=-1)
+        alpha = np.full_like(ramp, 65535)
+        if writer == "opencv_rgba64_transparent":  # the left half fades out: composited on the background
+            alpha[:, :48] = (np.arange(48) * 1365)[None, :]
+        if writer.startswith("opencv_rgba64"):
+            rgb16 = np.concatenate([rgb16, alpha[..., None]], axis=-1)
         order = [2, 1, 0, 3][: rgb16.shape[-1]]  # OpenCV writes BGR(A)
         cv2.imwrite(str(tmp_path / "deep.png"), rgb16[..., order].astype(np.uint16))
-        expected = rgb16[..., :3] / 65535
+        a = alpha[..., None] / 65535
+        expected = rgb16[..., :3] / 65535 * a + np.array(BACKGROUND_RGB) / 255 * (1 - a)
     rgb, _ = decode_image(tmp_path / "deep.png")
     assert rgb.shape == (96, 96, 3)
     assert np.abs(rgb - expected).max() < 1e-6  # 8 bits would be off by up to 1/255

@@ -44,7 +44,6 @@ KINDS = {"lora": "LoRA", "dreambooth": "checkpoint"}
 class JobResult(WithLossHistory):
     """A finished job: the file, its loss curves, and whether an identical earlier run made it."""
 
-    method: str  # "lora" or "dreambooth"
     path: Path
     history: LossHistory
     reused: bool
@@ -126,10 +125,7 @@ def train_file(base_model: str | os.PathLike, subject: SubjectData, config: Trai
     train = _METHODS[config.method]
     base_model, output = Path(base_model), Path(output_path)
     check_output(output)
-    checkpoint.check_sd15(base_model)  # headers and configs only: not SD1.5 is a clear error
-    if tokenizer_dir is None and not base_model.is_dir():
-        raise FileNotFoundError("no CLIP tokenizer folder: give ComfyUI's comfy/sd1_tokenizer (a single-file "
-                                "checkpoint has none)")
+    checkpoint.check_sd15(base_model, tokenizer_dir)  # headers and configs only: not SD1.5 is a clear error
     base_fingerprint = content_sha256(base_model)
     plan = plan_prior(config.prior_request, subject, base_fingerprint, class_cache_dir, class_folder, tokenizer_dir)
     provenance = Provenance.of_run(base_model.name, base_fingerprint, subject, config, plan.source, plan.info())
@@ -137,7 +133,7 @@ def train_file(base_model: str | os.PathLike, subject: SubjectData, config: Trai
     if metadata is not None:
         if plan.enabled:
             plan.report = f"{KINDS[config.method]} reused, no class images needed; {plan.report}"
-        return JobResult(config.method, output, history_from_metadata(metadata), reused=True, prior=plan)
+        return JobResult(output, history_from_metadata(metadata), reused=True, prior=plan)
     if before_load is not None:
         before_load()
     callbacks = callbacks or TrainingCallbacks()
@@ -152,5 +148,5 @@ def train_file(base_model: str | os.PathLike, subject: SubjectData, config: Trai
     finally:
         del base
         gc.collect()
-    return JobResult(config.method, output, history, reused=False, prior=plan)
+    return JobResult(output, history, reused=False, prior=plan)
 

@@ -170,6 +170,16 @@ def scan_folder(folder: str | os.PathLike) -> FolderScan:
 
 
 # -- decoding -----------------------------------------------------------------------------------
+def _on_background(rgba: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """HxWx4 float RGBA in [0, 1] -> RGB, transparency composited on BACKGROUND_RGB (with a note)."""
+    alpha = rgba[..., 3:4]
+    if float(alpha.min()) < 1.0:
+        background = np.asarray(BACKGROUND_RGB, dtype=np.float32) / 255.0
+        return rgba[..., :3] * alpha + background * (1.0 - alpha), [
+            f"transparent pixels composited on RGB{BACKGROUND_RGB}"]
+    return np.ascontiguousarray(rgba[..., :3]), []
+
+
 def _to_rgb_float(im) -> tuple[np.ndarray, list[str]]:
     """Any Pillow mode -> HxWx3 float32 in [0, 1], with a note for what was converted."""
     notes = []
@@ -186,13 +196,7 @@ def _to_rgb_float(im) -> tuple[np.ndarray, list[str]]:
         return np.repeat(grey[..., None], 3, axis=2), ["16-bit greyscale scaled to 0-1"]
     has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
     if has_alpha:
-        rgba = np.asarray(im.convert("RGBA"), dtype=np.float32) / 255.0
-        alpha = rgba[..., 3:4]
-        if float(alpha.min()) < 1.0:
-            background = np.asarray(BACKGROUND_RGB, dtype=np.float32) / 255.0
-            notes.append(f"transparent pixels composited on RGB{BACKGROUND_RGB}")
-            return rgba[..., :3] * alpha + background * (1.0 - alpha), notes
-        return np.ascontiguousarray(rgba[..., :3]), notes
+        return _on_background(np.asarray(im.convert("RGBA"), dtype=np.float32) / 255.0)
     if mode != "RGB":
         notes.append(f"converted from {mode} to RGB")
     return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0, notes
@@ -244,13 +248,10 @@ def _deep_colour_png(path: Path, orientation: int) -> tuple[np.ndarray, list[str
     channels = decoded[..., [2, 1, 0, 3][: decoded.shape[2]]].astype(np.float32) / 65535.0  # BGR(A) -> RGB(A)
     channels = _UPRIGHT.get(orientation, lambda a: a)(channels)
     notes = ["16-bit colour scaled to 0-1"]
-    rgb = channels[..., :3]
-    if channels.shape[2] == 4 and float(channels[..., 3].min()) < 1.0:
-        alpha = channels[..., 3:4]
-        background = np.asarray(BACKGROUND_RGB, dtype=np.float32) / 255.0
-        rgb = rgb * alpha + background * (1.0 - alpha)
-        notes.append(f"transparent pixels composited on RGB{BACKGROUND_RGB}")
-    return np.ascontiguousarray(rgb, dtype=np.float32), notes
+    if channels.shape[2] == 4:
+        rgb, more = _on_background(channels)
+        return np.ascontiguousarray(rgb, dtype=np.float32), notes + more
+    return np.ascontiguousarray(channels, dtype=np.float32), notes
 
 
 def decode_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, list[str]]:

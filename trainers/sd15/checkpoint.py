@@ -536,14 +536,23 @@ def load_sd15_single_file(
     )
 
 
-def check_sd15(path: str | os.PathLike) -> None:
-    """Refuse anything that is not an SD1.5 single file or diffusers folder, reading only headers
-    and config files (no weights)."""
+def _require_tokenizer(path: Path, tokenizer_dir: str | os.PathLike | None) -> None:
+    if tokenizer_dir is None and not path.is_dir():
+        raise FileNotFoundError(
+            "no CLIP tokenizer folder: give ComfyUI's comfy/sd1_tokenizer (a single-file checkpoint has none)"
+        )
+
+
+def check_sd15(path: str | os.PathLike, tokenizer_dir: str | os.PathLike | None) -> None:
+    """Refuse anything that :func:`load_sd15` could not load as SD1.5: not an SD1.5 single file or
+    diffusers folder (reading only headers and config files, no weights), or a single file
+    without a tokenizer folder."""
     path = Path(path)
     if path.is_dir():
         _check_diffusers_folder(path)
     else:
         describe_checkpoint(path)
+    _require_tokenizer(path, tokenizer_dir)
 
 
 def load_sd15(
@@ -555,10 +564,7 @@ def load_sd15(
     """
     if Path(path).is_dir():
         return load_sd15_diffusers_folder(path, tokenizer_dir, dtype)
-    if tokenizer_dir is None:
-        raise FileNotFoundError(
-            "no CLIP tokenizer folder: give ComfyUI's comfy/sd1_tokenizer (a single-file checkpoint has none)"
-        )
+    _require_tokenizer(Path(path), tokenizer_dir)
     return load_sd15_single_file(path, tokenizer_dir, dtype)
 
 
