@@ -161,10 +161,17 @@ class ComfyProgress(TrainingCallbacks):
         self.bar.update_absolute(state.step, state.total_steps, image)
 
 
+def pack_data_dir() -> Path:
+    """models/dreambooth_studio/: the pack's own server-side data (class images, training states).
+    Not a model list, and nothing under it can be written through ComfyUI's HTTP API (unlike
+    input/, which /upload/image writes, or user/, which /userdata writes)."""
+    return Path(folder_paths.models_dir) / "dreambooth_studio"
+
+
 def class_image_cache() -> Path:
-    """Generated class images live in input/class_images/<prompt>-<res>px-<count>-<key>/: visible,
-    reusable as a class folder, and found again by every run of a sweep."""
-    return Path(folder_paths.get_input_directory()) / "class_images"
+    """Generated class images: models/dreambooth_studio/class_images/<prompt>-<res>px-<count>-<key>/,
+    found again by every run of a sweep and checked file by file against their manifest."""
+    return pack_data_dir() / "class_images"
 
 
 def free_comfy_models() -> None:

@@ -33,7 +33,7 @@ class DreamBoothTrain(io.ComfyNode):
             category=CATEGORY,
             description="Fine-tunes the whole SD1.5 UNet (and the text encoder when its learning rate is above "
                         "0) on the subject, with prior preservation: class images generated once from the "
-                        "same base model with the class prompt (cached in input/class_images and reused by "
+                        "same base model with the class prompt (cached in models/dreambooth_studio/class_images and reused by "
                         "every run with the same settings) or taken from a class folder. Saves a single-file "
                         "checkpoint to models/checkpoints and loads it back with ComfyUI's checkpoint loader. "
                         "Progress covers class-image generation and every training step; cancel stops within "

@@ -58,7 +58,7 @@ def overwrite_input() -> io.Input:
 def class_folder_input() -> io.Input:
     return io.Combo.Input("class_folder", optional=True, options=[GENERATE, *input_subfolders()], default=GENERATE,
                           tooltip="Class images for prior preservation: generated from the base model with the "
-                                  "class prompt (cached in input/class_images/, reused by every run with the same "
+                                  "class prompt (cached in models/dreambooth_studio/class_images/, reused by every run with the same "
                                   "model, prompt, count, resolution and seed), or your own folder in input/ (at "
                                   "most class_images of them, centre-cropped).")
 

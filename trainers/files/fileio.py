@@ -11,14 +11,74 @@ import hashlib
 import json
 import logging
 import os
+import re
+import secrets
+import shutil
 import struct
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 logger = logging.getLogger(__name__)
+
+# Every temporary file or folder the pack writes is named ".<final name>.dbs-<pid>-<random>.tmp"
+# (hidden, never listed by ComfyUI). The writing process's id in the name tells a later sweep
+# which leftovers are stale (their process is gone) without touching anyone else's files.
+TEMP_MARK = ".dbs-"
+TEMP_SUFFIX = ".tmp"
+_TEMP_NAME = re.compile(r"^\..+\.dbs-(\d+)-[0-9a-z_]{8}\.tmp$", re.DOTALL)
+
+
+def temp_path(final: str | os.PathLike) -> Path:
+    """A fresh temporary name beside ``final``, recognisable by :func:`stale_temp` (not created)."""
+    final = Path(final)
+    token = "".join(secrets.choice("0123456789abcdefghijklmnopqrstuvwxyz") for _ in range(8))
+    return final.with_name(f".{final.name}{TEMP_MARK}{os.getpid()}-{token}{TEMP_SUFFIX}")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # exists (someone else's process), or cannot tell: keep its files
+    return True
+
+
+def stale_temp(name: str) -> bool:
+    """True for a temporary name of this pack whose writer is gone: its process no longer runs,
+    or it is this very process (called at start-up, before this process wrote anything)."""
+    match = _TEMP_NAME.match(name)
+    if not match:
+        return False
+    pid = int(match.group(1))
+    return pid == os.getpid() or not _process_alive(pid)
+
+
+def sweep_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Remove this pack's stale temporary files and folders directly in ``folder`` (nothing
+    else); returns what was removed. Call at start-up, before this process writes anything."""
+    folder = Path(folder)
+    removed = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        if not stale_temp(entry.name):
+            continue
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except OSError as exc:
+            logger.warning("could not remove stale temporary %s: %s", entry.name, exc.strerror)
+            continue
+        removed.append(entry)
+    return removed
 
 
 def check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
@@ -38,12 +98,6 @@ def refuse_existing(path: Path, overwrite: bool) -> None:
         raise FileExistsError(
             f"{path} already exists; choose another output name or pass overwrite=True to replace it"
         )
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 _DTYPE_NAMES = {
@@ -94,15 +148,12 @@ def atomic_save_safetensors(
     if not path.parent.is_dir():
         raise FileNotFoundError(f"output folder {path.parent} does not exist")
 
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = temp_path(path)
     try:
-        with open(tmp, "wb") as handle:
+        with open(tmp, "xb") as handle:
             write_safetensors(tensors, handle, metadata)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp creates 0600
         if overwrite:
             os.replace(tmp, path)
         else:
