@@ -6,6 +6,8 @@ outputs, progress events and error. Used by the demo, the headless runner and th
 
 from __future__ import annotations
 
+import http.client
+import io
 import json
 import logging
 import time
@@ -16,8 +18,16 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 log = logging.getLogger(__name__)
+
+
+class IncompleteDownload(ConnectionError):
+    """The server's answer for an output file ended early (an OSError, like the other network errors)."""
+
+    def __init__(self, received: int, expected: str | None):
+        super().__init__(f"the download ended after {received} of {expected} bytes")
 
 
 class PromptRejected(RuntimeError):
@@ -132,12 +142,32 @@ class ComfyClient:
         return self.get_json(f"/history/{urllib.parse.quote(prompt_id)}").get(prompt_id, {})
 
     def download(self, file_info: dict) -> bytes:
+        buffer = io.BytesIO()
+        self.download_to(file_info, buffer)
+        return buffer.getvalue()
+
+    def download_to(self, file_info: dict, stream: BinaryIO, chunk_size: int = 1 << 20) -> int:
+        """Copy one output file from ``/view`` into `stream` piece by piece; returns its size.
+
+        Raises IncompleteDownload when the answer ends before its Content-Length (http.client's
+        read(n) just returns less then), so a cut connection never passes for a whole file.
+        """
         query = urllib.parse.urlencode(
             {"filename": file_info["filename"], "subfolder": file_info.get("subfolder", ""),
              "type": file_info.get("type", "output")}
         )
+        size = 0
         with self._request("GET", f"/view?{query}") as resp:
-            return resp.read()
+            expected = resp.headers.get("Content-Length")
+            try:
+                while chunk := resp.read(chunk_size):
+                    stream.write(chunk)
+                    size += len(chunk)
+            except http.client.IncompleteRead as exc:
+                raise IncompleteDownload(size + len(exc.partial), expected) from None
+        if expected is not None and expected.strip().isdigit() and size != int(expected):
+            raise IncompleteDownload(size, expected)
+        return size
 
     def upload_image(self, path: Path, subfolder: str = "", overwrite: bool = True) -> dict:
         boundary = uuid.uuid4().hex
