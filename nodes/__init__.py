@@ -8,6 +8,11 @@ from comfy_api.latest import ComfyExtension, io
 
 
 class DreamBoothStudioExtension(ComfyExtension):
+    async def on_load(self) -> None:
+        from .bridge import sweep_stale_files
+
+        sweep_stale_files()
+
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return all_nodes()
 

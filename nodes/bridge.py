@@ -17,6 +17,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
+from ..trainers.files.fileio import sweep_stale_temps
 from ..trainers.training.callbacks import LossHistory, TrainingCallbacks
 from ..trainers.training.config import field_spec, field_specs
 
@@ -54,10 +55,11 @@ def model_path(kind: str, name: str) -> Path:
     return Path(path)
 
 
-def output_model_path(kind: str, stem: str) -> Path:
+def output_model_path(kind: str, stem: str, create: bool = True) -> Path:
     """Where a new model file `<stem>.safetensors` goes: the first folder ComfyUI lists for `kind`."""
     folder = Path(folder_paths.get_folder_paths(kind)[0])
-    folder.mkdir(parents=True, exist_ok=True)
+    if create:
+        folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{stem}.safetensors"
     if not contained(path, folder):
         raise ValueError(f"output name {stem!r} would be written outside models/{kind}")
@@ -172,6 +174,81 @@ def class_image_cache() -> Path:
     """Generated class images: models/dreambooth_studio/class_images/<prompt>-<res>px-<count>-<key>/,
     found again by every run of a sweep and checked file by file against their manifest."""
     return pack_data_dir() / "class_images"
+
+
+def rescue_dir() -> Path:
+    """Where a finished run goes when its models/ folder cannot take the file (disk full, read-only)."""
+    return pack_data_dir() / "rescued"
+
+
+def shown(path: str | os.PathLike) -> str:
+    """A server path as the user knows it: relative to ComfyUI's folders (``models/loras``,
+    ``input/cats``), never the absolute path (errors reach /history, readable by anyone)."""
+    real = os.path.realpath(path)
+    roots = [(folder_paths.models_dir, "models"), (folder_paths.get_input_directory(), "input"),
+             (folder_paths.get_output_directory(), "output"), (folder_paths.get_temp_directory(), "temp"),
+             (folder_paths.get_user_directory(), "user")]
+    for kind in ("checkpoints", "loras"):
+        roots += [(root, f"models/{kind}") for root in folder_paths.get_folder_paths(kind)]
+    best = None
+    for root, name in roots:
+        root = os.path.realpath(root)
+        if real == root or real.startswith(root + os.sep):
+            if best is None or len(root) > len(best[0]):
+                best = (root, name)
+    if best is None:
+        return Path(path).name or "(a folder outside ComfyUI)"
+    rest = os.path.relpath(real, best[0])
+    return best[1] if rest == "." else f"{best[1]}/{Path(rest).as_posix()}"
+
+
+def without_server_paths(text: str) -> str:
+    """``text`` with every absolute path under ComfyUI's folders replaced by its :func:`shown` form."""
+    roots = {folder_paths.models_dir, folder_paths.get_input_directory(), folder_paths.get_output_directory(),
+             folder_paths.get_temp_directory(), folder_paths.get_user_directory(), folder_paths.base_path}
+    for kind in ("checkpoints", "loras"):
+        roots.update(folder_paths.get_folder_paths(kind))
+    spellings = {spelling for root in roots for spelling in (root, os.path.realpath(root))}
+    base = {folder_paths.base_path, os.path.realpath(folder_paths.base_path)}
+    for spelling in sorted(spellings, key=len, reverse=True):  # longest first: models/loras before models
+        if spelling and spelling in text:
+            text = text.replace(spelling, "ComfyUI" if spelling in base else shown(spelling))
+    return text
+
+
+@contextlib.contextmanager
+def user_facing_errors():
+    """Re-raise a node's error with ComfyUI's folders named relatively (cancel passes untouched)."""
+    try:
+        yield
+    except Exception as exc:
+        if "Interrupt" in type(exc).__name__:
+            raise
+        text = str(exc.strerror if isinstance(exc, OSError) and exc.strerror and not exc.filename else exc)
+        clean = without_server_paths(text)
+        if isinstance(exc, OSError) and exc.filename:
+            clean = without_server_paths(f"{exc.strerror}: {exc.filename}")
+        if clean == str(exc):
+            raise
+        try:
+            replacement = type(exc)(clean)
+        except Exception:
+            replacement = RuntimeError(clean)
+        raise replacement from None
+
+
+def sweep_stale_files() -> list[Path]:
+    """At start-up: remove this pack's temporary files left by a process that died while writing
+    (a killed save leaves a hidden 2-4 GB file otherwise). Only names this pack creates."""
+    removed = []
+    for kind in ("checkpoints", "loras"):
+        for folder in folder_paths.get_folder_paths(kind):
+            removed += sweep_stale_temps(folder)
+    removed += sweep_stale_temps(rescue_dir())
+    removed += sweep_stale_temps(class_image_cache())
+    for path in removed:
+        log.info("removed stale temporary file %s/%s", shown(path.parent), path.name)
+    return removed
 
 
 def free_comfy_models() -> None:

@@ -46,6 +46,7 @@ class DreamBoothTrain(io.ComfyNode):
                 overwrite_input(),
                 *[config_input(DreamBoothTrainConfig, name) for name in TRAIN_FIELDS],
                 class_folder_input(),
+                config_input(DreamBoothTrainConfig, "record_sources", optional=True),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The fine-tuned UNet, loaded from the saved file."),
@@ -62,11 +63,11 @@ class DreamBoothTrain(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, output_name, unet_lr, text_encoder_lr, steps, lr_warmup_steps,
+    def validate_inputs(cls, output_name, ckpt_name, unet_lr, text_encoder_lr, steps, lr_warmup_steps,
                         prior_loss_weight=1.0, class_guidance=7.5) -> bool | str:
         # Only the inputs named here lose ComfyUI's own min/max check; the config re-checks them
         # (and catches NaN, which passes a min/max comparison).
-        return check_inputs(output_name, DreamBoothTrainConfig, unet_lr=unet_lr, text_encoder_lr=text_encoder_lr,
+        return check_inputs(output_name, DreamBoothTrainConfig, ckpt_name, unet_lr=unet_lr, text_encoder_lr=text_encoder_lr,
                             steps=steps, lr_warmup_steps=lr_warmup_steps, prior_loss_weight=prior_loss_weight,
                             class_guidance=class_guidance)
 

@@ -41,6 +41,7 @@ class LoRATrain(io.ComfyNode):
                 # they existed still validate.
                 *[config_input(LoRATrainConfig, name, optional=True) for name in PRIOR_FIELDS],
                 class_folder_input(),
+                config_input(LoRATrainConfig, "record_sources", optional=True),
             ],
             outputs=[
                 io.LoraModel.Output(display_name="LORA_MODEL",
@@ -51,10 +52,10 @@ class LoRATrain(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, output_name, unet_lr, text_encoder_lr, steps, lr_warmup_steps) -> bool | str:
+    def validate_inputs(cls, output_name, ckpt_name, unet_lr, text_encoder_lr, steps, lr_warmup_steps) -> bool | str:
         # Only the inputs named here lose ComfyUI's own min/max check; the config re-checks them
         # (and catches NaN, which passes a min/max comparison).
-        return check_inputs(output_name, LoRATrainConfig, unet_lr=unet_lr, text_encoder_lr=text_encoder_lr,
+        return check_inputs(output_name, LoRATrainConfig, ckpt_name, unet_lr=unet_lr, text_encoder_lr=text_encoder_lr,
                             steps=steps, lr_warmup_steps=lr_warmup_steps)
 
     @classmethod

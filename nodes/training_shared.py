@@ -11,7 +11,7 @@ import torch
 from comfy_api.latest import io
 
 from ..trainers.files.names import validate_output_name
-from ..trainers.jobs import JobResult, train_file
+from ..trainers.jobs import JobResult, check_output, train_file
 from ..trainers.training.callbacks import LossHistory
 from ..trainers.training.config import CLASS_IMAGE_FIELDS
 from ..trainers.training.plot import loss_curve_image
@@ -24,9 +24,13 @@ from .bridge import (
     input_subfolders,
     model_path,
     output_model_path,
+    rescue_dir,
     resolve_input_folder,
+    shown,
     tokenizer_dir,
     training_scope,
+    user_facing_errors,
+    without_server_paths,
 )
 
 log = logging.getLogger(__name__)
@@ -51,8 +55,9 @@ def output_name_input(default: str) -> io.Input:
 
 def overwrite_input() -> io.Input:
     return io.Boolean.Input("overwrite", default=False,
-                            tooltip="Replace an existing file of that name. Off: a file from an identical "
-                                    "earlier run is reused, any other file is an error.")
+                            tooltip="Replace an existing file of that name that this pack wrote (a file from "
+                                    "anywhere else is never replaced). Off: a file from an identical earlier run "
+                                    "is reused, any other file is an error.")
 
 
 def class_folder_input() -> io.Input:
@@ -69,13 +74,19 @@ def resolve_class_folder(name):
     return resolve_input_folder(name)
 
 
-def check_inputs(output_name: str, config_cls, **fields) -> bool | str:
-    """For validate_inputs: the output name and the config fields ComfyUI no longer checks."""
+def check_inputs(output_name: str, config_cls, ckpt_name=None, **fields) -> bool | str:
+    """For validate_inputs (runs at /prompt, before anything is queued): the output name, that
+    the output is not the base checkpoint itself, and the config fields ComfyUI no longer checks."""
     try:
-        validate_output_name(output_name)
+        stem = validate_output_name(output_name)
         config_cls(**fields)
+        if ckpt_name is not None:
+            folder = MODEL_FOLDERS[config_cls.method]
+            output = output_model_path(folder, stem, create=False)
+            if output.parent.is_dir():
+                check_output(output, (model_path("checkpoints", ckpt_name),))
     except ValueError as exc:
-        return str(exc)
+        return without_server_paths(str(exc))
     return True
 
 
@@ -93,17 +104,20 @@ def to_pil(image: torch.Tensor):
 def run_training_node(config_cls, subject, ckpt_name: str, output_name: str, overwrite: bool, class_folder,
                       settings: dict) -> tuple[JobResult, torch.Tensor]:
     """Train (or reuse) the file a training node asks for: (job result, loss-curve IMAGE)."""
-    config = config_cls(**config_kwargs(config_cls, settings))
-    checkpoint = model_path("checkpoints", ckpt_name)
-    output = output_model_path(MODEL_FOLDERS[config.method], validate_output_name(output_name))
-    folder = resolve_class_folder(class_folder)
-    title = TITLES[config.method]
-    progress = ComfyProgress(config.steps, preview=lambda history: to_pil(curve_image(history, title)))
-    with training_scope():
-        job = train_file(checkpoint, subject, config, output, tokenizer_dir(), overwrite=overwrite,
-                         callbacks=progress, before_load=free_comfy_models, class_cache_dir=class_image_cache(),
-                         class_folder=folder)
+    with user_facing_errors():
+        config = config_cls(**config_kwargs(config_cls, settings))
+        checkpoint = model_path("checkpoints", ckpt_name)
+        output = output_model_path(MODEL_FOLDERS[config.method], validate_output_name(output_name))
+        folder = resolve_class_folder(class_folder)
+        title = TITLES[config.method]
+        progress = ComfyProgress(config.steps, preview=lambda history: to_pil(curve_image(history, title)))
+        with training_scope():
+            job = train_file(checkpoint, subject, config, output, tokenizer_dir(), overwrite=bool(overwrite),
+                             callbacks=progress, before_load=free_comfy_models, class_cache_dir=class_image_cache(),
+                             class_folder=folder, rescue_dir=rescue_dir(), keep_unsaved=True, shown=shown)
     if job.reused:
         progress.bar.update_absolute(config.steps, config.steps)
+    for note in job.notes:
+        log.warning(note)
     log.info(job.report())
     return job, curve_image(job.history, f"{title} ({job.path.name})")

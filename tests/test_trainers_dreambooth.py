@@ -592,7 +592,9 @@ def test_cli_trains_and_saves_a_checkpoint(base_file, tmp_path):
     assert f"saved {output};" in stdout and "prior preservation off" in stdout
     assert describe_checkpoint(output).size == "tiny"
     metadata = metadata_of(output)
-    assert json.loads(metadata["dbs.source_names"]) == ["img0.png", "img1.png", "img2.png"]
+    # photo names and captions stay private unless --record-sources asks for them
+    assert json.loads(metadata["dbs.source_names"]) == {"count": 3, "recorded": False}
+    assert "img0" not in json.dumps(metadata)
     assert json.loads(metadata["dbs.config"])["steps"] == 2
     assert not (tmp_path / "cache").exists()
     # The identical command reuses the checkpoint instead of training again.

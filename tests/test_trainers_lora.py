@@ -215,7 +215,8 @@ def test_cli_options_come_from_the_config_metadata(capsys):
 
 @pytest.mark.parametrize(
     ("name", "stem"),
-    [("sks_dog", "sks_dog"), ("sks dog v2.safetensors", "sks dog v2"), ("a.b-c_1", "a.b-c_1"), ("x" * 100, "x" * 100)],
+    [("sks_dog", "sks_dog"), ("sks dog v2.safetensors", "sks dog v2"), ("a.b-c_1", "a.b-c_1"), ("x" * 128, "x" * 128),
+     ("犬" * 42, "犬" * 42), ("cafe\u0301", "caf\u00e9"), ("Café_lora", "Café_lora")],
 )
 def test_output_name_accepts_plain_names(name, stem):
     assert validate_output_name(name) == stem
@@ -230,17 +231,28 @@ def test_output_name_accepts_plain_names(name, stem):
         ("..\\dog", "path separator"),
         ("dog..v2", r"'\.\.'"),
         (".hidden", "starts with '.'"),
-        ("dog\x00", "not allowed"),
-        ("dog\n", "not allowed"),
+        ("dog\x00", "control"),
+        ("dog\n", "control"),
+        ("dog\x85", "control"),  # C1 control (NEXT LINE)
+        ("evil\u202egnp.safetensors", "direction-changing"),  # right-to-left override spoofs the name
+        ("dog\u200bv2", "invisible"),  # zero-width space
+        ("dog\u00a0v2", "invisible"),  # no-break space looks like a space
+        ("dog\ue000", "invisible"),  # private use
         ("c:dog", "not allowed"),
         ("what?", "not allowed"),
         ("CON", "reserved"),
         ("nul.txt", "reserved"),
         ("Com1", "reserved"),
         ("lpt9.safetensors", "reserved"),
+        ("CONIN$", "reserved"),
+        ("conout$.x", "reserved"),
+        ("com0", "reserved"),
+        ("nul .txt", "reserved"),
         ("dog.", "ends with a dot"),
         ("dog ", "space"),
-        ("x" * 101, "at most 100"),
+        ("x" * 129, "at most 128 bytes"),
+        ("犬" * 43, "43 characters, 129 bytes"),
+        ("犬" * 80, "240 bytes"),  # passed before, then failed at save with ENAMETOOLONG
     ],
 )
 def test_output_name_rejects_unsafe_names_and_says_what_to_use(name, reason):
@@ -659,7 +671,7 @@ OTHER_VALUES = {
     "lr_warmup_steps": 3, "batch_size": 2, "seed": 1, "precision": "bf16", "gradient_checkpointing": True,
     "cache_latents": False, "max_grad_norm": 0.5, "noise_offset": 0.05, "min_snr_gamma": 5.0, "class_images": 3,
     "prior_loss_weight": 0.5, "class_steps": 10, "class_guidance": 5.0, "class_seed": 1, "save_precision": "fp32",
-    "optimizer": "adafactor",
+    "optimizer": "adafactor", "record_sources": True,
 }
 PRIOR_ONLY = {"prior_loss_weight", "class_steps", "class_guidance", "class_seed"}
 
@@ -732,7 +744,7 @@ def test_cli_trains_and_saves_with_a_progress_line(tmp_path):
         sys.executable, "-m", "trainers", "lora", "--checkpoint", str(checkpoint), "--images", str(images),
         "--instance-prompt", PROMPT, "--output", str(output), "--tokenizer", str(tokenizer_dir()),
         "--resolution", "64", "--steps", "4", "--rank", "4", "--text-encoder-lr", "1e-4", "--captions",
-        "--loss-curve", str(tmp_path / "loss.png"),
+        "--record-sources", "--loss-curve", str(tmp_path / "loss.png"),
     ]  # fmt: skip
     done = subprocess.run(command, cwd=repo_root(), capture_output=True, timeout=300)
     stderr = done.stderr.decode()  # bytes: text mode would turn the progress line's \r into \n

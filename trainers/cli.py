@@ -3,7 +3,12 @@
 Commands: ``lora`` and ``dreambooth`` (train on a folder of photos; parse -> job -> print, with
 the same options meaning the same thing in both), ``placeholder`` (random-weight SD1.5 models).
 Training goes through :func:`trainers.jobs.train_file`, like the ComfyUI nodes: an identical
-earlier run is reused, a different file of the same name is an error unless ``--overwrite``.
+earlier run is reused, a different file of the same name is an error unless ``--overwrite``
+(which replaces only files this pack wrote).
+
+Exit codes of the training commands: 0 saved or reused; 1 training finished but the file could
+not be written anywhere (the message says what was tried); 2 bad input, or not enough free
+space (nothing was trained).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from .training.config import (
     config_from_args,
 )
 from .training.plot import loss_curve_image
+from .training.saving import NotEnoughSpace, SaveFailed
 
 PROG = "python -m trainers"
 TRAINERS = {
@@ -117,6 +123,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, output_help: str) -> None
     parser.add_argument("--class-folder", type=Path, default=None,
                         help="prior preservation: use these class images (at most --class-images) instead of "
                              "generating them")
+    parser.add_argument("--rescue-dir", type=Path, default=None,
+                        help="where a finished run is saved when --output's folder cannot take it (disk full, "
+                             "read-only); default: dreambooth_studio/rescued in $XDG_CACHE_HOME or ~/.cache")
     parser.add_argument("--class-cache", type=Path, default=None,
                         help="prior preservation: where generated class images are kept "
                              "(default ~/.cache/dreambooth_studio/class_images)")
@@ -159,10 +168,16 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         job = train_file(args.checkpoint, subject, config, args.output, tokenizer, overwrite=args.overwrite,
                          callbacks=TerminalProgress(), class_cache_dir=args.class_cache or default_class_cache(),
-                         class_folder=args.class_folder, device=device)
-    except (ValueError, FileExistsError, FileNotFoundError) as error:
+                         class_folder=args.class_folder, device=device,
+                         rescue_dir=args.rescue_dir or default_class_cache().parent / "rescued")
+    except SaveFailed as error:
+        sys.stderr.write(f"error: {error.strerror}\n")
+        return 1
+    except (ValueError, FileExistsError, FileNotFoundError, NotEnoughSpace) as error:
         sys.stderr.write(f"error: {error}\n")
         return 2
+    for note in job.notes:
+        sys.stderr.write(f"note: {note}\n")
     state = "reused (identical earlier run)" if job.reused else "saved"
     print(f"{state} {job.path}; {job.class_report}" + (f"; final loss {job.losses[-1]:.4f}" if job.losses else ""))
     if args.loss_curve is not None:

@@ -4,12 +4,20 @@ The only orchestration of the engine: the ComfyUI nodes, the command line and th
 train through :func:`train_file`, so every rule below holds everywhere:
 
 - Every check that can fail on user input (output name and folder, base model header, prior
-  preservation inputs, an existing file) runs before the base model is loaded.
+  preservation inputs, an existing file, metadata size, free disk space) runs before the base
+  model is loaded.
+- The output is never one of the job's inputs (base model, class folder), compared by real
+  path. Overwrite replaces only a file this pack wrote (its metadata says so), and only if it is
+  still the file that was checked when the run started.
 - The run fingerprint and provenance are computed here, once, and handed to the save.
 - A file that already holds the result of the identical run is reused, not retrained (ComfyUI
   may re-run a node whose cached output it evicted; a sweep may repeat a run). A file holding
   anything else is an error unless overwrite is on.
-- Nothing is written unless training finished with finite weights.
+- Nothing is written unless training finished with finite weights, and a finished run is never
+  thrown away: a save that fails for the precision, a name taken meanwhile or a full disk falls
+  back (``training.saving``); when nothing can be written, the weights stay in this process and
+  the identical job, run again, saves them without training. A file saved in the rescue folder is
+  moved into place by the identical job once there is room.
 """
 
 from __future__ import annotations
@@ -17,15 +25,17 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .data.class_images import PriorPlan, plan_prior, realize_prior
 from .data.subject import SubjectData
-from .files.fileio import content_sha256
+from .files.fileio import atomic_copy, content_sha256
+from .files.names import validate_output_name
 from .sd15 import checkpoint
 from .sd15.checkpoint import SD15Components
 from .training.callbacks import LossHistory, TrainingCallbacks, WithLossHistory
@@ -33,7 +43,21 @@ from .training.config import DreamBoothTrainConfig, LoRATrainConfig
 from .training.dreambooth import save_dreambooth, train_dreambooth
 from .training.loop import SAVE_DTYPES
 from .training.lora import save_lora, train_lora
-from .training.record import Provenance, TrainConfig, history_from_metadata, read_metadata
+from .training.record import (
+    Provenance,
+    TrainConfig,
+    check_metadata_size,
+    history_from_metadata,
+    read_metadata,
+)
+from .training.saving import (
+    FileIdentity,
+    Saved,
+    SaveFailed,
+    check_free_space,
+    human_bytes,
+    save_safely,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +72,7 @@ class JobResult(WithLossHistory):
     history: LossHistory
     reused: bool
     prior: PriorPlan
+    notes: list[str] = field(default_factory=list)  # where a save went instead, and why
 
     @property
     def class_report(self) -> str:
@@ -55,7 +80,8 @@ class JobResult(WithLossHistory):
 
     def report(self) -> str:
         state = "reused (an identical earlier run made it)" if self.reused else "trained"
-        return f"{self.path.name}: {state}; {self.class_report}"
+        notes = "".join(f"; NOTE {note}" for note in self.notes)
+        return f"{self.path.name}: {state}; {self.class_report}{notes}"
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The saved file's tensors, exactly as a later run that reuses the file would get them."""
@@ -64,55 +90,165 @@ class JobResult(WithLossHistory):
         return load_file(str(self.path))
 
 
+def pack_written(metadata: dict[str, str] | None) -> bool:
+    """Whether a file's metadata says this pack wrote it (only such files are ever replaced)."""
+    return bool(metadata) and metadata.get("dbs.engine", "").startswith(tuple(f"{k}-" for k in KINDS)) \
+        and metadata.get("dbs.kind") in KINDS
+
+
+@dataclass
+class ExistingOutput:
+    """What is at the output path before training: a file to reuse, one that may be replaced, or nothing."""
+
+    reuse: dict[str, str] | None = None
+    replace: FileIdentity | None = None
+
+
 def reusable_metadata(path: Path, fingerprint: str, overwrite: bool) -> dict[str, str] | None:
     """The metadata of the file at ``path`` when it holds the run with ``fingerprint``; None when
-    there is nothing to reuse; FileExistsError when it holds something else and overwrite is off.
-    Reads only the header; an unreadable file is never reused."""
-    if not path.exists():
-        return None
-    metadata = read_metadata(path)
-    if metadata is not None and metadata.get("dbs.fingerprint") == fingerprint:
+    there is nothing to reuse; FileExistsError when it holds something else and may not be replaced."""
+    return vet_existing(path, fingerprint, overwrite).reuse
+
+
+def vet_existing(path: Path, fingerprint: str, overwrite: bool, shown: Callable[[Path], str] = str) -> ExistingOutput:
+    """Decide, from the header only, what happens to a file already at ``path``. A file with the
+    run's fingerprint is reused; with overwrite on, a file this pack wrote may be replaced;
+    anything else (a downloaded LoRA, a base model, a file that is not safetensors) is refused."""
+    if not os.path.lexists(path):
+        return ExistingOutput()
+    metadata = read_metadata(path) if path.is_file() else None
+    if metadata is not None and metadata.get("dbs.fingerprint") == fingerprint and fingerprint:
         log.info("reusing %s: it holds the result of this exact training job", path.name)
-        return metadata
-    if overwrite:
-        return None
-    raise FileExistsError(
-        f"{path.name} already exists in {path.parent} and was trained differently: choose another "
-        "output name or enable overwrite")
+        return ExistingOutput(reuse=metadata)
+    if not overwrite:
+        raise FileExistsError(
+            f"{path.name} already exists in {shown(path.parent)} and was trained differently: choose another "
+            "output name or enable overwrite")
+    if not path.is_file() or path.is_symlink() or not pack_written(metadata):
+        raise FileExistsError(
+            f"{path.name} in {shown(path.parent)} was not written by DreamBooth Studio (its metadata does not say "
+            "so), so overwrite will not replace it: choose another output name, or move or delete that file "
+            "yourself if you really want its name")
+    return ExistingOutput(replace=FileIdentity.of(path))
 
 
-def check_output(path: Path) -> None:
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_output(path: Path, inputs: tuple[Path | None, ...] = ()) -> None:
+    """The output is a .safetensors file with a valid name, in an existing folder, and is not one
+    of the job's inputs (the base model file or anything in its folder, the class folder)."""
     if path.suffix != ".safetensors":
         raise ValueError(f"output file name must end in .safetensors, got {path.name}")
+    stem = validate_output_name(path.name)
+    if stem != path.stem:
+        raise ValueError(f"output name {path.name!r} is not in NFC form; use {stem}.safetensors")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"output folder {path.parent} does not exist")
+    real = os.path.realpath(path)
+    for source in inputs:
+        if source is not None and _inside(real, os.path.realpath(source)):
+            what = "folder" if Path(source).is_dir() else "file"
+            raise ValueError(
+                f"the output {path.name} is the job's own input {what} {Path(source).name}: a run never writes "
+                "over what it trains from; choose another output name")
+
+
+_LORA_TARGET = re.compile(r"transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)\.weight$")
+_TEXT_LORA_TARGET = re.compile(r"encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)\.weight$")
+_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
+_HEADER_ROOM = 1024 * 1024  # header, metadata, alignment
+
+
+def estimated_file_bytes(base_model: Path, config: TrainConfig) -> int:
+    """About how big the run's file will be, from the base model's header (no weights read)."""
+    shapes = checkpoint.weight_shapes(base_model)
+    width = _BYTES[config.save_precision]
+    if config.method == "lora":
+        total = 0
+        for key, shape in shapes.items():
+            if len(shape) == 2 and (_LORA_TARGET.search(key) or (config.train_text_encoder
+                                                                  and _TEXT_LORA_TARGET.search(key))):
+                total += config.rank * (shape[0] + shape[1]) * width + 4
+        return total + _HEADER_ROOM
+    count = sum(_numel(shape) for key, shape in shapes.items() if not key.startswith("model_ema."))
+    return count * width + _HEADER_ROOM
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for n in shape:
+        count *= n
+    return count
+
+
+def estimated_class_bytes(plan: PriorPlan) -> int:
+    """Room for class images still to generate (PNG never exceeds the raw pixels by much)."""
+    if not plan.enabled or plan.spec is None or plan.cached is not None:
+        return 0
+    return plan.spec.count * (plan.spec.resolution ** 2 * 3 + 4096)
+
+
+@dataclass
+class _Unsaved:
+    """A finished run whose file could not be written: kept until the identical job saves it."""
+
+    fingerprint: str
+    save: Callable[[], Saved]
+    history: LossHistory
+
+
+# At most one (a DreamBooth result holds a whole model): the newest finished, unsaved run.
+_UNSAVED: dict[str, _Unsaved] = {}
 
 
 def _lora(base: SD15Components, subject: SubjectData, config: LoRATrainConfig, callbacks: TrainingCallbacks,
-          class_data: SubjectData | None, output: Path, provenance: Provenance, overwrite: bool) -> LossHistory:
+          class_data: SubjectData | None, provenance: Provenance) -> tuple[Callable[[Path, str, bool], Path], LossHistory]:
     result = train_lora(base, subject, config, callbacks, class_subject=class_data)
-    callbacks.on_save_begin()
-    save_lora(result, output, overwrite=overwrite, dtype=SAVE_DTYPES[config.save_precision], provenance=provenance)
-    return result.history
+
+    def write(path: Path, precision: str, overwrite: bool) -> Path:
+        return save_lora(result, path, overwrite=overwrite, dtype=SAVE_DTYPES[precision], provenance=provenance)
+
+    return write, result.history
 
 
 def _dreambooth(base: SD15Components, subject: SubjectData, config: DreamBoothTrainConfig,
-                callbacks: TrainingCallbacks, class_data: SubjectData | None, output: Path, provenance: Provenance,
-                overwrite: bool) -> LossHistory:
+                callbacks: TrainingCallbacks, class_data: SubjectData | None,
+                provenance: Provenance) -> tuple[Callable[[Path, str, bool], Path], LossHistory]:
     result = train_dreambooth(base, subject, config, callbacks, class_subject=class_data)
-    callbacks.on_save_begin()
-    save_dreambooth(base, result, output, config.save_precision, overwrite=overwrite, provenance=provenance)
-    return result.history
+
+    def write(path: Path, precision: str, overwrite: bool) -> Path:
+        return save_dreambooth(base, result, path, precision, overwrite=overwrite, provenance=provenance)
+
+    return write, result.history
 
 
 _METHODS = {"lora": _lora, "dreambooth": _dreambooth}
+
+
+def _recover_rescued(rescue_dir: Path | None, output: Path, fingerprint: str,
+                     shown: Callable[[Path], str]) -> dict[str, str] | None:
+    """Move a file of this exact run that an earlier save put in the rescue folder into place."""
+    if rescue_dir is None or not rescue_dir.is_dir():
+        return None
+    for candidate in sorted(rescue_dir.glob(f"{output.stem}*.safetensors")):
+        metadata = read_metadata(candidate)
+        if metadata is None or metadata.get("dbs.fingerprint") != fingerprint:
+            continue
+        atomic_copy(candidate, output)
+        candidate.unlink(missing_ok=True)
+        log.info("moved %s from %s into %s", candidate.name, shown(rescue_dir), shown(output.parent))
+        return metadata
+    return None
 
 
 def train_file(base_model: str | os.PathLike, subject: SubjectData, config: TrainConfig,
                output_path: str | os.PathLike, tokenizer_dir: str | os.PathLike | None, *, overwrite: bool = False,
                callbacks: TrainingCallbacks | None = None, before_load: Callable[[], None] | None = None,
                class_cache_dir: str | os.PathLike | None = None, class_folder: str | os.PathLike | None = None,
-               device: str | torch.device | None = None) -> JobResult:
+               device: str | torch.device | None = None, rescue_dir: str | os.PathLike | None = None,
+               keep_unsaved: bool = False, shown: Callable[[Path], str] | None = None) -> JobResult:
     """Train ``base_model`` (an SD1.5 single file or diffusers folder) on ``subject`` with
     ``config`` (a LoRA or a DreamBooth config) and save the result at ``output_path``.
 
@@ -120,20 +256,44 @@ def train_file(base_model: str | os.PathLike, subject: SubjectData, config: Trai
     ``before_load`` runs after all checks pass and before the base model loads (ComfyUI frees
     its own models there). With prior preservation on, class images come from ``class_folder``
     or are generated into (and reused from) ``class_cache_dir``. ``device`` is where training
-    runs (default: where the model loads, the CPU).
+    runs (default: where the model loads, the CPU). A save that cannot be written in the output
+    folder goes to ``rescue_dir``; with ``keep_unsaved`` a run that could not be written anywhere
+    stays in memory for the identical job to save (a long-lived server; not the command line).
+    ``shown`` renders folders in messages (the nodes name them relative to ComfyUI's folders).
     """
     train = _METHODS[config.method]
     base_model, output = Path(base_model), Path(output_path)
-    check_output(output)
+    shown = shown or str
+    rescue = Path(rescue_dir) if rescue_dir is not None else None
+    check_output(output, (base_model, Path(class_folder) if class_folder is not None else None))
     checkpoint.check_sd15(base_model, tokenizer_dir)  # headers and configs only: not SD1.5 is a clear error
     base_fingerprint = content_sha256(base_model)
     plan = plan_prior(config.prior_request, subject, base_fingerprint, class_cache_dir, class_folder, tokenizer_dir)
     provenance = Provenance.of_run(base_model.name, base_fingerprint, subject, config, plan.source, plan.info())
-    metadata = reusable_metadata(output, provenance.fingerprint, overwrite)
-    if metadata is not None:
+    existing = vet_existing(output, provenance.fingerprint, overwrite, shown)
+    if existing.reuse is not None:
         if plan.enabled:
             plan.report = f"{KINDS[config.method]} reused, no class images needed; {plan.report}"
-        return JobResult(output, history_from_metadata(metadata), reused=True, prior=plan)
+        return JobResult(output, history_from_metadata(existing.reuse), reused=True, prior=plan)
+    check_metadata_size(config, subject, provenance, config.class_images if plan.enabled else 0)
+    size = estimated_file_bytes(base_model, config)
+    unsaved = _UNSAVED.get(provenance.fingerprint)
+    if unsaved is not None:  # trained before, could not be written: save it now, no training
+        saved = unsaved.save()
+        _UNSAVED.clear()
+        notes = ["saved the weights of the identical earlier run, which finished but could not be written",
+                 *saved.notes]
+        return JobResult(saved.path, unsaved.history, reused=False, prior=plan, notes=notes)
+    if not os.path.lexists(output):
+        recovered = _recover_rescued(rescue, output, provenance.fingerprint, shown)
+        if recovered is not None:
+            return JobResult(output, history_from_metadata(recovered), reused=True, prior=plan,
+                             notes=[f"moved from {shown(rescue)} (where an earlier save had to put it)"])
+    needs = [(output.parent, size, f"the {KINDS[config.method]}")]
+    if class_cache_dir is not None and estimated_class_bytes(plan):
+        Path(class_cache_dir).mkdir(parents=True, exist_ok=True)
+        needs.append((Path(class_cache_dir), estimated_class_bytes(plan), f"{plan.spec.count} class images"))
+    check_free_space(needs, shown)
     if before_load is not None:
         before_load()
     callbacks = callbacks or TrainingCallbacks()
@@ -144,9 +304,24 @@ def train_file(base_model: str | os.PathLike, subject: SubjectData, config: Trai
             for model in (base.unet, base.vae, base.text_encoder):
                 model.to(device)
         class_data = realize_prior(plan, base, class_cache_dir, callbacks.on_generate_step, tokenizer_dir)
-        history = train(base, subject, config, callbacks, class_data, output, provenance, overwrite)
+        write, history = train(base, subject, config, callbacks, class_data, provenance)
+        callbacks.on_save_begin()
+
+        def save() -> Saved:
+            return save_safely(write, output, config.save_precision, replace=existing.replace, rescue=rescue,
+                               size_hint=size, shown=shown)
+
+        try:
+            saved = save()
+        except SaveFailed as exc:
+            if not keep_unsaved:
+                raise SaveFailed(exc.errno, f"{exc.strerror} The trained weights are lost.") from None
+            _UNSAVED.clear()
+            _UNSAVED[provenance.fingerprint] = _Unsaved(provenance.fingerprint, save, history)
+            raise SaveFailed(exc.errno, f"{exc.strerror} The trained weights are kept in memory until ComfyUI "
+                                        f"stops: free about {human_bytes(size)} in {shown(output.parent)} and queue "
+                                        "the same prompt again to save them without training.") from None
     finally:
         del base
         gc.collect()
-    return JobResult(output, history, reused=False, prior=plan)
-
+    return JobResult(saved.path, history, reused=False, prior=plan, notes=saved.notes)

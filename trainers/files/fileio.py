@@ -175,6 +175,24 @@ def atomic_save_safetensors(
     return path
 
 
+def atomic_copy(source: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Copy ``source`` to ``path`` (which must not exist) through a temporary name, fsynced, so
+    ``path`` is never seen half-written; raises FileExistsError if it is taken meanwhile."""
+    path = Path(path)
+    refuse_existing(path, False)
+    tmp = temp_path(path)
+    try:
+        with open(source, "rb") as reader, open(tmp, "xb") as handle:
+            shutil.copyfileobj(reader, handle, 16 * 1024 * 1024)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+    return path
+
+
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)

@@ -637,6 +637,19 @@ def _folder_weight_files(sub: Path, stem: str) -> list[Path]:
     )
 
 
+def weight_shapes(path: str | os.PathLike) -> Shapes:
+    """Every tensor shape of a base model (a single file, or a diffusers folder's UNet, VAE and
+    text encoder), from the headers only."""
+    path = Path(path)
+    if not path.is_dir():
+        return read_safetensors_header(path)[0]
+    shapes: Shapes = {}
+    for sub, stem in _FOLDER_WEIGHTS.items():
+        for file in _folder_weight_files(path / sub, stem):
+            shapes.update({f"{sub}.{key}": shape for key, shape in read_safetensors_header(file)[0].items()})
+    return shapes
+
+
 def _read_tensors(files: list[Path], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 

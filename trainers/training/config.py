@@ -292,6 +292,14 @@ def _save_precision(**extra: Any) -> Any:
     )
 
 
+def _record_sources() -> Any:
+    return _spec(
+        False, "Write the photos' file names and captions into the saved file's metadata. Anyone who gets the "
+        "file (or can reach ComfyUI's /view_metadata) can read them. Off: only their number and a hash.",
+        omit_at_default=True,
+    )
+
+
 def _check_warmup(config: Any) -> None:
     if config.lr_warmup_steps > config.steps:
         raise ConfigError(
@@ -343,6 +351,7 @@ class LoRATrainConfig(_PriorFields, _ValidatedConfig):
     class_guidance: float = _class_guidance()
     class_seed: int = _class_seed()
     save_precision: str = _save_precision(omit_at_default=True)
+    record_sources: bool = _record_sources()
 
     def _check_together(self) -> None:
         _check_warmup(self)
@@ -401,6 +410,7 @@ class DreamBoothTrainConfig(_PriorFields, _ValidatedConfig):
     class_guidance: float = _class_guidance()
     class_seed: int = _class_seed()
     save_precision: str = _save_precision()
+    record_sources: bool = _record_sources()
 
     def _check_together(self) -> None:
         _check_warmup(self)

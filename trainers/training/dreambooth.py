@@ -43,6 +43,7 @@ from .loop import (
     run_training_loop,
 )
 from .record import Provenance, training_metadata
+from .saving import PrecisionOverflow
 
 logger = logging.getLogger(__name__)
 
@@ -172,8 +173,8 @@ def save_dreambooth(base: SD15Components, result: DreamBoothResult, path: str | 
                 and not bool(torch.isfinite(tensor).all())), None)
     del state
     if bad is not None:
-        raise ValueError(f"checkpoint tensor {bad} is not finite in {save_precision}; save in fp32 or retrain with "
-                         f"a lower learning rate")
+        raise PrecisionOverflow(f"checkpoint tensor {bad} is not finite in {save_precision}; save in fp32 or retrain "
+                                f"with a lower learning rate", save_precision)
     metadata = {**result.metadata, **(provenance or Provenance()).metadata(), "dbs.save_precision": save_precision}
     return save_sd15_single_file(path, base.unet, base.vae, base.text_encoder, dtype=dtype, metadata=metadata,
                                  overwrite=overwrite)

@@ -58,6 +58,7 @@ from .loop import (
     run_training_loop,
 )
 from .record import Provenance, training_metadata
+from .saving import PrecisionOverflow
 
 logger = logging.getLogger(__name__)
 
@@ -436,10 +437,9 @@ def save_lora(
         if dtype is not None and not key.endswith(".alpha"):
             tensor = tensor.to(dtype)
         if not bool(torch.isfinite(tensor).all()):
-            raise ValueError(
+            raise PrecisionOverflow(
                 f"LoRA tensor {key} is not finite in {dtype}; save with dtype=torch.float32 or retrain with a "
-                f"lower learning rate"
-            )
+                f"lower learning rate", str(dtype).replace("torch.", ""))
         tensors[key] = tensor.contiguous()
     metadata["dbs.save_dtype"] = str(dtype).replace("torch.", "") if dtype is not None else "float32"
     return atomic_save_safetensors(tensors, path, metadata=metadata, overwrite=overwrite)

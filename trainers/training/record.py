@@ -80,8 +80,32 @@ class Provenance:
         return metadata
 
 
-def _rounded(values: list[float]) -> str:
+# ComfyUI's /view_metadata reads headers up to 1 MiB and model viewers choke on more: a file's
+# metadata stays under METADATA_LIMIT bytes (checked before training), loss curves included.
+METADATA_LIMIT = 256 * 1024
+# Loss curves longer than this are stored as means of equal runs of steps ("dbs.loss_stride").
+MAX_CURVE_POINTS = 2000
+_WORST_LOSS = -1.2345e-10  # the longest number a stored loss can print as
+
+
+def _curve_stride(steps: int) -> int:
+    return max(1, -(-steps // MAX_CURVE_POINTS))
+
+
+def _rounded(values: list[float], stride: int = 1) -> str:
+    if stride > 1:
+        values = [sum(chunk) / len(chunk) for chunk in (values[i:i + stride] for i in range(0, len(values), stride))]
     return json.dumps([float(f"{v:.5g}") for v in values])
+
+
+def _source_metadata(subject: SubjectData, record_sources: bool) -> dict[str, str]:
+    """Photo names and captions only when the user asked for them; otherwise their count and a
+    hash (which tells whether two files were trained on the same data, and nothing else)."""
+    if record_sources:
+        return {"dbs.captions": json.dumps(sorted(set(subject.captions))),
+                "dbs.source_names": json.dumps(list(subject.source_names))}
+    return {"dbs.captions": json.dumps({"count": len(set(subject.captions)), "recorded": False}),
+            "dbs.source_names": json.dumps({"count": len(subject.source_names), "recorded": False})}
 
 
 def training_metadata(config: TrainConfig, subject: SubjectData, history: LossHistory, device: torch.device,
@@ -89,6 +113,7 @@ def training_metadata(config: TrainConfig, subject: SubjectData, history: LossHi
                       extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The metadata every trained file carries; ``extra`` adds the method's own keys."""
     losses = history.losses
+    stride = _curve_stride(len(losses))
     metadata = {
         # kohya sd-scripts keys, read by A1111/Forge's and ComfyUI-side metadata viewers
         "ss_training_comment": f"{_COMMENTS[config.method]}; instance prompt: {subject.instance_prompt}",
@@ -122,18 +147,39 @@ def training_metadata(config: TrainConfig, subject: SubjectData, history: LossHi
         "dbs.subject_fingerprint": subject.fingerprint(),
         "dbs.instance_prompt": subject.instance_prompt,
         "dbs.class_prompt": subject.class_prompt,
-        "dbs.captions": json.dumps(sorted(set(subject.captions))),
-        "dbs.source_names": json.dumps(list(subject.source_names)),
+        **_source_metadata(subject, getattr(config, "record_sources", False)),
         "dbs.steps_done": str(len(losses)),
-        "dbs.losses": _rounded(losses),
-        "dbs.instance_losses": _rounded(history.instance_losses),
-        "dbs.prior_losses": _rounded(history.prior_losses),
+        "dbs.losses": _rounded(losses, stride),
+        "dbs.instance_losses": _rounded(history.instance_losses, stride),
+        "dbs.prior_losses": _rounded(history.prior_losses, stride),
         "dbs.final_loss": f"{losses[-1]:.6g}" if losses else "",
         "dbs.device": device.type,
         **Provenance().metadata(),
     }
+    if stride > 1:
+        metadata["dbs.loss_stride"] = str(stride)
     metadata.update(extra or {})
     return metadata
+
+
+def check_metadata_size(config: TrainConfig, subject: SubjectData, provenance: Provenance,
+                        class_count: int = 0) -> int:
+    """The most metadata bytes the run's file can carry (its loss curves at their longest);
+    raises ValueError before training when that is over METADATA_LIMIT."""
+    worst = [_WORST_LOSS] * config.steps
+    history = LossHistory(worst, worst, worst if config.with_prior else [])
+    metadata = training_metadata(config, subject, history, torch.device("cpu"), torch.bfloat16, class_count,
+                                 {"dbs.method_keys": "x" * 4096})  # room for each method's own keys
+    metadata.update(provenance.metadata())
+    size = len(json.dumps(metadata, ensure_ascii=False).encode("utf-8"))
+    if size > METADATA_LIMIT:
+        biggest = max(metadata, key=lambda key: len(metadata[key]))
+        hint = ("turn off record_sources (it writes every caption and file name) or shorten the captions"
+                if biggest in ("dbs.captions", "dbs.source_names") else "shorten the prompts and captions")
+        raise ValueError(
+            f"the trained file's metadata would be {size / 1024:.0f} KiB ({biggest} is the largest part); files "
+            f"carry at most {METADATA_LIMIT // 1024} KiB so that ComfyUI and model viewers can read them: {hint}")
+    return size
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str] | None:
@@ -148,9 +194,18 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str] | None:
 def history_from_metadata(metadata: Mapping[str, str]) -> LossHistory:
     """The loss curves a file recorded (empty lists where it recorded none)."""
     curves = []
+    try:
+        stride = max(1, int(metadata.get("dbs.loss_stride") or 1))
+    except ValueError:
+        stride = 1
     for key in ("dbs.losses", "dbs.instance_losses", "dbs.prior_losses"):
         try:
-            curves.append([float(v) for v in json.loads(metadata.get(key) or "[]")])
+            stored = [float(v) for v in json.loads(metadata.get(key) or "[]")]
         except (ValueError, TypeError):
-            curves.append([])
+            stored = []
+        curves.append([v for v in stored for _ in range(stride)])  # one value per step again (a step curve)
+    if stride > 1:
+        steps = metadata.get("dbs.steps_done", "")
+        if steps.isdigit():
+            curves = [curve[:int(steps)] for curve in curves]
     return LossHistory(*curves)
