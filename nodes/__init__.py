@@ -8,12 +8,12 @@ from comfy_api.latest import ComfyExtension, io
 
 
 class DreamBoothStudioExtension(ComfyExtension):
-    async def on_load(self) -> None:
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        # ComfyUI asks once, at start-up (it does not call on_load): the moment to remove what a
+        # killed process of this pack left behind, before this process writes anything.
         from .bridge import sweep_stale_files
 
         sweep_stale_files()
-
-    async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return all_nodes()
 
 

@@ -5,16 +5,18 @@ curve, memory scope, the job, the loss-curve image). Not a node itself."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import folder_paths
 import torch
 from comfy_api.latest import io
 
 from ..trainers.files.names import validate_output_name
-from ..trainers.jobs import JobResult, check_output, train_file
+from ..trainers.jobs import JobResult, check_output, pack_written, train_file
 from ..trainers.training.callbacks import LossHistory
 from ..trainers.training.config import CLASS_IMAGE_FIELDS
 from ..trainers.training.plot import loss_curve_image
+from ..trainers.training.record import read_metadata
 from .bridge import (
     NO_FOLDER,
     ComfyProgress,
@@ -40,6 +42,10 @@ GENERATE = "(generate from the base model)"
 # Where each method's files go, and the title of its loss curve.
 MODEL_FOLDERS = {"lora": "loras", "dreambooth": "checkpoints"}
 TITLES = {"lora": "LoRA loss", "dreambooth": "DreamBooth loss"}
+
+
+class SavedElsewhere(RuntimeError):
+    """Training finished and its file is safe, but not in the models folder the workflow reads."""
 
 
 def checkpoint_input() -> io.Input:
@@ -76,15 +82,21 @@ def resolve_class_folder(name):
 
 def check_inputs(output_name: str, config_cls, ckpt_name=None, **fields) -> bool | str:
     """For validate_inputs (runs at /prompt, before anything is queued): the output name, that
-    the output is not the base checkpoint itself, and the config fields ComfyUI no longer checks."""
+    the output is neither the base checkpoint nor a file this pack did not write (which no run
+    may reuse or replace), and the config fields ComfyUI no longer checks."""
     try:
         stem = validate_output_name(output_name)
         config_cls(**fields)
         if ckpt_name is not None:
-            folder = MODEL_FOLDERS[config_cls.method]
-            output = output_model_path(folder, stem, create=False)
+            kind = MODEL_FOLDERS[config_cls.method]
+            output = Path(folder_paths.get_folder_paths(kind)[0]) / f"{stem}.safetensors"
             if output.parent.is_dir():
                 check_output(output, (model_path("checkpoints", ckpt_name),))
+                output_model_path(kind, stem, create=False)
+                if output.exists() and not pack_written(read_metadata(output)):
+                    raise ValueError(
+                        f"{output.name} in {shown(output.parent)} was not written by DreamBooth Studio, so no run "
+                        "may reuse or replace it: choose another output name")
     except ValueError as exc:
         return without_server_paths(str(exc))
     return True
@@ -115,6 +127,9 @@ def run_training_node(config_cls, subject, ckpt_name: str, output_name: str, ove
             job = train_file(checkpoint, subject, config, output, tokenizer_dir(), overwrite=bool(overwrite),
                              callbacks=progress, before_load=free_comfy_models, class_cache_dir=class_image_cache(),
                              class_folder=folder, rescue_dir=rescue_dir(), keep_unsaved=True, shown=shown)
+    if job.path.parent != output.parent:  # the models folder could not take it: nothing downstream finds it
+        raise SavedElsewhere(" ".join(job.notes) + ". Queue the same prompt again once there is room: the file is "
+                             "moved into place without training.")
     if job.reused:
         progress.bar.update_absolute(config.steps, config.steps)
     for note in job.notes:
