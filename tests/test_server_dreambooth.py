@@ -1,10 +1,15 @@
 """DreamBooth through a real ComfyUI server: SUBJECT -> DreamBoothTrain -> KSampler -> SaveImage on
-the full-size random SD1.5 at 64 px, class images generated once, cancel in both phases."""
+the full-size random SD1.5 at 64 px, class images generated once (into models/, never taken from a
+forged set uploaded into input/), cancel in both phases."""
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -15,6 +20,8 @@ from scripts.demo import draw_sample_subject
 from scripts.graphs import dreambooth_loop, txt2img
 from tests.support.outputs import saved_image
 from tests.test_placeholder_comfy import run_comfy_load_check
+from trainers.data.class_images import MANIFEST, ClassImageSpec
+from trainers.files.fileio import content_sha256
 
 pytestmark = pytest.mark.server
 
@@ -35,9 +42,38 @@ def checkpoints(comfy_server) -> set[str]:
     return {p.name for p in (comfy_server.models_dir / "checkpoints").iterdir()}
 
 
+def class_cache(comfy_server):
+    return comfy_server.models_dir / "dreambooth_studio" / "class_images"
+
+
 def class_sets(comfy_server) -> set[str]:
-    folder = comfy_server.input_dir / "class_images"
+    folder = class_cache(comfy_server)
     return {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+
+
+def forge_class_set(comfy_server, client, test_models, tmp_path) -> Path:
+    """Plant, through /upload/image, the set the first run needs where the old cache was
+    (input/class_images/<set>/): red squares with a manifest whose key, names, hashes and sizes
+    are all consistent. The cache lives in models/ now, so this must change nothing."""
+    from PIL import Image
+
+    spec = ClassImageSpec(base_fingerprint=content_sha256(test_models["checkpoint"]), prompt=CLASS_PROMPT, count=2,
+                          resolution=64, steps=CLASS_STEPS)
+    subfolder = f"class_images/{spec.folder_name()}"
+    entries = []
+    for name in spec.image_names():
+        buffer = io.BytesIO()
+        Image.new("RGB", (64, 64), (255, 0, 0)).save(buffer, format="PNG")
+        (tmp_path / name).write_bytes(buffer.getvalue())
+        client.upload_image(tmp_path / name, subfolder=subfolder)
+        entries.append({"name": name, "sha256": hashlib.sha256(buffer.getvalue()).hexdigest(),
+                        "size": len(buffer.getvalue())})
+    (tmp_path / MANIFEST).write_text(json.dumps({"format": 2, "engine": "1", "key": spec.key(),
+                                                 "count": 2, "images": entries}))
+    client.upload_image(tmp_path / MANIFEST, subfolder=subfolder)
+    forged = comfy_server.input_dir / subfolder
+    assert sorted(p.name for p in forged.iterdir()) == [*spec.image_names(), MANIFEST]
+    return forged
 
 
 def graph(test_models, name, **overrides):
@@ -69,22 +105,26 @@ class PeakRSS:
 
 
 @pytest.fixture(scope="module")
-def first_run(comfy_server, subject_folder, test_models, artifacts_dir):
+def first_run(comfy_server, subject_folder, test_models, artifacts_dir, tmp_path_factory):
     from scripts.comfyclient import ComfyClient
 
     client = ComfyClient(comfy_server.url)
+    forged = forge_class_set(comfy_server, client, test_models, tmp_path_factory.mktemp("forged"))
+    forged_files = {p.name: p.read_bytes() for p in forged.iterdir()}
     sets_before = class_sets(comfy_server)
     with PeakRSS(comfy_server.proc.pid) as rss:
         # lr high enough that the trained model samples differently from its base
         result = client.run(graph(test_models, "e2e_dreambooth", unet_lr=1e-4), timeout=1800).raise_for_status()
     (artifacts_dir / "dreambooth-server-peak-rss.txt").write_text(f"{rss.peak / 1e9:.2f} GB\n")
-    yield result, class_sets(comfy_server) - sets_before
+    # the forged upload was neither used nor touched
+    assert {p.name: p.read_bytes() for p in forged.iterdir()} == forged_files
+    yield result, class_sets(comfy_server) - sets_before, forged_files
     for name in ("e2e_dreambooth.safetensors", "e2e_dreambooth_again.safetensors"):
         (comfy_server.models_dir / "checkpoints" / name).unlink(missing_ok=True)
 
 
 def test_dreambooth_loop_completes_and_reports_both_phases(comfy_server, first_run):
-    result, new_sets = first_run
+    result, new_sets, forged_files = first_run
     events = [(p["value"], p["max"]) for p in result.progress_for("train")]
     generation = [e for e in events if e[1] == CLASS_STEPS]
     training = [e for e in events if e[1] == TRAIN_STEPS]
@@ -92,11 +132,18 @@ def test_dreambooth_loop_completes_and_reports_both_phases(comfy_server, first_r
     assert [v for v, _ in training] == [1, 2], events
     assert events.index(training[0]) > events.index(generation[-1])  # generation first
     assert "e2e_dreambooth.safetensors" in checkpoints(comfy_server)
-    # two class images generated into input/class_images/<prompt>-64px-2-<key>/
+    # two class images generated into models/dreambooth_studio/class_images/<prompt>-64px-2-<key>/
+    # (the forged set uploaded to input/class_images/ under that very name was ignored), each
+    # listed in the manifest with its hash and size
     assert len(new_sets) == 1
-    folder = comfy_server.input_dir / "class_images" / new_sets.pop()
+    folder = class_cache(comfy_server) / new_sets.pop()
     assert folder.name.startswith("a_photo_of_robot-64px-2-")
-    assert sorted(p.name for p in folder.glob("*.png")) == ["class_00000.png", "class_00001.png"]
+    assert sorted(p.name for p in folder.iterdir()) == ["class_00000.png", "class_00001.png", MANIFEST]
+    manifest = json.loads((folder / MANIFEST).read_text())
+    for entry in manifest["images"]:
+        data = (folder / entry["name"]).read_bytes()
+        assert (hashlib.sha256(data).hexdigest(), len(data)) == (entry["sha256"], entry["size"])
+        assert data != forged_files[entry["name"]]
     image = saved_image(comfy_server, result)
     assert image.shape == (64, 64, 3)
     loss = saved_image(comfy_server, result, "save_loss")
@@ -105,7 +152,7 @@ def test_dreambooth_loop_completes_and_reports_both_phases(comfy_server, first_r
 
 def test_returned_model_is_the_saved_file_and_the_report_says_trained_then_reused(comfy_server, comfy_client,
                                                                                   first_run, test_models):
-    result, _ = first_run
+    result, _, _ = first_run
     trained = saved_image(comfy_server, result)
     # the same prompt and seed through Load Checkpoint on the saved file: the very same image
     sample = {"positive": "a photo of sks robot", "seed": 123, "steps": 2, "size": 64}
@@ -155,6 +202,8 @@ def _interrupt_when(comfy_client, predicate):
 
 
 def test_cancel_during_class_generation_leaves_nothing(comfy_server, comfy_client, subject_folder, test_models):
+    # Cancelled inside the first batch: no image is finished, so neither a set folder nor a
+    # temporary file is left (finished batches would stay, listed, for the next run to resume).
     before, sets_before = checkpoints(comfy_server), class_sets(comfy_server)
     # 8 images in 2 batches x 20 steps: 40 generation steps; cancel at the second.
     on_event, sent = _interrupt_when(comfy_client, lambda d: d["max"] == 40 and d["value"] >= 2)
@@ -165,7 +214,7 @@ def test_cancel_during_class_generation_leaves_nothing(comfy_server, comfy_clien
     assert max(values) <= 3, values  # stopped within a step of the cancel
     assert checkpoints(comfy_server) == before
     assert class_sets(comfy_server) == sets_before  # no partial class-image folder either
-    assert not list((comfy_server.input_dir / "class_images").glob(".partial*"))
+    assert not list(class_cache(comfy_server).rglob(".*"))  # no temporary file
 
 
 def test_cancel_during_training_leaves_no_file_and_frees_memory(comfy_server, comfy_client, subject_folder,
