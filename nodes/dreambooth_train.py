@@ -8,7 +8,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..trainers.training.config import DreamBoothTrainConfig
-from .bridge import CATEGORY, SUBJECT, config_input
+from .bridge import CATEGORY, SUBJECT, config_input, user_facing_errors
 from .training_shared import (
     PRIOR_FIELDS,
     check_inputs,
@@ -76,7 +76,8 @@ class DreamBoothTrain(io.ComfyNode):
         job, curve = run_training_node(DreamBoothTrainConfig, subject, ckpt_name, output_name, overwrite,
                                        class_folder, settings)
         # Exactly what a user gets from Load Checkpoint on this file later.
-        model, clip, vae = comfy.sd.load_checkpoint_guess_config(
-            str(job.path), output_vae=True, output_clip=True,
-            embedding_directory=folder_paths.get_folder_paths("embeddings"))[:3]
+        with user_facing_errors():
+            model, clip, vae = comfy.sd.load_checkpoint_guess_config(
+                str(job.path), output_vae=True, output_clip=True,
+                embedding_directory=folder_paths.get_folder_paths("embeddings"))[:3]
         return io.NodeOutput(model, clip, vae, job.path.name, curve, job.report())

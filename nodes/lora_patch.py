@@ -11,7 +11,7 @@ import comfy.lora
 import comfy.lora_convert
 import comfy.utils
 
-from .bridge import model_path
+from .bridge import model_path, user_facing_errors
 
 log = logging.getLogger(__name__)
 
@@ -69,5 +69,6 @@ def resolve_lora(lora_name: str, lora: dict | None) -> tuple[dict, str]:
             raise ValueError(f"lora_name is '{FROM_INPUT}' but nothing is connected to the lora input: "
                              "connect LoRA Train's LORA_MODEL or pick a file")
         return lora, "the connected LoRA"
-    path = model_path("loras", lora_name)
-    return comfy.utils.load_torch_file(str(path), safe_load=True), lora_name
+    with user_facing_errors():  # a damaged file's error would name its absolute server path
+        path = model_path("loras", lora_name)
+        return comfy.utils.load_torch_file(str(path), safe_load=True), lora_name

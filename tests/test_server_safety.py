@@ -3,6 +3,7 @@ never replaces, a disk that fills up during training, and a save killed midway."
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -91,6 +92,21 @@ def test_training_never_reuses_or_replaces_a_lora_it_did_not_write(comfy_server,
 def test_output_names_that_would_fail_or_spoof_are_refused_at_prompt(comfy_client, subject_folder, test_models,
                                                                      name, reason):
     assert reason in rejection(comfy_client, train_graph("lora", test_models["checkpoint"].name, name))
+
+
+def test_errors_name_comfyui_folders_never_server_paths(comfy_server, comfy_client, subject_folder, test_models):
+    client = ComfyClient(comfy_server.url)
+    ckpt = test_models["checkpoint"].name
+    client.run(train_graph("lora", ckpt, "twice_lora", steps=1), timeout=900).raise_for_status()
+    result = client.run(train_graph("lora", ckpt, "twice_lora", steps=1, seed=1), timeout=900)
+    assert result.status == "error"
+    assert "twice_lora.safetensors already exists in models/loras and was trained differently" in \
+        result.error["exception_message"]
+    # /history is readable by anyone: no model or input folder of the server in the message (the
+    # traceback ComfyUI adds names the code's own files, which is ComfyUI's choice)
+    assert str(comfy_server.base_dir) not in result.error["exception_message"]
+    history = json.dumps(comfy_client.history(result.prompt_id))
+    assert str(comfy_server.models_dir) not in history and str(comfy_server.input_dir) not in history
 
 
 # -- a disk that fills up during training ---------------------------------------------------------
