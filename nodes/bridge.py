@@ -17,6 +17,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
+from ..trainers.data.class_images import sweep_class_cache
 from ..trainers.files.fileio import sweep_stale_temps
 from ..trainers.training.callbacks import LossHistory, TrainingCallbacks
 from ..trainers.training.config import field_spec, field_specs
@@ -245,7 +246,7 @@ def sweep_stale_files() -> list[Path]:
         for folder in folder_paths.get_folder_paths(kind):
             removed += sweep_stale_temps(folder)
     removed += sweep_stale_temps(rescue_dir())
-    removed += sweep_stale_temps(class_image_cache())
+    removed += sweep_class_cache(class_image_cache())
     for path in removed:
         log.info("removed stale temporary file %s/%s", shown(path.parent), path.name)
     return removed
