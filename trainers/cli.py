@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
-from .data.class_images import default_class_cache
+from .data.class_images import default_class_cache, sweep_class_cache
 from .data.images import BAD_FILE_MODES, CROP_MODES, load_subject
+from .files.fileio import sweep_stale_temps
 from .jobs import train_file
 from .sd15.placeholder import write_placeholder_models
 from .training.callbacks import StepState, TrainingCallbacks
@@ -165,11 +166,15 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(str(error))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
         else torch.device(args.device)
+    class_cache = args.class_cache or default_class_cache()
+    rescue = args.rescue_dir or default_class_cache().parent / "rescued"
+    # what earlier runs killed while writing left behind (only this pack's names, of dead processes)
+    for path in [*sweep_stale_temps(args.output.parent), *sweep_stale_temps(rescue), *sweep_class_cache(class_cache)]:
+        logging.getLogger(__name__).info("removed stale temporary file %s", path)
     try:
         job = train_file(args.checkpoint, subject, config, args.output, tokenizer, overwrite=args.overwrite,
-                         callbacks=TerminalProgress(), class_cache_dir=args.class_cache or default_class_cache(),
-                         class_folder=args.class_folder, device=device,
-                         rescue_dir=args.rescue_dir or default_class_cache().parent / "rescued")
+                         callbacks=TerminalProgress(), class_cache_dir=class_cache, class_folder=args.class_folder,
+                         device=device, rescue_dir=rescue)
     except SaveFailed as error:
         sys.stderr.write(f"error: {error.strerror}\n")
         return 1

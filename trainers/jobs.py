@@ -187,7 +187,7 @@ def estimated_class_bytes(plan: PriorPlan) -> int:
     """Room for class images still to generate (PNG never exceeds the raw pixels by much)."""
     if not plan.enabled or plan.spec is None or plan.cached is not None:
         return 0
-    return plan.spec.count * (plan.spec.resolution ** 2 * 3 + 4096)
+    return max(0, plan.spec.count - plan.kept) * (plan.spec.resolution ** 2 * 3 + 4096)
 
 
 @dataclass

@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..files.fileio import TEMP_MARK, TEMP_SUFFIX, _fsync_dir, stale_temp, sweep_stale_temps, temp_path
+from ..files.fileio import fsync_dir, sweep_stale_temps, temp_path, writer_gone
 from ..sd15.checkpoint import SD15Components
 from .images import IMAGE_SUFFIXES, load_subject
 from .subject import SubjectData
@@ -325,7 +325,7 @@ def sweep_class_cache(cache_dir: str | os.PathLike) -> list[Path]:
         legacy = _LEGACY_PARTIAL.match(entry.name)
         if legacy:
             # The same liveness rule as the current temporary names, through their parser.
-            if stale_temp(f".partial{TEMP_MARK}{legacy.group(1)}-00000000{TEMP_SUFFIX}"):
+            if writer_gone(int(legacy.group(1))):
                 shutil.rmtree(entry, ignore_errors=True)
                 if not entry.exists():
                     removed.append(entry)
@@ -425,7 +425,7 @@ class _SetWriter:
         try:
             if not self.folder.is_dir():  # made on the first image: a cancel before it leaves nothing
                 self.folder.mkdir(parents=True, exist_ok=True)
-                _fsync_dir(self.folder.parent)
+                fsync_dir(self.folder.parent)
             tmp = temp_path(final)
             try:
                 with open(tmp, "xb") as handle:
@@ -467,7 +467,7 @@ class _SetWriter:
         payload = {"format": MANIFEST_FORMAT, "engine": CLASS_ENGINE_VERSION, "key": self.spec.key(),
                    **asdict(self.spec), "images": [asdict(self.verified[i]) for i in sorted(self.verified)]}
         self._write(MANIFEST, json.dumps(payload, indent=2, sort_keys=True).encode("utf-8"))
-        _fsync_dir(self.folder)
+        fsync_dir(self.folder)
 
     def fill(self, render: _Renderer, batch_size: int) -> int:
         """Generate the images the set lacks, batch by batch; returns how many were written."""
@@ -491,7 +491,7 @@ class _SetWriter:
                 if index in missing:
                     self.verified[index] = self._write(names[index], data)
             written += len(missing)
-            _fsync_dir(self.folder)  # the images' renames are durable before the manifest lists them
+            fsync_dir(self.folder)  # the images' renames are durable before the manifest lists them
             self.write_manifest()
         return written
 

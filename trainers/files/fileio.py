@@ -47,14 +47,16 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def stale_temp(name: str) -> bool:
-    """True for a temporary name of this pack whose writer is gone: its process no longer runs,
-    or it is this very process (called at start-up, before this process wrote anything)."""
-    match = _TEMP_NAME.match(name)
-    if not match:
-        return False
-    pid = int(match.group(1))
+def writer_gone(pid: int) -> bool:
+    """Whether the process that wrote a temporary file is gone: it no longer runs, or it is this
+    very process (asked at start-up, before this process wrote anything)."""
     return pid == os.getpid() or not _process_alive(pid)
+
+
+def stale_temp(name: str) -> bool:
+    """True for a temporary name of this pack whose writer is gone (see :func:`writer_gone`)."""
+    match = _TEMP_NAME.match(name)
+    return bool(match) and writer_gone(int(match.group(1)))
 
 
 def sweep_stale_temps(folder: str | os.PathLike) -> list[Path]:
@@ -170,7 +172,7 @@ def atomic_save_safetensors(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     logger.debug("wrote %s (%d tensors)", path, len(tensors))
     return path
 
@@ -189,11 +191,11 @@ def atomic_copy(source: str | os.PathLike, path: str | os.PathLike) -> Path:
         os.link(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
