@@ -30,7 +30,8 @@ from trainers.files.fileio import (
 from trainers.jobs import train_file
 from trainers.sd15 import placeholder
 from trainers.training.callbacks import LossHistory, TrainingCallbacks
-from trainers.training.config import LoRATrainConfig
+from trainers.training.config import DreamBoothTrainConfig, LoRATrainConfig
+from trainers.training.dreambooth import save_dreambooth, train_dreambooth
 from trainers.training.lora import save_lora, train_lora
 from trainers.training.record import (
     METADATA_LIMIT,
@@ -271,6 +272,23 @@ def test_weights_that_overflow_fp16_are_saved_in_bf16(tmp_path):
     assert saved.precision == "bf16" and "do not fit fp16" in saved.notes[0]
     tensor = load_file(str(saved.path))[key]
     assert tensor.dtype == torch.bfloat16 and bool(torch.isfinite(tensor).all())
+
+
+def test_a_dreambooth_checkpoint_that_overflows_fp16_is_saved_in_bf16_not_refused(tmp_path):
+    tiny = placeholder.tiny_sd15(seed=0, tokenizer_dir=tokenizer_dir())
+    config = DreamBoothTrainConfig(steps=1, unet_lr=1e-5, class_images=0)
+    result = train_dreambooth(tiny, toy_subject(), config)
+    with torch.no_grad():
+        tiny.unet.conv_in.weight[0, 0, 0, 0] = 1e6  # a trained weight beyond fp16's 65504
+
+    def write(path, precision, overwrite):
+        return save_dreambooth(tiny, result, path, precision, overwrite=overwrite)
+
+    saved = save_safely(write, tmp_path / "db.safetensors", config.save_precision)
+    assert saved.precision == "bf16" and "do not fit fp16" in saved.notes[0]
+    assert _metadata(saved.path)["dbs.save_precision"] == "bf16"
+    tensor = load_file(str(saved.path))["model.diffusion_model.input_blocks.0.0.weight"]
+    assert tensor.dtype == torch.bfloat16 and float(tensor[0, 0, 0, 0]) == pytest.approx(1e6, rel=1e-2)
 
 
 # -- temporary files of killed saves -------------------------------------------------------------
