@@ -1,29 +1,39 @@
-"""Subject photo loading: decoding, face/centre/pad crops, captions, and a catalogue of bad inputs."""
+"""Subject photo loading: decoding, face/centre/pad crops, captions, a catalogue of bad inputs, and
+hostile ones (bomb photos, huge folders, prompts and captions)."""
 
 from __future__ import annotations
 
 import io
 import os
 import re
+import struct
+import threading
 import time
 import unicodedata
+import zlib
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from tests.support.paths import tokenizer_dir
+from trainers.data import images
 from trainers.data.images import (
     BACKGROUND_RGB,
     FACE_SCALE,
+    MAX_CAPTION_CHARS,
+    MAX_PIXELS,
+    MAX_PROMPT_CHARS,
+    MAX_TOTAL_PIXELS,
     SubjectImageError,
     caption_with_token,
-    decode_image,
     folder_fingerprint,
     instance_token,
     load_subject,
+    max_images_at,
     prepare_subject,
+    read_photo,
 )
 from trainers.data.subject import center_crop_resize
 
@@ -48,6 +58,12 @@ def good_folder(folder, count=2):
     for i in range(count):
         photo(i).save(folder / f"good{i}.png")
     return folder
+
+
+def decode_image(path):
+    """The whole photo as float RGB (small test images only), with its notes."""
+    photo = read_photo(path)
+    return photo.region(0, 0, photo.height, photo.width), photo.notes
 
 
 def load(folder, **kw):
@@ -208,10 +224,10 @@ def test_empty_instance_prompt(tmp_path):
 
 def test_duplicates_are_used_once_and_reported(tmp_path):
     folder = good_folder(tmp_path / "subject")
-    photo(0).save(folder / "copy.bmp")  # same pixels, other format
+    (folder / "copy.png").write_bytes((folder / "good0.png").read_bytes())  # the same file twice
     result = load(folder)
-    assert result.subject.source_names == ("copy.bmp", "good1.png")
-    assert "good0.png: duplicate of copy.bmp (same pixels); used once" in result.notes
+    assert result.subject.source_names == ("copy.png", "good1.png")
+    assert "good0.png: duplicate of copy.png (same file contents); used once" in result.notes
 
 
 def test_other_files_hidden_files_and_subfolders_are_ignored(tmp_path):
@@ -489,3 +505,321 @@ def test_fingerprint_changes_with_images_and_captions_only(tmp_path):
     assert after_image != after_caption
     (folder / "good2.png").write_bytes((folder / "good1.png").read_bytes())
     assert folder_fingerprint(folder) != after_image
+
+
+# -- hostile and unlucky inputs: bounded memory, counts, pixels, prompts and captions --------------
+def bomb_png(width: int, height: int, mark: int = 0) -> bytes:
+    """A black 1-bit PNG of width x height with one white dash in row `mark` (so every mark makes
+    a different file): a few KB on disk, width x height pixels once decoded."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\0" * (1 + (width + 7) // 8)
+    marked = b"\0\xff" + row[2:]
+    packer = zlib.compressobj(9)
+    data = b"".join(packer.compress(marked if y == mark else row) for y in range(height)) + packer.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+
+
+def _rss_mb(pid: int | str = "self", field: str = "VmRSS") -> float:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) / 1024 for line in status if line.startswith(field + ":"))
+
+
+def peak_rss_above_baseline(work, pid: int | str = "self") -> float:
+    """MB of resident memory that process `pid` gained at its peak while `work()` ran (VmRSS
+    sampled every 10 ms, and the kernel's high-water mark when it can be reset)."""
+    baseline = _rss_mb(pid)
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as refs:
+            refs.write("5")  # resets VmHWM to the current RSS
+        hwm_reset = True
+    except OSError:
+        hwm_reset = False
+    peak, done = [baseline], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_mb(pid))
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        work()
+    finally:
+        done.set()
+        sampler.join()
+    if hwm_reset:
+        peak[0] = max(peak[0], _rss_mb(pid, "VmHWM"))
+    return peak[0] - baseline
+
+
+def test_photo_over_the_pixel_limit_is_refused_from_its_header(tmp_path):
+    """An 8001x8000 one-bit PNG (a few KB) is refused by its declared size alone: its pixel data
+    here is garbage, which a decoder would have reported as damaged instead."""
+    folder = good_folder(tmp_path / "subject")
+    bomb = bomb_png(8001, 8000)
+    start = bomb.index(b"IDAT") + 4
+    (folder / "bomb.png").write_bytes(bomb[:start] + b"\x55" * 64 + bomb[start + 64:])
+    with pytest.raises(SubjectImageError) as info:
+        load(folder)
+    assert "bomb.png: 8001x8000 is over the 64,000,000-pixel limit for one photo" in str(info.value)
+    assert "downscale it" in str(info.value)
+    skipped = load(folder, on_bad="skip")
+    assert skipped.subject.source_names == ("good0.png", "good1.png")
+
+
+def test_bomb_photos_under_the_limit_load_one_at_a_time(tmp_path):
+    """Three distinct 7999x7999 one-bit PNGs (64 MP each, 24 KB in all) load with the working
+    memory of about one of them: before, each was kept as 768 MB of float32 until cropping."""
+    folder = tmp_path / "bombs"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"bomb{i}.png").write_bytes(bomb_png(7999, 7999, mark=i))
+    result = {}
+    added = peak_rss_above_baseline(lambda: result.update(load=load(folder, resolution=512, crop_mode="center")))
+    assert result["load"].subject.source_names == ("bomb0.png", "bomb1.png", "bomb2.png")
+    assert result["load"].subject.images[0].shape == (512, 512, 3)
+    assert added < 600, f"loading 3 bomb photos added {added:.0f} MB"
+
+
+def test_total_decoded_pixels_of_a_folder_are_capped(tmp_path):
+    """The third 96x80 photo would take the folder past 20,000 pixels: the error names it and the
+    limit before it is decoded (its data is garbage, so decoding it would have said so)."""
+    folder = good_folder(tmp_path / "subject", count=2)
+    data = bytearray(png_bytes(photo(2)))
+    start = data.index(b"IDAT") + 4
+    data[start:start + 40] = b"\xff" * 40
+    (folder / "good2.png").write_bytes(bytes(data))
+    with pytest.raises(SubjectImageError) as info:
+        load(folder, max_total_pixels=20_000, on_bad="skip")
+    message = str(info.value)
+    assert "the photos of subject folder 'subject' up to good2.png add up to 23,040 pixels" in message
+    assert "over the 20,000-pixel limit for one folder" in message and "max images" in message
+    assert len(load(folder, max_total_pixels=20_000, max_images=2).subject) == 2
+    assert MAX_TOTAL_PIXELS >= 20 * MAX_PIXELS  # a folder of 20 photos at the per-photo limit still loads
+
+
+@pytest.mark.parametrize("resolution,limit", [(64, 1000), (512, 1000), (1024, 250), (2048, 62)])
+def test_image_count_is_capped_by_what_the_crops_take(tmp_path, resolution, limit):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    tiny = png_bytes(photo(1, size=(8, 8)))  # never decoded: the count is checked first
+    for i in range(limit + 1):
+        (folder / f"img{i:04d}.png").write_bytes(tiny)
+    with pytest.raises(SubjectImageError) as info:
+        load(folder, resolution=resolution)
+    assert str(info.value) == (
+        f"subject folder 'many' has {limit + 1:,} images, over the limit of {limit:,} at {resolution} px "
+        f"(crossed at img{limit:04d}.png; the crops stay in memory until training); set max images (class "
+        f"images, for a class folder) to {limit} or fewer, or move photos to another folder")
+    assert max_images_at(resolution) == limit
+
+
+def test_image_batch_count_is_capped():
+    batch = [torch.zeros(64, 64, 3)] * 1001
+    with pytest.raises(SubjectImageError, match=re.escape(
+            "the image batch has 1,001 images, over the limit of 1,000 at 64 px (crossed at b1000;")):
+        prepare_subject(batch, [f"b{i}" for i in range(1001)], PROMPT, CLASS, RES)
+    assert len(prepare_subject(batch[:1000], [f"b{i}" for i in range(1000)], PROMPT, CLASS, RES).subject) == 1000
+
+
+def test_duplicates_are_files_with_the_same_bytes(tmp_path):
+    folder = tmp_path / "subject"
+    folder.mkdir()
+    photo(0).save(folder / "a.png")
+    (folder / "b.png").write_bytes((folder / "a.png").read_bytes())
+    photo(0).save(folder / "c.bmp")  # the same pixels in another file: a photo of its own
+    result = load(folder)
+    assert result.subject.source_names == ("a.png", "c.bmp")
+    assert result.notes == ["b.png: duplicate of a.png (same file contents); used once"]
+
+
+def test_duplicate_of_a_bad_file_is_reported_as_bad_too(tmp_path):
+    folder = good_folder(tmp_path / "subject")
+    (folder / "x.png").write_bytes(b"not a png")
+    (folder / "y.png").write_bytes(b"not a png")
+    result = load(folder, on_bad="skip")
+    assert [s.split(":")[0] for s in result.skipped] == ["x.png", "y.png"]
+
+
+@pytest.mark.parametrize("which", ["instance", "class"])
+def test_over_long_prompts_are_refused_without_echoing_them(tmp_path, which):
+    folder = good_folder(tmp_path / "subject")
+    huge = "a photo of sks toy " * 1_900_000  # 36 MB
+    prompts = (huge, CLASS) if which == "instance" else (PROMPT, huge)
+    with pytest.raises(SubjectImageError) as info:
+        load_subject(folder, *prompts, RES)
+    message = str(info.value)
+    assert message.startswith(f"{which} prompt is {len(huge.strip()):,} characters, over the "
+                              f"{MAX_PROMPT_CHARS:,}-character limit")
+    assert len(message) < 300
+    with pytest.raises(SubjectImageError, match=f"{which} prompt is 1,001 characters"):
+        prepare_subject([torch.rand(80, 80, 3)], ["a"], *(("x" * 1001, CLASS) if which == "instance"
+                                                          else (PROMPT, "x" * 1001)), RES)
+    at_limit = "sks " + "y" * (MAX_PROMPT_CHARS - 4)
+    assert load_subject(folder, at_limit, "", RES).subject.instance_prompt == at_limit
+
+
+def test_caption_file_too_big_to_hold_the_limit_is_not_read(tmp_path, monkeypatch):
+    folder = good_folder(tmp_path / "subject")
+    with open(folder / "good0.txt", "wb") as handle:
+        handle.write(b"sks toy ")
+        handle.truncate(1 << 20)  # 1 MB
+    opened = []
+    real_open = open
+
+    def spy(file, *args, **kwargs):
+        opened.append(os.fspath(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", spy)
+    with pytest.raises(SubjectImageError) as info:
+        load(folder, caption_mode="sidecar .txt")
+    assert ("good0.txt: caption file is 1,048,576 bytes, too long for the 1,000-character caption limit "
+            "(CLIP reads only the first 77 tokens); shorten it") in str(info.value)
+    assert not any(name.endswith("good0.txt") for name in opened)
+    result = load(folder, caption_mode="sidecar .txt", on_bad="skip")
+    assert result.subject.captions == (PROMPT, PROMPT)
+    assert "good0.txt unreadable: instance prompt used" in result.report()
+
+
+def test_over_long_caption_is_a_bad_file(tmp_path):
+    folder = good_folder(tmp_path / "subject")
+    (folder / "good0.txt").write_text("sks toy " + "é" * (MAX_CAPTION_CHARS - 7), encoding="utf-8")
+    (folder / "good1.txt").write_text("sks toy " + "é" * (MAX_CAPTION_CHARS - 8), encoding="utf-8")
+    with pytest.raises(SubjectImageError) as info:
+        load(folder, caption_mode="sidecar .txt")
+    assert str(info.value).endswith("good0.txt: caption is 1,001 characters, over the 1,000-character limit "
+                                    "(CLIP reads only the first 77 tokens); shorten it")
+    result = load(folder, caption_mode="sidecar .txt", on_bad="skip")
+    assert result.subject.captions[0] == PROMPT and len(result.subject.captions[1]) == MAX_CAPTION_CHARS
+    with pytest.raises(SubjectImageError, match="the caption of a is 1,001 characters"):
+        prepare_subject([torch.rand(80, 80, 3)], ["a"], PROMPT, CLASS, RES, captions=["sks " + "z" * 997])
+
+
+# -- crops of normal photos are what they were: bit for bit a whole-image float conversion ---------
+def _old_style_crop(path, mode, resolution, box=None):
+    """What the loader made before photos were handled in bands: the whole photo as float32 in
+    [0, 1] (upright, transparency on the background), then the crop resized from that."""
+    if path.name.endswith("64.png"):  # 16-bit colour: OpenCV's BGRA, scaled from 0-65535
+        import cv2
+
+        rgba = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)[..., [2, 1, 0, 3]].astype(np.float32) / 65535.0
+    else:
+        with Image.open(path) as im:
+            rgba = np.asarray(ImageOps.exif_transpose(im).convert("RGBA"), dtype=np.float32) / 255
+    alpha = rgba[..., 3:]
+    whole = rgba[..., :3] * alpha + np.array(BACKGROUND_RGB, dtype=np.float32) / 255 * (1 - alpha)
+    image = torch.from_numpy(np.ascontiguousarray(whole, dtype=np.float32))
+    height, width = image.shape[:2]
+    if mode == "pad":
+        scale = resolution / max(height, width)
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        chw = image.permute(2, 0, 1).unsqueeze(0)
+        resized = torch.nn.functional.interpolate(chw, size=size, mode="bicubic", antialias=True,
+                                                  align_corners=False)[0].permute(1, 2, 0).clamp(0, 1)
+        canvas = torch.tensor(BACKGROUND_RGB, dtype=torch.float32).div(255).expand(resolution, resolution, 3).clone()
+        top, left = (resolution - size[0]) // 2, (resolution - size[1]) // 2
+        canvas[top:top + size[0], left:left + size[1]] = resized
+        return canvas
+    top, left, side = box
+    return center_crop_resize(image[top:top + side, left:left + side], resolution)
+
+
+@pytest.mark.parametrize("band_pixels", [1 << 22, 3000])  # one band, and many bands of a few rows
+@pytest.mark.parametrize("kind", ["rgb", "rgba", "exif6", "grey", "rgba64"])
+@pytest.mark.parametrize("mode", ["center", "face", "pad"])
+def test_crops_are_bit_for_bit_what_they_were(tmp_path, monkeypatch, band_pixels, kind, mode):
+    from skimage import data
+
+    monkeypatch.setattr(images, "_BAND_PIXELS", band_pixels)
+    portrait = np.asarray(Image.fromarray(data.astronaut()).resize((700, 620), Image.BICUBIC))
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    path = folder / {"exif6": "p.jpg", "rgba64": "p64.png"}.get(kind, "p.png")
+    alpha = np.full(portrait.shape[:2], 255, dtype=np.uint8)
+    alpha[:, :150] = np.linspace(0, 255, 150, dtype=np.uint8)[None, :]
+    if kind == "rgb":
+        Image.fromarray(portrait).save(path)
+    elif kind == "grey":
+        Image.fromarray(portrait).convert("L").save(path)
+    elif kind == "rgba":
+        Image.fromarray(np.dstack([portrait, alpha])).save(path)
+    elif kind == "rgba64":  # values that are not multiples of 257: 8 bits would not reproduce them
+        import cv2
+
+        deep = np.minimum(np.dstack([portrait, alpha]).astype(np.int64) * 257 + 97, 65535).astype(np.uint16)
+        cv2.imwrite(str(path), deep[..., [2, 1, 0, 3]])
+    else:
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        Image.fromarray(portrait).rotate(90, expand=True).save(path, exif=exif, quality=95)
+    result = load_subject(folder, PROMPT, CLASS, 128, crop_mode=mode)
+    report = result.images[0]
+    box = None
+    if mode == "face":
+        assert report.subject_found.startswith("frontal face found")
+        side, left, top = (int(v) for v in re.search(r"\((\d+)x\d+ at x=(\d+) y=(\d+)\)", report.crop).groups())
+        box = (top, left, side)
+    elif mode == "center":
+        with Image.open(path) as im:
+            width, height = ImageOps.exif_transpose(im).size
+        side = min(width, height)
+        box = ((height - side) // 2, (width - side) // 2, side)
+    assert torch.equal(result.subject.images[0], _old_style_crop(path, mode, 128, box)), report.crop
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_is_turned_upright_like_pillow_does(tmp_path, orientation):
+    arr = np.arange(40 * 60 * 3, dtype=np.uint32).reshape(40, 60, 3) % 251
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(arr.astype(np.uint8)).save(tmp_path / "o.png", exif=exif)
+    rgb, notes = decode_image(tmp_path / "o.png")
+    with Image.open(tmp_path / "o.png") as im:
+        expected = np.asarray(ImageOps.exif_transpose(im).convert("RGB"), dtype=np.float32) / 255
+    assert np.array_equal(rgb, expected)
+    assert ("turned upright from EXIF orientation 6" in notes) == (orientation == 6)
+
+
+def _png(width: int, height: int, bit_depth: int, colour_type: int, idat: bytes, extra: bytes = b"") -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0))
+            + extra + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def test_16_bit_colour_png_has_its_own_share_of_the_pixel_limit(tmp_path):
+    """A 16-bit RGBA PNG takes 8 bytes a pixel and OpenCV's decoder holds it twice: one that
+    declares 6000x6000 (36 MP: under the photo limit, over half of it) is refused from its header
+    (its data is garbage, which decoding would have reported instead)."""
+    folder = good_folder(tmp_path / "subject")
+    (folder / "deep.png").write_bytes(_png(6000, 6000, 16, 6, zlib.compress(b"\x55" * 1000)))
+    with pytest.raises(SubjectImageError) as info:
+        load(folder)
+    assert ("deep.png: 6000x6000 is over the 32,000,000-pixel limit for 16-bit colour PNGs (they take 8 bytes "
+            "a pixel, twice, to decode); save it with 8 bits or downscale it") in str(info.value)
+    (folder / "deep.png").write_bytes(_png(6000, 6000, 8, 6, zlib.compress(b"\x55" * 1000)))
+    with pytest.raises(SubjectImageError, match="deep.png: truncated"):  # 8 bits: decoded, and found broken
+        load(folder)
+
+
+def test_16_bit_colour_png_keeps_its_exif_orientation(tmp_path):
+    """16-bit colour PNGs are decoded by OpenCV alone; the orientation still comes from their eXIf."""
+    import cv2
+
+    ramp = (np.arange(40 * 60 * 3, dtype=np.int64).reshape(40, 60, 3) * 613 + 5) % 65536
+    cv2.imwrite(str(tmp_path / "flat.png"), ramp[..., ::-1].astype(np.uint16))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = (tmp_path / "flat.png").read_bytes()
+    payload = exif.tobytes()[6:]  # the TIFF structure, without the "Exif\0\0" prefix (as PNG stores it)
+    chunk = struct.pack(">I", len(payload)) + b"eXIf" + payload + struct.pack(">I", zlib.crc32(b"eXIf" + payload))
+    (tmp_path / "turned.png").write_bytes(data[:33] + chunk + data[33:])  # right after IHDR
+    rgb, notes = decode_image(tmp_path / "turned.png")
+    assert "turned upright from EXIF orientation 6" in notes and "16-bit colour scaled to 0-1" in notes
+    assert np.array_equal(rgb, np.rot90(ramp, -1).astype(np.float32) / np.float32(65535))

@@ -1,28 +1,34 @@
 """Reading subject photos (a folder, or decoded images) into a SubjectData, with a report.
 
-What a folder of real photos throws at a trainer, and what happens to it here:
+What a folder of real photos (or an attacker's uploads) throws at a trainer, and what happens here:
 
-- Decoding: every image is fully decoded (truncated files fail here, not during training), EXIF
-  orientation is applied, transparency is composited on ``BACKGROUND_RGB``, 16-bit images are
-  scaled from 0-65535 at full depth (16-bit colour PNGs through OpenCV, which keeps all 16 bits
-  where Pillow keeps 8), palette / CMYK / LA / greyscale are converted to RGB, and an image over
-  ``max_pixels`` is refused before decoding (decompression-bomb guard).
+- Decoding, one photo at a time: the size is read from the header and a photo over ``MAX_PIXELS``
+  is refused before decoding (decompression bombs); the rest is fully decoded (truncated files
+  fail here, not during training) at its own depth (8-bit, 16-bit: 16-bit colour PNGs through
+  OpenCV, which keeps all 16 bits where Pillow keeps 8), EXIF orientation applied as a view,
+  palette / CMYK / LA / greyscale converted, transparency composited on ``BACKGROUND_RGB``. Only
+  the crop at the training resolution is kept: float pixels are made a band of rows at a time,
+  never as a full-size copy, with the values (and crops) a whole-image float conversion gives.
+- Limits: at most ``max_images_at(resolution)`` images (their crops stay in memory) and
+  ``MAX_TOTAL_PIXELS`` decoded pixels per folder, each an error naming the file where it was
+  crossed; prompts up to ``MAX_PROMPT_CHARS``, captions up to ``MAX_CAPTION_CHARS`` (a caption
+  file too large for that is never read).
 - Unusable files (empty, truncated, not an image, undecodable, short side under half the
-  resolution, too many pixels, links or names that resolve outside the folder) are collected by
-  name. ``on_bad="stop"`` raises one :class:`SubjectImageError` listing all of them before
-  anything is trained; ``on_bad="skip"`` leaves them out and reports them.
-- Duplicates (same decoded pixels) are trained on once and reported.
-- Crops: ``face`` (OpenCV Haar cascades: frontal face, then profile face, then cat face; a square
-  ``face_scale`` times the detection's side, centred on it; centre crop when nothing is found,
-  reported per image), ``center`` (largest centred square) or ``pad`` (whole image letterboxed on
-  ``BACKGROUND_RGB``).
+  resolution, too many pixels, links or names that resolve outside the folder, over-long or
+  non-UTF-8 captions) are collected by name. ``on_bad="stop"`` raises one
+  :class:`SubjectImageError` listing all of them before anything is trained; ``on_bad="skip"``
+  leaves them out and reports them.
+- Duplicates (files with the same bytes) are trained on once and reported.
+- Crops: ``face`` (OpenCV Haar cascades on the uint8 grey image: frontal face, then profile face,
+  then cat face; a square ``face_scale`` times the detection's side, centred on it; centre crop
+  when nothing is found, reported per image), ``center`` (largest centred square) or ``pad``
+  (whole image letterboxed on ``BACKGROUND_RGB``).
 - Captions: the instance prompt for every image, or ``<image stem>.txt`` sidecars matched by
   Unicode-NFC-normalised stem. Instance-token rule: the token is the word(s) of the instance
   prompt that are not in the class prompt (the whole instance prompt when there are none); a
   caption lacking any of those words gets ``"<instance prompt>, "`` prepended. Missing, empty and
   orphan caption files are reported, captions longer than CLIP's 77 tokens warned.
 """
-
 from __future__ import annotations
 
 import functools
@@ -31,6 +37,7 @@ import logging
 import os
 import re
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +45,7 @@ import numpy as np
 import torch
 
 from ..sd15.checkpoint import load_tokenizer
-from .subject import SubjectData, center_crop_resize
+from .subject import SubjectData
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +55,27 @@ CROP_MODES = ("face", "center", "pad")
 CAPTION_MODES = ("instance prompt", "sidecar .txt")
 BAD_FILE_MODES = ("stop", "skip")
 BACKGROUND_RGB = (255, 255, 255)  # transparency and letterbox padding are composited on white
-MAX_PIXELS = 100_000_000  # larger images are refused before decoding (decompression bombs)
+# Per photo, read from the header before decoding (decompression bombs: a 6 KB PNG can declare
+# 7000x7000). Cameras and phones people photograph subjects with top out at 48-61 MP (iPhone 48,
+# Canon R5 45, Sony A7R V 61); training uses a 512 px square of it. At 64 MP one photo decodes to
+# at most 192 MB (8-bit RGB), and only one is decoded at a time.
+MAX_PIXELS = 64_000_000
+# 16-bit colour PNGs get a share of it: OpenCV's decoder holds two copies at 8 bytes a pixel
+# (at 32 MP: 512 MB). Real ones that large are 100-200 MB files; crafted ones are a few KB.
+DEEP_PNG_SHARE = 2
+# Per folder: the decoded pixels of all its photos (bounds the decoding time: about 300 phone
+# photos of 12 MP, or 60 at the per-photo limit).
+MAX_TOTAL_PIXELS = 4_000_000_000
+# Per folder or IMAGE batch: the crops are kept as float32 (12 bytes a pixel) until training, so
+# the count allowed shrinks with the resolution: 1,000 at 512 px (3 GB), 250 at 1024, 62 at 2048.
+MAX_IMAGES = 1000
+MAX_CROP_PIXELS = MAX_IMAGES * 512 * 512
+# Prompts and captions: CLIP reads 77 tokens (about 300 characters); the text also goes into every
+# saved file's metadata. 1,000 characters leaves room for long captions and nothing else.
+MAX_PROMPT_CHARS = 1000
+MAX_CAPTION_CHARS = 1000
 CLIP_MAX_TOKENS = 77  # including the start and end tokens
+DETECT_SIDE = 1024  # face search on a preview this long at most: Haar cascades need no more
 FACE_SCALE = 2.5  # side of the face crop / side of the detected face box
 
 # (what was found, cascade file, minNeighbors, scaleFactor, also try the mirrored image)
@@ -120,11 +146,29 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
     return value
 
 
-def _check_prompt(instance_prompt: str) -> str:
-    prompt = (instance_prompt or "").strip()
-    if not prompt:
-        raise SubjectImageError("instance prompt is empty: describe the subject, e.g. 'a photo of sks dog'")
+def check_prompt(name: str, text: str | None, required: bool = True) -> str:
+    """`text` stripped; raises SubjectImageError naming the prompt when it is empty (if required)
+    or over MAX_PROMPT_CHARS (never echoing it)."""
+    if text is not None and not isinstance(text, str):
+        raise SubjectImageError(f"{name} must be text (got {type(text).__name__})")
+    prompt = (text or "").strip()
+    if required and not prompt:
+        raise SubjectImageError(f"{name} is empty: describe the subject, e.g. 'a photo of sks dog'")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise SubjectImageError(
+            f"{name} is {len(prompt):,} characters, over the {MAX_PROMPT_CHARS:,}-character limit "
+            f"(CLIP reads only the first {CLIP_MAX_TOKENS} tokens, about 300 characters); shorten it")
     return prompt
+
+
+def check_prompts(instance_prompt: str, class_prompt: str | None = "") -> tuple[str, str]:
+    """(instance prompt, class prompt), stripped and checked."""
+    return check_prompt("instance prompt", instance_prompt), check_prompt("class prompt", class_prompt, required=False)
+
+
+def max_images_at(resolution: int) -> int:
+    """How many images a subject may have at `resolution` (their crops stay in memory)."""
+    return max(1, min(MAX_IMAGES, MAX_CROP_PIXELS // (resolution * resolution)))
 
 
 def nfc(text: str) -> str:
@@ -145,7 +189,7 @@ def scan_folder(folder: str | os.PathLike) -> FolderScan:
     the folder (links, odd names) are problems, never read."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise SubjectImageError(f"subject folder {str(folder)!r} does not exist")
+        raise SubjectImageError(f"subject folder {folder.name!r} does not exist")
     root = os.path.realpath(folder)
     scan = FolderScan([], {}, [], [])
     for entry in sorted(folder.iterdir(), key=lambda p: nfc(p.name)):
@@ -170,36 +214,108 @@ def scan_folder(folder: str | os.PathLike) -> FolderScan:
 
 
 # -- decoding -----------------------------------------------------------------------------------
-def _on_background(rgba: np.ndarray) -> tuple[np.ndarray, list[str]]:
-    """HxWx4 float RGBA in [0, 1] -> RGB, transparency composited on BACKGROUND_RGB (with a note)."""
-    alpha = rgba[..., 3:4]
-    if float(alpha.min()) < 1.0:
-        background = np.asarray(BACKGROUND_RGB, dtype=np.float32) / 255.0
-        return rgba[..., :3] * alpha + background * (1.0 - alpha), [
-            f"transparent pixels composited on RGB{BACKGROUND_RGB}"]
-    return np.ascontiguousarray(rgba[..., :3]), []
+@dataclass
+class Photo:
+    """One decoded photo at its own bit depth, as stored in the file (EXIF orientation not applied).
+
+    ``pixels`` is HxWxC with C = 1 (grey), 2 (grey + alpha), 3 (colour) or 4 (colour + alpha), in
+    uint8, uint16, or float32 (ComfyUI IMAGE batches, Pillow's 32-bit float mode); ``peak`` is the
+    value of full intensity. Float pixels are only ever made a band of rows at a time, so a photo
+    never exists as a full-size float copy; the values are exactly those of a whole-image float
+    conversion (0-1, transparency composited on BACKGROUND_RGB), and so are the resized crops.
+    """
+
+    pixels: np.ndarray
+    peak: float
+    orientation: int = 1
+    bgr: bool = False  # colour channels in OpenCV's order
+    clip: bool = False  # float sources whose values may leave 0-1 after scaling
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def has_alpha(self) -> bool:
+        return self.pixels.shape[2] in (2, 4)
+
+    @property
+    def height(self) -> int:
+        return self.pixels.shape[1 if self.orientation in (5, 6, 7, 8) else 0]
+
+    @property
+    def width(self) -> int:
+        return self.pixels.shape[0 if self.orientation in (5, 6, 7, 8) else 1]
+
+    def upright(self) -> np.ndarray:
+        """The pixels turned upright (a view: nothing is copied)."""
+        return _UPRIGHT.get(self.orientation, lambda a: a)(self.pixels)
+
+    def bands(self, top: int, left: int, height: int, width: int):
+        """(first row, HxWxC' float32 in [0, 1]) for the upright rectangle at (top, left), a band
+        of about _BAND_PIXELS at a time; C' is 1 (grey) or 3 (colour, in the stored order)."""
+        view = self.upright()[top:top + height, left:left + width]
+        rows = max(1, _BAND_PIXELS // max(1, width))
+        background = np.asarray(BACKGROUND_RGB[::-1] if self.bgr else BACKGROUND_RGB, dtype=np.float32) / 255.0
+        if self.pixels.shape[2] == 2:
+            background = background[:1]
+        for row in range(0, height, rows):
+            band = view[row:row + rows].astype(np.float32) / np.float32(self.peak)
+            if self.clip:
+                np.clip(band, 0.0, 1.0, out=band)
+            if self.has_alpha:  # colour * alpha + background * (1 - alpha), in place, a channel at a time
+                see_through = 1.0 - band[..., -1]
+                colour = band[..., :-1]
+                colour *= band[..., -1:]
+                for channel, value in enumerate(background):
+                    colour[..., channel] += value * see_through
+                band = colour
+            yield row, band
+
+    def _rgb(self, array: np.ndarray) -> np.ndarray:
+        if array.shape[2] == 1:
+            return np.repeat(array, 3, axis=2)
+        return np.ascontiguousarray(array[..., ::-1]) if self.bgr else array
+
+    def region(self, top: int, left: int, height: int, width: int) -> np.ndarray:
+        """The upright rectangle as HxWx3 float32 RGB in [0, 1] (for small rectangles)."""
+        out = np.empty((height, width, 1 if self.pixels.shape[2] <= 2 else 3), dtype=np.float32)
+        for row, band in self.bands(top, left, height, width):
+            out[row:row + band.shape[0]] = band
+        return self._rgb(out)
+
+    def resized(self, top: int, left: int, height: int, width: int, size: tuple[int, int]) -> torch.Tensor:
+        """The upright rectangle resized to `size` (height, width) as HxWx3 float32 RGB, bit for bit
+        what antialiased bicubic interpolation of the whole float rectangle gives (it is
+        separable: rows are resized a band at a time, then the columns of the narrow result)."""
+        new_h, new_w = size
+        interpolate = functools.partial(torch.nn.functional.interpolate, mode="bicubic", antialias=True,
+                                        align_corners=False)
+        if height * width <= _BAND_PIXELS:
+            chw = torch.from_numpy(self.region(top, left, height, width)).permute(2, 0, 1).unsqueeze(0)
+            return interpolate(chw, size=(new_h, new_w))[0].permute(1, 2, 0)
+        narrow = None
+        for row, band in self.bands(top, left, height, width):
+            if narrow is None:
+                narrow = torch.empty((1, band.shape[2], height, new_w), dtype=torch.float32)
+            chw = torch.from_numpy(band).permute(2, 0, 1).unsqueeze(0)
+            narrow[:, :, row:row + band.shape[0]] = interpolate(chw, size=(band.shape[0], new_w))
+        out = interpolate(narrow, size=(new_h, new_w))[0].permute(1, 2, 0).numpy()
+        return torch.from_numpy(self._rgb(out))
+
+    def grey(self) -> np.ndarray:
+        """The upright photo as HxW uint8 grey (what the face search looks at)."""
+        import cv2
+
+        out = np.empty((self.height, self.width), dtype=np.uint8)
+        for row, band in self.bands(0, 0, self.height, self.width):
+            levels = (np.clip(band, 0, 1) * 255).round().astype(np.uint8)
+            if levels.shape[2] == 1:
+                out[row:row + band.shape[0]] = levels[..., 0]
+            else:
+                code = cv2.COLOR_BGR2GRAY if self.bgr else cv2.COLOR_RGB2GRAY
+                out[row:row + band.shape[0]] = cv2.cvtColor(levels, code)
+        return out
 
 
-def _to_rgb_float(im) -> tuple[np.ndarray, list[str]]:
-    """Any Pillow mode -> HxWx3 float32 in [0, 1], with a note for what was converted."""
-    notes = []
-    mode = im.mode
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        arr = np.asarray(im).astype(np.float32)
-        if mode == "F" and arr.size and float(arr.max()) <= 1.0:
-            scale = 1.0
-        elif mode == "F" and arr.size and float(arr.max()) <= 255.0:
-            scale = 255.0
-        else:
-            scale = 65535.0
-        grey = np.clip(arr / scale, 0.0, 1.0)
-        return np.repeat(grey[..., None], 3, axis=2), ["16-bit greyscale scaled to 0-1"]
-    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
-    if has_alpha:
-        return _on_background(np.asarray(im.convert("RGBA"), dtype=np.float32) / 255.0)
-    if mode != "RGB":
-        notes.append(f"converted from {mode} to RGB")
-    return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0, notes
+_BAND_PIXELS = 1 << 22  # pixels converted to float at a time: 16-64 MB
 
 
 _SIGNATURES = ((b"\x89PNG", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"BM", "BMP"), (b"II*\0", "TIFF"),
@@ -230,36 +346,73 @@ _UPRIGHT = {
 }
 
 
-def _is_deep_colour_png(path: Path) -> bool:
-    """A PNG with 16 bits per channel in colour (RGB or RGBA): Pillow would read it at 8 bits."""
+def _png_header(path: Path) -> tuple[int, int, int, int] | None:
+    """(width, height, bit depth, colour type) from a PNG's IHDR, or None."""
     with open(path, "rb") as handle:
         head = handle.read(26)
-    return len(head) == 26 and head[12:16] == b"IHDR" and head[24] == 16 and head[25] in (2, 6)
+    if len(head) < 26 or head[12:16] != b"IHDR":
+        return None
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big"), head[24], head[25]
 
 
-def _deep_colour_png(path: Path, orientation: int) -> tuple[np.ndarray, list[str]]:
-    """A 16-bit RGB(A) PNG at full depth (OpenCV reads all 16 bits), upright, alpha on the background."""
+def _over_limit(width: int, height: int, max_pixels: int, deep: bool = False) -> BadImageFile:
+    if deep:
+        return BadImageFile(f"{width}x{height} is over the {max_pixels:,}-pixel limit for 16-bit colour PNGs "
+                            "(they take 8 bytes a pixel, twice, to decode); save it with 8 bits or downscale it")
+    return BadImageFile(f"{width}x{height} is over the {max_pixels:,}-pixel limit for one photo "
+                        "(decompression-bomb guard); downscale it")
+
+
+def _deep_colour_png(path: Path, max_pixels: int) -> np.ndarray:
+    """A 16-bit RGB(A) PNG at full depth (OpenCV reads all 16 bits), BGR(A) as OpenCV stores it."""
     import cv2
 
-    data = np.fromfile(path, dtype=np.uint8)
-    decoded = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    header = _png_header(path)
+    if header is None:
+        raise BadImageFile("damaged PNG (no image header)")
+    width, height = header[:2]
+    if width * height > max_pixels:  # checked here, right before decoding: the file may have changed
+        raise _over_limit(width, height, max_pixels, deep=True)
+    decoded = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     if decoded is None or decoded.dtype != np.uint16 or decoded.ndim != 3:
         raise BadImageFile("damaged PNG (16-bit colour data cannot be read)")
-    channels = decoded[..., [2, 1, 0, 3][: decoded.shape[2]]].astype(np.float32) / 65535.0  # BGR(A) -> RGB(A)
-    channels = _UPRIGHT.get(orientation, lambda a: a)(channels)
-    notes = ["16-bit colour scaled to 0-1"]
-    if channels.shape[2] == 4:
-        rgb, more = _on_background(channels)
-        return np.ascontiguousarray(rgb, dtype=np.float32), notes + more
-    return np.ascontiguousarray(channels, dtype=np.float32), notes
+    return decoded
 
 
-def decode_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, list[str]]:
-    """Fully decoded RGB image, EXIF orientation applied, as HxWx3 float32 in [0, 1], plus notes.
+def _pillow_pixels(im) -> tuple[np.ndarray, float, list[str]]:
+    """(HxWxC array at the image's own depth, peak, notes) for any Pillow mode."""
+    mode = im.mode
+    if mode.startswith("I;16"):
+        return np.asarray(im).astype(np.uint16, copy=False)[..., None], 65535.0, ["16-bit greyscale scaled to 0-1"]
+    if mode == "I":
+        grey = np.clip(np.asarray(im), 0, 65535).astype(np.uint16)
+        return grey[..., None], 65535.0, ["16-bit greyscale scaled to 0-1"]
+    if mode == "F":
+        grey = np.asarray(im, dtype=np.float32)
+        top = float(grey.max()) if grey.size else 0.0
+        peak = 1.0 if top <= 1.0 else (255.0 if top <= 255.0 else 65535.0)
+        return grey[..., None], peak, ["16-bit greyscale scaled to 0-1"]
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
+    if has_alpha:
+        keep = (mode == "RGBA" or (mode == "LA" and len(set(BACKGROUND_RGB)) == 1)) and "transparency" not in im.info
+        return np.asarray(im if keep else im.convert("RGBA")), 255.0, []
+    if mode == "1":  # one byte a pixel, True = white: no 8-bit copy needed
+        return np.asarray(im)[..., None], 1.0, ["converted from 1 to RGB"]
+    if mode == "L":
+        return np.asarray(im)[..., None], 255.0, ["converted from L to RGB"]
+    notes = [] if mode == "RGB" else [f"converted from {mode} to RGB"]
+    return np.asarray(im if mode == "RGB" else im.convert("RGB")), 255.0, notes
 
-    Raises BadImageFile with the reason when the file cannot be used.
+
+def read_photo(path: str | os.PathLike, max_pixels: int = MAX_PIXELS,
+               before_decoding: Callable[[int, int], None] | None = None) -> Photo:
+    """One photo fully decoded (truncated files fail here, not during training) at its own depth.
+
+    The size is read from the header and checked against `max_pixels` (and passed to
+    `before_decoding`, which may raise) before any pixel is decoded. Raises BadImageFile with the
+    reason (never a server path) when the file cannot be used.
     """
-    from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+    from PIL import Image, ImageFile, UnidentifiedImageError
 
     path = Path(path)
     try:
@@ -274,21 +427,37 @@ def decode_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> tuple
         with Image.open(path) as im:
             width, height = im.size
             if width * height > max_pixels:
-                raise BadImageFile(f"{width}x{height} is over the {max_pixels:,}-pixel limit "
-                                   "(decompression-bomb guard); downscale it")
+                raise _over_limit(width, height, max_pixels)
+            if before_decoding is not None:
+                before_decoding(width, height)
             notes = []
             if getattr(im, "n_frames", 1) > 1:
                 notes.append(f"has {im.n_frames} frames; used the first")
-            im.load()
-            orientation = im.getexif().get(0x0112, 1)
+            header = _png_header(path) if im.format == "PNG" else None
+            deep = header is not None and header[2] == 16 and header[3] in (2, 6)
+            if deep:  # OpenCV decodes it below, at full depth; Pillow decodes nothing
+                exif = Image.Exif()
+                if im.info.get("exif"):
+                    exif.load(im.info["exif"])
+                orientation = exif.get(0x0112, 1)
+                pixels, peak, more = None, 65535.0, ["16-bit colour scaled to 0-1"]
+            else:
+                im.load()
+                orientation = im.getexif().get(0x0112, 1)
+                pixels, peak, more = _pillow_pixels(im)
             if orientation not in (None, 1):
                 notes.append(f"turned upright from EXIF orientation {orientation}")
-            if im.format == "PNG" and _is_deep_colour_png(path):
-                rgb, more = _deep_colour_png(path, orientation)
-            else:
-                rgb, more = _to_rgb_float(ImageOps.exif_transpose(im))
-            return rgb, notes + more
-    except BadImageFile:
+        if deep:
+            pixels = _deep_colour_png(path, max_pixels // DEEP_PNG_SHARE)
+        photo = Photo(pixels, peak, orientation if orientation in _UPRIGHT else 1, bgr=deep,
+                      clip=pixels.dtype.kind == "f", notes=notes + more)
+        if photo.has_alpha:
+            if int(photo.pixels[..., -1].min()) < photo.peak:
+                photo.notes.append(f"transparent pixels composited on RGB{BACKGROUND_RGB}")
+            else:  # opaque: nothing to composite
+                photo.pixels = photo.pixels[..., :-1]
+        return photo
+    except (BadImageFile, SubjectImageError):
         raise
     except UnidentifiedImageError:
         kind = _signature(path)
@@ -300,11 +469,29 @@ def decode_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> tuple
     except OSError as exc:
         if "truncated" in str(exc).lower():
             raise BadImageFile("truncated (the file ends before the image does); re-export or re-copy it") from None
-        raise BadImageFile(f"cannot be decoded ({exc})") from None
+        raise BadImageFile(f"cannot be decoded ({_without_paths(exc, path)})") from None
     except Exception as exc:  # Pillow raises SyntaxError, ValueError, ... for broken files
-        raise BadImageFile(f"cannot be decoded ({type(exc).__name__}: {exc})") from None
+        raise BadImageFile(f"cannot be decoded ({type(exc).__name__}: {_without_paths(exc, path)})") from None
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+def _without_paths(exc: BaseException, path: Path) -> str:
+    """An exception's text with the file's server path replaced by its name."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc)
+    for full in {str(path), os.path.abspath(path), os.path.realpath(path)}:
+        text = text.replace(full, path.name)
+    return text
+
+
+def photo_from_tensor(image: torch.Tensor) -> Photo:
+    """A decoded HxWxC float image (a ComfyUI IMAGE item) as a Photo (RGB, alpha dropped)."""
+    pixels = image.detach().cpu()[..., :3]
+    if pixels.dtype != torch.float32:
+        pixels = pixels.float()
+    return Photo(pixels.numpy(), 1.0)  # not clipped: as ComfyUI's own nodes see it
 
 
 # -- cropping -----------------------------------------------------------------------------------
@@ -319,17 +506,18 @@ def _cascade(filename: str):
 
 
 def detect_subject(image: np.ndarray) -> tuple[str, tuple[int, int, int, int], int] | None:
-    """(what was found, (x, y, w, h) of the largest detection, number of detections) or None.
+    """(what was found, (x, y, w, h) of the largest detection, number of detections) or None, for an
+    HxW uint8 grey image (or HxWx3 uint8 RGB).
 
     Frontal faces first, then profile faces (both directions), then cat faces.
     """
     import cv2
 
-    grey = cv2.cvtColor((np.clip(image, 0, 1) * 255).round().astype(np.uint8), cv2.COLOR_RGB2GRAY)
+    grey = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY) if image.ndim == 3 else image
     scale = 1.0
     longest = max(grey.shape)
-    if longest > 1024:  # Haar cascades need no more; keeps big photos fast
-        scale = 1024 / longest
+    if longest > DETECT_SIDE:  # Haar cascades need no more; keeps big photos fast
+        scale = DETECT_SIDE / longest
         grey = cv2.resize(grey, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
     grey = cv2.equalizeHist(grey)
     width = grey.shape[1]
@@ -348,6 +536,11 @@ def detect_subject(image: np.ndarray) -> tuple[str, tuple[int, int, int, int], i
     return None
 
 
+def find_subject(photo: Photo) -> tuple[str, tuple[int, int, int, int], int] | None:
+    """detect_subject on the photo's uint8 grey image."""
+    return detect_subject(photo.grey())
+
+
 def square_around(box: tuple[int, int, int, int], height: int, width: int,
                   face_scale: float = FACE_SCALE) -> tuple[int, int, int]:
     """(top, left, side) of a square `face_scale` times the box, centred on it, kept in the image."""
@@ -360,39 +553,41 @@ def square_around(box: tuple[int, int, int, int], height: int, width: int,
     return top, left, side
 
 
-def _resize_square(square: torch.Tensor, resolution: int) -> torch.Tensor:
-    return center_crop_resize(square.contiguous(), resolution)
+def _square(photo: Photo, top: int, left: int, side: int, resolution: int) -> torch.Tensor:
+    """The square at (top, left) at `resolution` (as center_crop_resize makes it from a float image)."""
+    if side == resolution:
+        return torch.from_numpy(photo.region(top, left, side, side))
+    return photo.resized(top, left, side, side, (resolution, resolution)).clamp(0.0, 1.0).contiguous()
 
 
-def pad_resize(image: torch.Tensor, resolution: int) -> torch.Tensor:
-    """The whole image, longest side scaled to `resolution`, centred on a BACKGROUND_RGB square."""
-    height, width = int(image.shape[0]), int(image.shape[1])
+def pad_resize(photo: Photo, resolution: int) -> torch.Tensor:
+    """The whole photo, longest side scaled to `resolution`, centred on a BACKGROUND_RGB square."""
+    height, width = photo.height, photo.width
     scale = resolution / max(height, width)
     new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
-    chw = image.permute(2, 0, 1).unsqueeze(0).float()
-    resized = torch.nn.functional.interpolate(chw, size=(new_h, new_w), mode="bicubic", antialias=True,
-                                              align_corners=False)[0].permute(1, 2, 0).clamp(0, 1)
+    resized = photo.resized(0, 0, height, width, (new_h, new_w)).clamp(0, 1)
     canvas = torch.tensor(BACKGROUND_RGB, dtype=torch.float32).div(255).expand(resolution, resolution, 3).clone()
     top, left = (resolution - new_h) // 2, (resolution - new_w) // 2
     canvas[top:top + new_h, left:left + new_w] = resized
     return canvas
 
 
-def crop_image(image: torch.Tensor, mode: str, resolution: int,
+def crop_photo(photo: Photo, mode: str, resolution: int,
                face_scale: float = FACE_SCALE) -> tuple[torch.Tensor, str, str, list[str]]:
-    """(crop, crop description, what the face search found, warnings) for one HxWx3 image."""
-    height, width = int(image.shape[0]), int(image.shape[1])
+    """(crop, crop description, what the face search found, warnings) for one photo."""
+    height, width = photo.height, photo.width
     if mode == "pad":
-        return pad_resize(image, resolution), f"pad (whole {width}x{height} image letterboxed)", "", []
+        return pad_resize(photo, resolution), f"pad (whole {width}x{height} image letterboxed)", "", []
+    side = min(height, width)
     if mode == "center":
-        return center_crop_resize(image, resolution), "center", "", []
-    found = detect_subject(image.numpy())
+        return _square(photo, (height - side) // 2, (width - side) // 2, side, resolution), "center", "", []
+    found = find_subject(photo)
     if found is None:
-        return (center_crop_resize(image, resolution), "center (fallback)",
+        return (_square(photo, (height - side) // 2, (width - side) // 2, side, resolution), "center (fallback)",
                 "no face found, fell back to centre crop", ["no face found: centre crop used; check the crop"])
     kind, box, count = found
     top, left, side = square_around(box, height, width, face_scale)
-    crop = _resize_square(image[top:top + side, left:left + side], resolution)
+    crop = _square(photo, top, left, side, resolution)
     found_text = f"{kind} found at x={box[0]} y={box[1]} size={box[2]}x{box[3]}"
     if count > 1:
         found_text += f" (largest of {count} detections)"
@@ -442,14 +637,30 @@ def count_clip_tokens(text: str, tokenizer_dir: str | os.PathLike | None = None)
     return len(re.findall(r"\w+|[^\w\s]", text)) + 2, False
 
 
-def read_caption(path: Path) -> str:
-    """Text of a caption file (UTF-8, BOM allowed); raises BadImageFile when it is not UTF-8 text."""
+def read_caption(path: Path, max_chars: int = MAX_CAPTION_CHARS) -> str:
+    """Text of a caption file (UTF-8, BOM allowed). Raises BadImageFile when it is not UTF-8 text
+    or is longer than `max_chars` (a file too big to hold that many characters is never read)."""
+    most_bytes = 3 + 4 * max_chars  # a BOM, then characters of up to 4 bytes
     try:
-        return path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise BadImageFile("caption is not UTF-8 text; re-save it as UTF-8") from None
+        size = path.stat().st_size
+        if size <= most_bytes:
+            with open(path, "rb") as handle:
+                data = handle.read(most_bytes + 1)
+            size = len(data)
     except OSError as exc:
         raise BadImageFile(f"caption cannot be read ({exc.strerror})") from None
+    if size > most_bytes:
+        raise BadImageFile(f"caption file is {size:,} bytes, too long for the {max_chars:,}-character caption "
+                           f"limit (CLIP reads only the first {CLIP_MAX_TOKENS} tokens); shorten it")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise BadImageFile("caption is not UTF-8 text; re-save it as UTF-8") from None
+    length = len(" ".join(text.split()))
+    if length > max_chars:
+        raise BadImageFile(f"caption is {length:,} characters, over the {max_chars:,}-character limit "
+                           f"(CLIP reads only the first {CLIP_MAX_TOKENS} tokens); shorten it")
+    return text
 
 
 # -- building the subject -----------------------------------------------------------------------
@@ -462,22 +673,46 @@ def prepare_subject(images: list[torch.Tensor], names: list[str], instance_promp
     """Crop decoded HxWx3 images and caption them. A caption of None means the instance prompt."""
     check_resolution(resolution)
     _check_choice("crop mode", crop_mode, CROP_MODES)
-    prompt = _check_prompt(instance_prompt)
-    class_prompt = (class_prompt or "").strip()
+    check_prompts(instance_prompt, class_prompt)
     if not images:
         raise SubjectImageError("no subject images: give 3-20 photos of the subject")
+    _check_count(names, resolution, "the image batch", "set max_images to {limit} or fewer")
     reports = reports or [ImageReport(name) for name in names]
-    crops, final_captions = [], []
-    for i, (image, report) in enumerate(zip(images, reports, strict=True)):
-        image = image.detach().float().cpu()[..., :3]
-        crop, report.crop, report.subject_found, warnings = crop_image(image, crop_mode, resolution, face_scale)
+    crops = []
+    for image, report in zip(images, reports, strict=True):
+        crop, report.crop, report.subject_found, warnings = crop_photo(photo_from_tensor(image), crop_mode,
+                                                                       resolution, face_scale)
         report.warnings += warnings
         crops.append(crop)
+    return _caption_subject(crops, names, instance_prompt, class_prompt, resolution, flip, captions,
+                            caption_sources, reports, tokenizer_dir)
+
+
+def _check_count(names: list[str], resolution: int, where: str, fix: str) -> None:
+    limit = max_images_at(resolution)
+    if len(names) > limit:
+        raise SubjectImageError(
+            f"{where} has {len(names):,} images, over the limit of {limit:,} at {resolution} px (crossed at "
+            f"{names[limit]}; the crops stay in memory until training); {fix.format(limit=limit)}")
+
+
+def _caption_subject(crops: list[torch.Tensor], names: list[str], instance_prompt: str, class_prompt: str,
+                     resolution: int, flip: bool, captions: list[str | None] | None,
+                     caption_sources: list[str] | None, reports: list[ImageReport],
+                     tokenizer_dir: str | os.PathLike | None) -> SubjectLoad:
+    """The SubjectData of finished crops: captions (or the instance prompt) with the token rule."""
+    prompt, class_prompt = check_prompts(instance_prompt, class_prompt)
+    final_captions = []
+    for i, report in enumerate(reports):
         caption = captions[i] if captions else None
         if caption is None or not caption.strip():
             caption, report.caption_source = prompt, (caption_sources[i] if caption_sources else "instance prompt")
         else:
             report.caption_source = caption_sources[i] if caption_sources else "caption"
+            length = len(" ".join(caption.split()))
+            if length > MAX_CAPTION_CHARS:
+                raise SubjectImageError(f"the caption of {names[i]} is {length:,} characters, over the "
+                                        f"{MAX_CAPTION_CHARS:,}-character limit; shorten it")
             caption, inserted = caption_with_token(caption, prompt, class_prompt)
             if inserted:
                 report.warnings.append("caption lacked the instance token: instance prompt prepended")
@@ -496,55 +731,89 @@ def prepare_subject(images: list[torch.Tensor], names: list[str], instance_promp
     return SubjectLoad(subject=subject, images=reports)
 
 
+@dataclass
+class _Cropped:
+    """One usable photo of a folder, already cropped (its full-size pixels are gone)."""
+
+    path: Path
+    crop: torch.Tensor
+    description: str
+    found: str
+    notes: list[str]  # from decoding
+    warnings: list[str]  # from cropping
+
+
 def load_subject(folder: str | os.PathLike, instance_prompt: str, class_prompt: str = "",
                  resolution: int = 512, max_images: int = 0, flip: bool = False,
                  crop_mode: str = "center", caption_mode: str = "instance prompt", on_bad: str = "stop",
                  tokenizer_dir: str | os.PathLike | None = None, max_pixels: int = MAX_PIXELS,
-                 face_scale: float = FACE_SCALE) -> SubjectLoad:
+                 face_scale: float = FACE_SCALE, max_total_pixels: int = MAX_TOTAL_PIXELS) -> SubjectLoad:
     """The photos of `folder` (sorted by name, the first `max_images` if > 0) as a SubjectLoad.
 
-    Every unusable file is found before anything is returned; with `on_bad="stop"` they raise one
+    Photos are decoded, cropped and resized one at a time; only the crops are kept. Every unusable
+    file is found before anything is returned; with `on_bad="stop"` they raise one
     SubjectImageError naming each of them, with `on_bad="skip"` they are left out and reported.
+    Too many images, or more than `max_total_pixels` decoded pixels in all, is an error naming the
+    file where the limit was crossed.
     """
     check_resolution(resolution)
     _check_choice("crop mode", crop_mode, CROP_MODES)
     _check_choice("caption mode", caption_mode, CAPTION_MODES)
     _check_choice("bad files", on_bad, BAD_FILE_MODES)
-    _check_prompt(instance_prompt)
+    check_prompts(instance_prompt, class_prompt)
     name = Path(folder).name
     scan = scan_folder(folder)
     files = scan.images[:max_images] if max_images > 0 else scan.images
     if not files and not scan.problems:
         raise SubjectImageError(
             f"no images in {name!r}: put 3-20 photos (.png/.jpg/.webp) of the subject there")
+    _check_count([p.name for p in files], resolution, f"subject folder {name!r}",
+                 "set max images (class images, for a class folder) to {limit} or fewer, or move photos to "
+                 "another folder")
     problems = list(scan.problems)
     notes = [f"{n}: ignored (not an image or .txt caption)" for n in scan.ignored]
-    decoded, seen = [], {}
+    cropped: list[_Cropped] = []
+    seen: dict[bytes, str] = {}  # file contents digest -> the usable photo with those bytes
+    decoded_pixels = 0
     min_side = resolution // 2
     for path in files:
+
+        def within_budget(width: int, height: int, path: Path = path, so_far: int = decoded_pixels) -> None:
+            if so_far + width * height > max_total_pixels:
+                raise SubjectImageError(
+                    f"the photos of subject folder {name!r} up to {path.name} add up to "
+                    f"{so_far + width * height:,} pixels, over the {max_total_pixels:,}-pixel limit "
+                    "for one folder; set max images lower, or use fewer or smaller photos")
+
         try:
-            rgb, file_notes = decode_image(path, max_pixels)
+            digest = _file_digest(path)
+        except OSError as exc:
+            problems.append(f"{path.name}: cannot be read ({exc.strerror})")
+            continue
+        if digest in seen:
+            notes.append(f"{path.name}: duplicate of {seen[digest]} (same file contents); used once")
+            continue
+        try:
+            photo = read_photo(path, max_pixels, within_budget)
         except BadImageFile as exc:
             problems.append(f"{path.name}: {exc}")
             continue
-        height, width = rgb.shape[:2]
+        height, width = photo.height, photo.width
+        decoded_pixels += height * width
         if min(height, width) < min_side:
             problems.append(f"{path.name}: {width}x{height} is smaller than half the resolution "
                             f"(short side must be at least {min_side}px); use a larger photo or a lower resolution")
             continue
-        digest = hashlib.sha256((rgb * 255).round().astype(np.uint8).tobytes()
-                                + f"{height}x{width}".encode()).hexdigest()
-        if digest in seen:
-            notes.append(f"{path.name}: duplicate of {seen[digest]} (same pixels); used once")
-            continue
+        crop, description, found, warnings = crop_photo(photo, crop_mode, resolution, face_scale)
+        cropped.append(_Cropped(path, crop, description, found, photo.notes, warnings))
         seen[digest] = path.name
-        decoded.append((path, rgb, file_notes))
+        del photo
 
     captions: list[str | None] = []
     sources: list[str] = []
-    kept: list[tuple[Path, np.ndarray, list[str]]] = []
     caption_warnings: dict[str, list[str]] = {}
-    for path, rgb, file_notes in decoded:
+    for item in cropped:
+        path = item.path
         warnings = caption_warnings.setdefault(path.name, [])
         if caption_mode == "sidecar .txt":
             caption_path = scan.captions.get(nfc(path.stem))
@@ -571,33 +840,25 @@ def load_subject(folder: str | os.PathLike, instance_prompt: str, class_prompt: 
         else:
             captions.append(None)
             sources.append("instance prompt")
-        kept.append((path, rgb, file_notes))
 
     if caption_mode == "sidecar .txt":
         image_stems = {nfc(p.stem) for p in scan.images}
         notes += [f"{p.name}: caption file with no image of that name (orphan)"
                   for stem, p in sorted(scan.captions.items()) if stem not in image_stems]
 
-    if problems:
-        if on_bad == "stop":
-            raise SubjectImageError(
-                f"{len(problems)} unusable file(s) in subject folder {name!r}; remove or fix them, or set "
-                f"bad files to 'skip' to train without them: " + "; ".join(problems))
-        bad_names = {p.split(": ", 1)[0] for p in problems}
-        keep = [i for i, (path, _, _) in enumerate(kept) if path.name not in bad_names]
-        kept = [kept[i] for i in keep]
-        captions = [captions[i] for i in keep]
-        sources = [sources[i] for i in keep]
-    if not kept:
+    if problems and on_bad == "stop":
+        raise SubjectImageError(
+            f"{len(problems)} unusable file(s) in subject folder {name!r}; remove or fix them, or set "
+            f"bad files to 'skip' to train without them: " + "; ".join(problems))
+    if not cropped:
         raise SubjectImageError(f"no usable images in subject folder {name!r}: " + "; ".join(problems))
 
-    reports = []
-    for path, _, file_notes in kept:
-        report = ImageReport(path.name, warnings=list(file_notes) + caption_warnings.get(path.name, []))
-        reports.append(report)
-    load = prepare_subject([torch.from_numpy(np.ascontiguousarray(rgb)) for _, rgb, _ in kept],
-                           [p.name for p, _, _ in kept], instance_prompt, class_prompt, resolution,
-                           crop_mode, flip, captions, sources, reports, tokenizer_dir, face_scale)
+    reports = [ImageReport(item.path.name, crop=item.description, subject_found=item.found,
+                           warnings=item.notes + caption_warnings.get(item.path.name, []) + item.warnings)
+               for item in cropped]
+    load = _caption_subject([item.crop for item in cropped], [item.path.name for item in cropped],
+                            instance_prompt, class_prompt, resolution, flip, captions, sources, reports,
+                            tokenizer_dir)
     load.skipped = problems
     load.notes = notes
     for line in problems:
