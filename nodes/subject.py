@@ -12,6 +12,10 @@ from ..trainers.data.images import (
     BAD_FILE_MODES,
     CAPTION_MODES,
     CROP_MODES,
+    MAX_IMAGES,
+    MAX_PIXELS,
+    MAX_PROMPT_CHARS,
+    check_prompt,
     check_resolution,
     folder_fingerprint,
     load_subject,
@@ -45,14 +49,17 @@ class LoadSubjectImages(io.ComfyNode):
                                tooltip="Subfolder of ComfyUI's input directory holding the subject photos."),
                 io.String.Input("instance_prompt", default="a photo of sks dog",
                                 tooltip="Prompt with the rare token that names your subject, e.g. "
-                                        "'a photo of sks woman face'."),
+                                        f"'a photo of sks woman face' (at most {MAX_PROMPT_CHARS:,} "
+                                        "characters; CLIP reads 77 tokens)."),
                 io.String.Input("class_prompt", default="a photo of dog",
                                 tooltip="The same prompt without the token (the subject's class); used "
-                                        "for prior preservation."),
+                                        f"for prior preservation (at most {MAX_PROMPT_CHARS:,} characters)."),
                 io.Int.Input("resolution", default=512, min=64, max=2048, step=64,
                              tooltip="Square training resolution in pixels (multiple of 64; SD1.5: 512)."),
-                io.Int.Input("max_images", default=0, min=0, max=1000,
-                             tooltip="Use at most this many images (sorted by file name); 0 = all."),
+                io.Int.Input("max_images", default=0, min=0, max=MAX_IMAGES,
+                             tooltip="Use at most this many images (sorted by file name); 0 = all. A folder "
+                                     f"may hold at most {MAX_IMAGES:,} at 512 px (fewer at higher "
+                                     "resolutions: the crops stay in memory)."),
                 io.Boolean.Input("flip", default=False,
                                  tooltip="Random horizontal flips during training (doubles the views "
                                          "of a symmetric subject)."),
@@ -69,8 +76,9 @@ class LoadSubjectImages(io.ComfyNode):
                                        "prompt)."),
                 io.Combo.Input("bad_files", optional=True, options=list(BAD_FILE_MODES), default="stop",
                                tooltip="stop: an error lists every unusable file (empty, truncated, not an "
-                                       "image, too small...) before anything is trained. skip: leave them out "
-                                       "and list them in the report."),
+                                       f"image, too small, over {MAX_PIXELS // 1_000_000} megapixels, an over-long "
+                                       "caption...) before anything is trained. skip: leave them out and list "
+                                       "them in the report."),
                 # The three inputs above are optional (with defaults) so API prompts written before
                 # they existed still validate.
             ],
@@ -84,10 +92,16 @@ class LoadSubjectImages(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, resolution) -> bool | str:
-        # Naming an input here turns off ComfyUI's own min/max check for it: re-check fully.
+    def validate_inputs(cls, resolution, instance_prompt, class_prompt) -> bool | str:
+        # Naming an input here turns off ComfyUI's own checks for it: re-check fully. A linked
+        # input arrives as None (its value exists only at run time; the engine checks it then).
         try:
-            check_resolution(resolution)
+            if resolution is not None:
+                check_resolution(resolution)
+            if instance_prompt is not None:
+                check_prompt("instance_prompt", instance_prompt)
+            if class_prompt is not None:
+                check_prompt("class_prompt", class_prompt, required=False)
         except ValueError as exc:
             return str(exc)
         return True

@@ -3,6 +3,8 @@ face crops, sidecar captions, the report, re-runs on file changes, and errors th
 
 from __future__ import annotations
 
+import json
+
 import cv2
 import numpy as np
 import pytest
@@ -116,3 +118,62 @@ def test_bad_file_skipped_on_request(client, broken):
     result = client.run(subject_graph(broken, bad_files="skip", prefix="skipped"), timeout=300).raise_for_status()
     assert len(result.files("save")) == 1
     assert "SKIPPED half.jpg: truncated" in report_text(result)
+
+
+# -- hostile uploads and prompts -------------------------------------------------------------------
+BOMBS, OVER_LIMIT = 20, 3
+
+
+@pytest.fixture
+def bombs(client, tmp_path, request):
+    """A folder of this test's own: 20 different one-bit PNGs of 7999x7999 (64 MP each once
+    decoded, about 8 KB each uploaded) and 3 of 8001x8000, just over the per-photo limit."""
+    from tests.test_trainers_images import bomb_png
+
+    folder = f"subject_upload/{request.node.name}/bombs"
+    for i in range(BOMBS):
+        upload(client, tmp_path, f"bomb{i:02d}.png", bomb_png(7999, 7999, mark=i), folder)
+    for i in range(OVER_LIMIT):
+        upload(client, tmp_path, f"over{i}.png", bomb_png(8001, 8000, mark=i), folder)
+    return folder
+
+
+def test_uploaded_bomb_photos_load_in_bounded_memory(comfy_server, client, bombs):
+    """Before, each such photo stayed in memory as 768 MB of float32 until cropping (20 of them:
+    about 16 GB, enough to kill the server); now one is decoded at a time and only crops are kept."""
+    from tests.test_trainers_images import peak_rss_above_baseline
+
+    graph = subject_graph(bombs, crop_mode="face", caption_mode="instance prompt", bad_files="skip",
+                          prefix="bomb_crops")
+    runs = []
+    added = peak_rss_above_baseline(lambda: runs.append(client.run(graph, timeout=600)), pid=comfy_server.proc.pid)
+    result = runs[0].raise_for_status()
+    report = report_text(result)
+    assert report.startswith(f"{BOMBS} images at 128px")
+    for i in range(OVER_LIMIT):
+        assert f"SKIPPED over{i}.png: 8001x8000 is over the 64,000,000-pixel limit for one photo" in report
+    assert len(result.files("save")) == BOMBS
+    assert added < 1024, f"the server gained {added:.0f} MB loading {BOMBS} bomb photos"
+
+
+@pytest.mark.parametrize("field,length", [("instance_prompt", 35 << 20), ("class_prompt", 1001)])
+def test_over_long_prompt_is_refused_at_post_prompt(client, field, length):
+    """A 35 MB instance prompt (before: 168 s, 4.2 GB and an unloadable LoRA) is refused by
+    validation, with an error naming the input and the limit, and without echoing the prompt."""
+    from scripts.comfyclient import PromptRejected
+
+    graph = subject_graph("subject_upload/no_such_folder", prefix="never_saved_prompt")
+    text = ("a photo of sks woman " * (length // 21 + 1))[:length]
+    graph["subject"]["inputs"][field] = text
+    try:
+        prompt_id = client.queue(graph)
+    except PromptRejected as exc:
+        rejected = exc
+    else:
+        client.cancel(prompt_id)
+        pytest.fail(f"a {length:,}-character {field} was queued")
+    assert rejected.node_ids == {"subject"}
+    expected = (f"{field} - {field} is {len(text.strip()):,} characters, over the 1,000-character limit "
+                "(CLIP reads only the first 77 tokens, about 300 characters); shorten it")
+    assert expected in rejected.details("subject")
+    assert len(json.dumps(rejected.payload)) < 20_000  # the prompt is not sent back
