@@ -32,6 +32,7 @@ from trainers.data.class_images import (
     realize_prior,
     sweep_class_cache,
 )
+from trainers.data.subject import SubjectData
 from trainers.files.fileio import content_sha256
 from trainers.jobs import train_file
 from trainers.sd15 import placeholder
@@ -375,3 +376,12 @@ def test_a_file_where_the_cache_folder_should_be_is_a_clear_error_before_the_mod
     assert message in text and "move or rename that file" in text
     assert str(tmp_path) not in text  # no absolute server path
     assert {p: p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")} == before
+
+
+def test_more_class_images_than_fit_in_memory_are_refused_before_anything_loads(tmp_path):
+    subject = SubjectData(images=(torch.zeros(64, 64, 3),), captions=("a photo of sks toy",),
+                          instance_prompt="a photo of sks toy", class_prompt="a photo of toy", resolution=2048,
+                          source_names=("a.png",))
+    with pytest.raises(ValueError, match="class_images is 100; at 2048 px at most 62 fit in memory"):
+        plan_prior(PriorRequest(count=100), subject, "0" * 64, tmp_path / "cache", None)
+    assert not (tmp_path / "cache").exists()

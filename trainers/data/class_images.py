@@ -52,7 +52,7 @@ import torch
 
 from ..files.fileio import fsync_dir, sweep_stale_temps, temp_path, writer_gone
 from ..sd15.checkpoint import SD15Components
-from .images import IMAGE_SUFFIXES, load_subject
+from .images import IMAGE_SUFFIXES, load_subject, max_images_at
 from .subject import SubjectData
 
 logger = logging.getLogger(__name__)
@@ -645,6 +645,10 @@ def plan_prior(request: PriorRequest, subject: SubjectData, base_fingerprint: st
         raise ValueError(
             "prior preservation needs a class prompt (e.g. 'a photo of woman face'): set class_prompt on Load "
             "Subject Images, or set class_images to 0 to train without class images")
+    most = max_images_at(subject.resolution)
+    if request.count > most:  # their crops stay in memory during training, like the subject's
+        raise ValueError(f"class_images is {request.count}; at {subject.resolution} px at most {most} fit in memory "
+                         "beside the model: use fewer class images (100-200 are typical)")
     if class_folder is not None:
         folder = Path(class_folder)
         if not folder.is_dir():

@@ -173,7 +173,7 @@ def _class_images(default: int) -> Any:
         "Class images for prior preservation: generated once from the base model with the class "
         "prompt and cached (or taken from a class folder). 0 turns prior preservation off. About "
         "100-200 for 10-20 subject photos.",
-        min=1, max=10_000, zero_means="prior preservation off",
+        min=1, max=1_000, zero_means="prior preservation off",
     )
 
 
