@@ -379,7 +379,7 @@ def test_a_file_where_the_cache_folder_should_be_is_a_clear_error_before_the_mod
 
 
 def test_more_class_images_than_fit_in_memory_are_refused_before_anything_loads(tmp_path):
-    subject = SubjectData(images=(torch.zeros(64, 64, 3),), captions=("a photo of sks toy",),
+    subject = SubjectData(images=(torch.zeros(2048, 2048, 3),), captions=("a photo of sks toy",),
                           instance_prompt="a photo of sks toy", class_prompt="a photo of toy", resolution=2048,
                           source_names=("a.png",))
     with pytest.raises(ValueError, match="class_images is 100; at 2048 px at most 62 fit in memory"):
