@@ -383,5 +383,5 @@ def test_more_class_images_than_fit_in_memory_are_refused_before_anything_loads(
                           instance_prompt="a photo of sks toy", class_prompt="a photo of toy", resolution=2048,
                           source_names=("a.png",))
     with pytest.raises(ValueError, match="class_images is 100; at 2048 px at most 62 fit in memory"):
-        plan_prior(PriorRequest(count=100), subject, "0" * 64, tmp_path / "cache", None)
+        plan_prior(PriorRequest(count=100, loss_weight=1.0, seed=0, steps=2, guidance=7.5), subject, "0" * 64, tmp_path / "cache", None)
     assert not (tmp_path / "cache").exists()
