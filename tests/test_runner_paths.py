@@ -48,12 +48,14 @@ class FakeComfy:
         app.router.add_get("/history/{prompt_id}", self.history)
         app.router.add_get("/view", self.view)
         self.runner = web.AppRunner(app)
-        self.loop.run_until_complete(self.runner.setup())
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        self.loop.run_until_complete(site.start())
-        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        # The loop runs in its own thread from the start: the test process's main thread may
+        # already run another loop (playwright's sync API does, in the browser tests).
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.runner.setup(), self.loop).result(timeout=30)
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        asyncio.run_coroutine_threadsafe(site.start(), self.loop).result(timeout=30)
+        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
 
     def close(self):
         asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(timeout=30)

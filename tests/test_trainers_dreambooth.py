@@ -535,7 +535,7 @@ def test_cli_help_lists_the_config_options(capsys):
                    "--prior-loss-weight", "--class-seed", "--class-steps", "--save-precision",
                    "--gradient-checkpointing", "--class-folder", "--class-cache", "--tokenizer"):
         assert option in help_text, option
-    assert "Allowed: 0 (prior preservation off) or a whole number >= 1 and <= 10000" in help_text
+    assert "Allowed: 0 (prior preservation off) or a whole number >= 1 and <= 1000" in help_text
 
 
 @pytest.mark.parametrize("command", ["dreambooth", "lora"])
