@@ -9,7 +9,9 @@ put the base models back as they were; nothing is saved.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -88,6 +90,11 @@ class TrainingCallbacks:
 
     def on_step_end(self, state: StepState) -> None:
         """Called after every optimizer step. Raise to stop training (nothing is saved)."""
+
+    def on_save_point(self, step: int, capture: Callable[[], Any]) -> None:
+        """Called every ``save_every`` steps (not after the last one): ``capture()`` returns the
+        loop's complete state (a ``loop.LoopState``) for saving; it copies the trainable weights,
+        so call it only when a save point is written."""
 
     def on_train_end(self, losses: list[float]) -> None:
         """Called after the last step, before the result is assembled."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from .loop import (
     SAVE_DTYPES,
     LoopModels,
     LoopSettings,
+    LoopState,
     Optimization,
     build_optimization,
     check_trainable,
@@ -79,6 +80,8 @@ def train_dreambooth(
     config: DreamBoothTrainConfig,
     callbacks: TrainingCallbacks | None = None,
     class_subject: SubjectData | None = None,
+    resume: LoopState | None = None,
+    save_every: int = 0,
 ) -> DreamBoothResult:
     """Fine-tune ``base.unet`` (and ``base.text_encoder`` if its lr > 0) IN PLACE on ``subject``.
 
@@ -129,7 +132,8 @@ def train_dreambooth(
             optimization = build_optimization(config, unet_params, text_params, autocast_dtype,
                                               keep_grad_buffers=True)
             loop = run_training_loop(LoopModels(unet, vae, text_encoder, base.noise_scheduler), instance,
-                                     optimization, LoopSettings.of(config, autocast_dtype), callbacks, prior=prior)
+                                     optimization, replace(LoopSettings.of(config, autocast_dtype), save_every=save_every),
+                                         callbacks, prior=prior, resume=resume)
     finally:
         # Optimizer states and gradients are as large as the UNet (or twice): give them back now.
         optimization = None

@@ -29,6 +29,7 @@ scaler for fp16).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import math
@@ -363,6 +364,7 @@ class LoopSettings:
     max_grad_norm: float = 1.0
     prior_loss_weight: float = 1.0
     autocast_dtype: torch.dtype | None = None  # CUDA mixed precision; None = no autocast
+    save_every: int = 0  # steps between save points (callbacks.on_save_point); 0 = none
 
     @classmethod
     def of(cls, config: LoRATrainConfig | DreamBoothTrainConfig, autocast_dtype: torch.dtype | None) -> LoopSettings:
@@ -381,6 +383,70 @@ class Optimization:
     # Zero gradients in place instead of freeing them: for a full fine-tune the 3.4 GB of UNet
     # gradients would otherwise be unmapped and faulted in again every step.
     keep_grad_buffers: bool = False
+
+
+@dataclass
+class LoopState:
+    """Everything the loop needs to continue exactly where it stopped: a resumed run then gives
+    the same bytes as one that never stopped (same device and precision)."""
+
+    step: int  # optimizer steps done
+    parameters: list[torch.Tensor]  # the trainable weights, in the optimizer's order
+    optimizer: dict[str, Any]
+    lr_scheduler: dict[str, Any]
+    grad_scaler: dict[str, Any] | None
+    generator: torch.Tensor  # the data generator's state
+    pending: list[list[int]]  # each stream's image indices not yet used in this epoch
+    history: LossHistory
+
+
+def capture_state(step: int, optimization: Optimization, generator: torch.Generator,
+                  streams: Sequence[IndexStream], history: LossHistory) -> LoopState:
+    """A copy of the loop's state after ``step`` (weights and optimizer moments copied to the CPU)."""
+
+
+    def cpu(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.detach().to("cpu", copy=True)
+        if isinstance(value, dict):
+            return {key: cpu(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(cpu(item) for item in value)
+        return copy.deepcopy(value)
+
+    scaler = optimization.grad_scaler
+    return LoopState(
+        step=step,
+        parameters=[p.detach().to("cpu", copy=True) for p in optimization.parameters],
+        optimizer=cpu(optimization.optimizer.state_dict()),
+        lr_scheduler=cpu(optimization.lr_scheduler.state_dict()),
+        grad_scaler=cpu(scaler.state_dict()) if scaler is not None else None,
+        generator=generator.get_state().clone(),
+        pending=[list(stream._pending) for stream in streams],
+        history=LossHistory(list(history.losses), list(history.instance_losses), list(history.prior_losses)),
+    )
+
+
+def restore_state(state: LoopState, optimization: Optimization, generator: torch.Generator,
+                  streams: Sequence[IndexStream]) -> LossHistory:
+    """Put the loop back where ``state`` was taken; returns the loss history so far."""
+    if len(state.parameters) != len(optimization.parameters) or any(
+            saved.shape != param.shape for saved, param in zip(state.parameters, optimization.parameters, strict=False)):
+        raise ValueError("the saved training state does not fit this run's trainable weights")
+    if len(state.pending) != len(streams):
+        raise ValueError("the saved training state has another number of image sets than this run")
+    with torch.no_grad():
+        for saved, param in zip(state.parameters, optimization.parameters, strict=True):
+            param.copy_(saved.to(param.device, param.dtype))
+    optimization.optimizer.load_state_dict(state.optimizer)
+    optimization.lr_scheduler.load_state_dict(state.lr_scheduler)
+    if optimization.grad_scaler is not None and state.grad_scaler is not None:
+        optimization.grad_scaler.load_state_dict(state.grad_scaler)
+    generator.set_state(state.generator)
+    for stream, pending in zip(streams, state.pending, strict=True):
+        stream._pending = list(pending)
+    return LossHistory(list(state.history.losses), list(state.history.instance_losses),
+                       list(state.history.prior_losses))
 
 
 @dataclass
@@ -469,8 +535,11 @@ def run_training_loop(
     settings: LoopSettings,
     callbacks: TrainingCallbacks,
     prior: TrainingSet | None = None,
+    resume: LoopState | None = None,
 ) -> LoopResult:
-    """Train for ``settings.steps`` optimizer steps, calling ``callbacks.on_step_end`` after each.
+    """Train for ``settings.steps`` optimizer steps, calling ``callbacks.on_step_end`` after each
+    (and ``on_save_point`` every ``settings.save_every``). With ``resume`` the loop continues
+    after the step that state was captured at.
 
     Raises NonFiniteLossError at the first non-finite loss or gradient, before the optimizer
     applies it; anything a callback raises propagates unchanged. The caller owns model setup and
@@ -480,9 +549,14 @@ def run_training_loop(
     sets = [instance] if prior is None else [instance, prior]
     streams = [IndexStream(s.count, generator) for s in sets]
     result = LoopResult()
+    first = 1
+    if resume is not None:
+        result.history = restore_state(resume, optimization, generator, streams)
+        first = resume.step + 1
+        logger.info("resuming at step %d of %d", first, settings.steps)
     callbacks.on_train_begin(settings.steps)
     started = time.monotonic()
-    for step in range(1, settings.steps + 1):
+    for step in range(first, settings.steps + 1):
         lr = float(optimization.optimizer.param_groups[0]["lr"])
         loss, parts = compute_step_loss(models, sets, streams, settings, generator)
         if not bool(torch.isfinite(loss)):
@@ -499,6 +573,9 @@ def run_training_loop(
         )
         result.history.add(state)
         callbacks.on_step_end(state)
+        if settings.save_every and step % settings.save_every == 0 and step < settings.steps:
+            callbacks.on_save_point(step, lambda step=step: capture_state(step, optimization, generator, streams,
+                                                                          result.history))
     result.seconds = time.monotonic() - started
     callbacks.on_train_end(list(result.losses))
     return result

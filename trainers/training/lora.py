@@ -33,7 +33,7 @@ import re
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ from .loop import (
     ADAMW_DESCRIPTION,
     LoopModels,
     LoopSettings,
+    LoopState,
     Optimization,
     build_optimization,
     check_trainable,
@@ -321,6 +322,8 @@ def train_lora(
     config: LoRATrainConfig,
     callbacks: TrainingCallbacks | None = None,
     class_subject: SubjectData | None = None,
+    resume: LoopState | None = None,
+    save_every: int = 0,
 ) -> LoRAResult:
     """Train a LoRA of ``base`` on ``subject``; returns the kohya tensors, losses and metadata.
 
@@ -382,7 +385,8 @@ def train_lora(
                     text_encoder.train()
                 optimization = build_optimization(config, unet_params, text_params, autocast_dtype)
                 loop = run_training_loop(LoopModels(unet, vae, text_encoder, base.noise_scheduler), instance,
-                                         optimization, LoopSettings.of(config, autocast_dtype), callbacks, prior=prior)
+                                         optimization, replace(LoopSettings.of(config, autocast_dtype), save_every=save_every),
+                                         callbacks, prior=prior, resume=resume)
                 state = kohya_state_dict(unet, text_encoder if train_text else None, config.rank, alpha)
             finally:
                 optimization = None

@@ -1,0 +1,91 @@
+"""Durable runs: a run stopped at a save point and resumed gives the very bytes of a run that
+never stopped (CPU, fp32), for LoRA (UNet + text encoder) and DreamBooth (with prior
+preservation); training states on disk are complete or ignored."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.support.paths import tokenizer_dir
+from tests.test_trainers_lora import make_subject
+from trainers.sd15 import placeholder
+from trainers.training.callbacks import TrainingCallbacks, TrainingStopped
+from trainers.training.config import DreamBoothTrainConfig, LoRATrainConfig
+from trainers.training.dreambooth import train_dreambooth
+from trainers.training.lora import train_lora
+from trainers.training.state import newest_state, write_state
+
+pytestmark = pytest.mark.trainers
+
+FINGERPRINT = "f" * 64
+
+
+class SavePoints(TrainingCallbacks):
+    """Writes a state at every save point; stops the run after ``stop_after`` steps."""
+
+    def __init__(self, root, stop_after: int | None = None):
+        super().__init__()
+        self.root, self.stop_after, self.written = root, stop_after, []
+
+    def on_save_point(self, step, capture) -> None:
+        self.written.append(write_state(self.root, capture(), FINGERPRINT, {"step": step}))
+
+    def on_step_end(self, state) -> None:
+        if self.stop_after is not None and state.step == self.stop_after:
+            raise TrainingStopped(f"stopped at step {state.step}")
+
+
+def fresh():
+    return placeholder.tiny_sd15(seed=0, tokenizer_dir=tokenizer_dir())
+
+
+def test_a_lora_resumed_from_a_saved_state_equals_the_uninterrupted_run(tmp_path):
+    config = LoRATrainConfig(steps=6, rank=4, unet_lr=1e-3, text_encoder_lr=1e-4, lr_scheduler="cosine",
+                             lr_warmup_steps=1)
+    subject = make_subject(count=3, flip=True)
+    whole = train_lora(fresh(), subject, config)
+
+    with pytest.raises(TrainingStopped):
+        train_lora(fresh(), subject, config, SavePoints(tmp_path, stop_after=5), save_every=2)
+    state, folder = newest_state(tmp_path, FINGERPRINT)
+    assert state.step == 4 and folder.name == "step-0000004"
+    assert [p.name for p in tmp_path.iterdir()] == ["step-0000004"]  # older states pruned
+    resumed = train_lora(fresh(), subject, config, resume=state)
+
+    assert resumed.state_dict.keys() == whole.state_dict.keys()
+    assert all(torch.equal(resumed.state_dict[k], whole.state_dict[k]) for k in whole.state_dict)
+    assert resumed.history.losses == whole.history.losses
+    assert resumed.metadata == whole.metadata
+
+
+def test_a_dreambooth_run_with_prior_preservation_resumes_exactly(tmp_path):
+    config = DreamBoothTrainConfig(steps=4, unet_lr=1e-4, class_images=2, batch_size=1)
+    subject = make_subject(count=2)
+    classes = make_subject(count=2)
+    reference = fresh()
+    whole = train_dreambooth(reference, subject, config, class_subject=classes)
+
+    stopped = fresh()
+    with pytest.raises(TrainingStopped):
+        train_dreambooth(stopped, subject, config, SavePoints(tmp_path, stop_after=3), class_subject=classes,
+                         save_every=2)
+    state, _ = newest_state(tmp_path, FINGERPRINT)
+    resumed_models = fresh()
+    resumed = train_dreambooth(resumed_models, subject, config, class_subject=classes, resume=state)
+    for name, tensor in reference.unet.state_dict().items():
+        assert torch.equal(tensor, resumed_models.unet.state_dict()[name]), name
+    assert resumed.history.prior_losses == whole.history.prior_losses and resumed.metadata == whole.metadata
+
+
+def test_only_a_complete_state_of_the_same_job_is_read_back(tmp_path):
+    config = LoRATrainConfig(steps=4, rank=4, unet_lr=1e-3)
+    with pytest.raises(TrainingStopped):
+        train_lora(fresh(), make_subject(count=2), config, SavePoints(tmp_path, stop_after=3), save_every=1)
+    assert newest_state(tmp_path, FINGERPRINT)[0].step == 2
+    assert newest_state(tmp_path, "0" * 64) is None  # another job's fingerprint
+    tensors = tmp_path / "step-0000002" / "tensors.safetensors"
+    data = bytearray(tensors.read_bytes())
+    data[-1] ^= 1
+    tensors.write_bytes(bytes(data))  # damaged after writing: never loaded
+    assert newest_state(tmp_path, FINGERPRINT) is None
