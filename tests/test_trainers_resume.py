@@ -28,7 +28,7 @@ class SavePoints(TrainingCallbacks):
         super().__init__()
         self.root, self.stop_after, self.written = root, stop_after, []
 
-    def on_save_point(self, step, capture) -> None:
+    def on_save_point(self, step, capture, snapshot) -> None:
         self.written.append(write_state(self.root, capture(), FINGERPRINT, {"step": step}))
 
     def on_step_end(self, state) -> None:

@@ -91,10 +91,16 @@ class TrainingCallbacks:
     def on_step_end(self, state: StepState) -> None:
         """Called after every optimizer step. Raise to stop training (nothing is saved)."""
 
-    def on_save_point(self, step: int, capture: Callable[[], Any]) -> None:
-        """Called every ``save_every`` steps (not after the last one): ``capture()`` returns the
-        loop's complete state (a ``loop.LoopState``) for saving; it copies the trainable weights,
-        so call it only when a save point is written."""
+    def on_save_point(self, step: int, capture: Callable[[], Any], snapshot: Callable[[], Any]) -> None:
+        """Called every ``save_every`` steps (not after the last one). ``capture()`` returns the
+        loop's complete state (a ``loop.LoopState``), ``snapshot()`` the trainer's result so far
+        (what it returns at the end, to save as a model file of this step). Both copy weights:
+        call them only when a save point is written."""
+
+    def on_stop(self, step: int, capture: Callable[[], Any], snapshot: Callable[[], Any],
+                error: BaseException) -> None:
+        """Called when ``on_step_end`` of ``step`` raised ``error`` (a cancel): the weights are
+        those after ``step``. ``error`` propagates afterwards."""
 
     def on_train_end(self, losses: list[float]) -> None:
         """Called after the last step, before the result is assembled."""

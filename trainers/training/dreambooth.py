@@ -105,6 +105,18 @@ def train_dreambooth(
         f"lr {config.text_encoder_lr:g}" if train_text else "frozen", config.optimizer,
         f"{len(class_subject)} class images x {config.prior_loss_weight:g}" if class_subject else "off", device,
     )  # fmt: skip
+    trained = ("unet", "text_encoder") if train_text else ("unet",)
+    class_count = len(class_subject) if class_subject is not None else 0
+
+    def result_so_far(history: LossHistory, seconds: float = 0.0) -> DreamBoothResult:
+        """The run after the steps ``history`` recorded (its weights are in ``base``'s models)."""
+        for name in trained:
+            if not all(bool(torch.isfinite(p).all()) for p in getattr(base, name).parameters()):
+                raise NonFiniteLossError(len(history.losses), f"{name} weight")
+        metadata = training_metadata(config, subject, history, device, autocast_dtype, class_count,
+                                     extra={"ss_optimizer": config.optimizer, "dbs.trained": "+".join(trained)})
+        return DreamBoothResult(history=history, metadata=metadata, seconds=seconds, trained=trained)
+
     optimization: Optimization | None = None
     checkpointing = False
     try:
@@ -132,8 +144,9 @@ def train_dreambooth(
             optimization = build_optimization(config, unet_params, text_params, autocast_dtype,
                                               keep_grad_buffers=True)
             loop = run_training_loop(LoopModels(unet, vae, text_encoder, base.noise_scheduler), instance,
-                                     optimization, replace(LoopSettings.of(config, autocast_dtype), save_every=save_every),
-                                         callbacks, prior=prior, resume=resume)
+                                     optimization,
+                                     replace(LoopSettings.of(config, autocast_dtype), save_every=save_every),
+                                     callbacks, prior=prior, resume=resume, snapshot=result_so_far)
     finally:
         # Optimizer states and gradients are as large as the UNet (or twice): give them back now.
         optimization = None
@@ -149,18 +162,10 @@ def train_dreambooth(
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    trained = ("unet", "text_encoder") if train_text else ("unet",)
-    for name in trained:
-        model = getattr(base, name)
-        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-            raise NonFiniteLossError(config.steps, f"{name} weight")
-    metadata = training_metadata(
-        config, subject, loop.history, device, autocast_dtype, len(class_subject) if class_subject is not None else 0,
-        extra={"ss_optimizer": config.optimizer, "dbs.trained": "+".join(trained)},
-    )  # fmt: skip
-    logger.info("DreamBooth trained %s in %.1f s: loss %.4f -> %.4f", "+".join(trained), loop.seconds,
+    result = result_so_far(loop.history, loop.seconds)
+    logger.info("DreamBooth trained %s in %.1f s: loss %.4f -> %.4f", "+".join(result.trained), loop.seconds,
                 loop.losses[0], loop.losses[-1])
-    return DreamBoothResult(history=loop.history, metadata=metadata, seconds=loop.seconds, trained=trained)
+    return result
 
 
 def save_dreambooth(base: SD15Components, result: DreamBoothResult, path: str | os.PathLike,

@@ -34,7 +34,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -536,10 +536,12 @@ def run_training_loop(
     callbacks: TrainingCallbacks,
     prior: TrainingSet | None = None,
     resume: LoopState | None = None,
+    snapshot: Callable[[LossHistory], Any] | None = None,
 ) -> LoopResult:
     """Train for ``settings.steps`` optimizer steps, calling ``callbacks.on_step_end`` after each
     (and ``on_save_point`` every ``settings.save_every``). With ``resume`` the loop continues
-    after the step that state was captured at.
+    after the step that state was captured at. ``snapshot(history)`` makes the trainer's result
+    so far, for the save-point and stop callbacks.
 
     Raises NonFiniteLossError at the first non-finite loss or gradient, before the optimizer
     applies it; anything a callback raises propagates unchanged. The caller owns model setup and
@@ -572,10 +574,20 @@ def run_training_loop(
             prior_loss=float(parts[1].detach()) if prior is not None else None,
         )
         result.history.add(state)
-        callbacks.on_step_end(state)
+
+        def capture(step: int = step) -> LoopState:
+            return capture_state(step, optimization, generator, streams, result.history)
+
+        def current(step: int = step) -> Any:
+            return snapshot(result.history) if snapshot is not None else None
+
+        try:
+            callbacks.on_step_end(state)
+        except BaseException as error:
+            callbacks.on_stop(step, capture, current, error)
+            raise
         if settings.save_every and step % settings.save_every == 0 and step < settings.steps:
-            callbacks.on_save_point(step, lambda step=step: capture_state(step, optimization, generator, streams,
-                                                                          result.history))
+            callbacks.on_save_point(step, capture, current)
     result.seconds = time.monotonic() - started
     callbacks.on_train_end(list(result.losses))
     return result

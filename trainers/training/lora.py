@@ -349,6 +349,7 @@ def train_lora(
         f"lr {config.text_encoder_lr:g}" if train_text else "frozen", device,
     )  # fmt: skip
 
+    class_count = len(class_subject) if class_subject is not None else 0
     tuners: list[Any] = []
     optimization: Optimization | None = None
     try:
@@ -384,10 +385,16 @@ def train_lora(
                 if train_text:
                     text_encoder.train()
                 optimization = build_optimization(config, unet_params, text_params, autocast_dtype)
+
+                def result_so_far(history: LossHistory, seconds: float = 0.0) -> LoRAResult:
+                    state = kohya_state_dict(unet, text_encoder if train_text else None, config.rank, alpha)
+                    return _lora_result(state, config, subject, history, device, autocast_dtype, class_count, seconds)
+
                 loop = run_training_loop(LoopModels(unet, vae, text_encoder, base.noise_scheduler), instance,
-                                         optimization, replace(LoopSettings.of(config, autocast_dtype), save_every=save_every),
-                                         callbacks, prior=prior, resume=resume)
-                state = kohya_state_dict(unet, text_encoder if train_text else None, config.rank, alpha)
+                                         optimization,
+                                         replace(LoopSettings.of(config, autocast_dtype), save_every=save_every),
+                                         callbacks, prior=prior, resume=resume, snapshot=result_so_far)
+                result = result_so_far(loop.history, loop.seconds)
             finally:
                 optimization = None
                 for tuner in reversed(tuners):
@@ -398,22 +405,29 @@ def train_lora(
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
+    logger.info(
+        "LoRA trained in %.1f s (%.1f s with caching): %d UNet + %d text-encoder modules, loss %.4f -> %.4f",
+        loop.seconds, time.monotonic() - started, result.unet_modules, result.text_encoder_modules,
+        loop.losses[0], loop.losses[-1],
+    )  # fmt: skip
+    return result
+
+
+def _lora_result(state: dict[str, torch.Tensor], config: LoRATrainConfig, subject: SubjectData,
+                 history: LossHistory, device: torch.device, autocast_dtype: torch.dtype | None, class_count: int,
+                 seconds: float) -> LoRAResult:
+    """The kohya tensors with their metadata, after the steps ``history`` recorded."""
     bad = [key for key, tensor in state.items() if not bool(torch.isfinite(tensor).all())]
     if bad:
-        raise NonFiniteLossError(config.steps, f"LoRA weight {bad[0]}")
+        raise NonFiniteLossError(len(history.losses), f"LoRA weight {bad[0]}")
     counts = (
         sum(1 for k in state if k.startswith(UNET_PREFIX) and k.endswith(".alpha")),
         sum(1 for k in state if k.startswith(TEXT_ENCODER_PREFIX) and k.endswith(".alpha")),
     )
-    metadata = training_metadata(config, subject, loop.history, device, autocast_dtype,
-                                 len(class_subject) if class_subject is not None else 0,
+    metadata = training_metadata(config, subject, history, device, autocast_dtype, class_count,
                                  extra=_lora_metadata(config, counts))
-    logger.info(
-        "LoRA trained in %.1f s (%.1f s with caching): %d UNet + %d text-encoder modules, loss %.4f -> %.4f",
-        loop.seconds, time.monotonic() - started, counts[0], counts[1], loop.losses[0], loop.losses[-1],
-    )  # fmt: skip
-    return LoRAResult(state_dict=state, history=loop.history, metadata=metadata, unet_modules=counts[0],
-                      text_encoder_modules=counts[1], seconds=loop.seconds)
+    return LoRAResult(state_dict=state, history=history, metadata=metadata, unet_modules=counts[0],
+                      text_encoder_modules=counts[1], seconds=seconds)
 
 
 def save_lora(
