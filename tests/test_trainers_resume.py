@@ -89,3 +89,69 @@ def test_only_a_complete_state_of_the_same_job_is_read_back(tmp_path):
     data[-1] ^= 1
     tensors.write_bytes(bytes(data))  # damaged after writing: never loaded
     assert newest_state(tmp_path, FINGERPRINT) is None
+
+
+# -- whole jobs: step files, states, resume through train_file ------------------------------------
+class StopAt(TrainingCallbacks):
+    def __init__(self, step: int | None = None):
+        super().__init__()
+        self.stop, self.steps = step, []
+
+    def on_step_end(self, state) -> None:
+        self.steps.append(state.step)
+        if state.step == self.stop:
+            raise TrainingStopped(f"cancelled at step {state.step}")
+
+
+@pytest.fixture(scope="module")
+def base_file(tmp_path_factory):
+    return placeholder.write_random_sd15_checkpoint(tmp_path_factory.mktemp("base") / "tiny.safetensors", size="tiny")
+
+
+def job(base_file, output, config, callbacks=None, **durable):
+    from trainers.jobs import Durability, train_file
+
+    return train_file(base_file, make_subject(count=3), config, output, tokenizer_dir(), callbacks=callbacks,
+                      class_cache_dir=output.parent / "class_cache",
+                      durability=Durability(state_root=output.parent / "states", **durable))
+
+
+@pytest.mark.parametrize("method", ["lora", "dreambooth"])
+def test_a_cancelled_job_resumes_to_the_same_bytes_as_an_uninterrupted_one(base_file, tmp_path, method):
+    from safetensors import safe_open
+
+    if method == "lora":
+        config = LoRATrainConfig(steps=5, rank=4, unet_lr=1e-3, text_encoder_lr=1e-4)
+    else:  # with prior preservation: class images generated from the tiny base
+        config = DreamBoothTrainConfig(steps=5, unet_lr=1e-4, class_images=2, class_steps=2, save_precision="fp32")
+    whole = job(base_file, tmp_path / "whole.safetensors", config)
+    assert not (tmp_path / "states").exists() or not any((tmp_path / "states").iterdir())
+
+    output = tmp_path / "run.safetensors"
+    with pytest.raises(TrainingStopped):
+        job(base_file, output, config, StopAt(4), save_every=2)
+    assert not output.exists()  # a cancel writes no final file
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["run-step000002.safetensors"]
+    with safe_open(str(tmp_path / "run" / "run-step000002.safetensors"), "pt") as handle:
+        step_meta = handle.metadata()
+    assert step_meta["dbs.step_file"] == "2" and "dbs.fingerprint" not in step_meta  # never reused as the run
+
+    resumed_steps = StopAt()
+    resumed = job(base_file, output, config, resumed_steps, save_every=2)
+    assert resumed_steps.steps == [3, 4, 5] and "resumed from step 2" in resumed.report()
+    assert output.read_bytes() == whole.path.read_bytes()
+    assert not any((tmp_path / "states").iterdir())  # a finished job's states are removed
+    again = job(base_file, output, config, save_every=2)  # the finished job is reused, not resumed
+    assert again.reused
+
+
+def test_keep_last_bounds_the_step_files_and_never_resumes_when_asked(base_file, tmp_path):
+    config = LoRATrainConfig(steps=7, rank=4, unet_lr=1e-3)
+    output = tmp_path / "lora.safetensors"
+    with pytest.raises(TrainingStopped):
+        job(base_file, output, config, StopAt(7), save_every=1, keep_last=2)
+    assert sorted(p.name for p in (tmp_path / "lora").iterdir()) == ["lora-step000005.safetensors",
+                                                                    "lora-step000006.safetensors"]
+    fresh_steps = StopAt()
+    job(base_file, output, config, fresh_steps, resume="never")
+    assert fresh_steps.steps == list(range(1, 8))

@@ -26,9 +26,11 @@ import gc
 import logging
 import os
 import re
+import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -38,10 +40,16 @@ from .files.fileio import atomic_copy, content_sha256
 from .files.names import validate_output_name
 from .sd15 import checkpoint
 from .sd15.checkpoint import SD15Components
-from .training.callbacks import LossHistory, TrainingCallbacks, WithLossHistory
+from .training.callbacks import (
+    LossHistory,
+    NonFiniteLossError,
+    TrainingCallbacks,
+    TrainingStopped,
+    WithLossHistory,
+)
 from .training.config import DreamBoothTrainConfig, LoRATrainConfig
 from .training.dreambooth import save_dreambooth, train_dreambooth
-from .training.loop import SAVE_DTYPES
+from .training.loop import SAVE_DTYPES, LoopState
 from .training.lora import save_lora, train_lora
 from .training.record import (
     Provenance,
@@ -50,6 +58,7 @@ from .training.record import (
     history_from_metadata,
     read_metadata,
 )
+from .training.savepoints import SavePoints
 from .training.saving import (
     FileIdentity,
     Saved,
@@ -58,6 +67,7 @@ from .training.saving import (
     human_bytes,
     save_safely,
 )
+from .training.state import newest_state
 
 log = logging.getLogger(__name__)
 
@@ -203,28 +213,81 @@ class _Unsaved:
 _UNSAVED: dict[str, _Unsaved] = {}
 
 
-def _lora(base: SD15Components, subject: SubjectData, config: LoRATrainConfig, callbacks: TrainingCallbacks,
-          class_data: SubjectData | None, provenance: Provenance) -> tuple[Callable[[Path, str, bool], Path], LossHistory]:
-    result = train_lora(base, subject, config, callbacks, class_subject=class_data)
+@dataclass(frozen=True)
+class Durability:
+    """How a long run survives stops: save points and resume (none of it changes the result).
 
-    def write(path: Path, precision: str, overwrite: bool) -> Path:
-        return save_lora(result, path, overwrite=overwrite, dtype=SAVE_DTYPES[precision], provenance=provenance)
+    ``save_every``: steps between save points (a step file and a training state); 0 = none.
+    ``keep_last``: step files kept per run (0 = all). ``resume``: "auto" (continue the identical
+    job from its newest complete state), "never", or a state folder to continue from.
+    ``save_on_cancel``: a cancel also writes the cancelled step as a step file and a state.
+    ``state_root``: where training states live (one folder per job fingerprint).
+    """
 
-    return write, result.history
+    save_every: int = 0
+    keep_last: int = 2
+    resume: str | os.PathLike = "auto"
+    save_on_cancel: bool = False
+    state_root: str | os.PathLike | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.save_every, bool) or not isinstance(self.save_every, int) or self.save_every < 0:
+            raise ValueError(f"save_every must be a whole number >= 0 (0 = no save points), got {self.save_every!r}")
+        if isinstance(self.keep_last, bool) or not isinstance(self.keep_last, int) or self.keep_last < 0:
+            raise ValueError(f"keep_last must be a whole number >= 0 (0 = keep all), got {self.keep_last!r}")
+
+    def state_dir(self, fingerprint: str) -> Path | None:
+        return Path(self.state_root) / fingerprint[:32] if self.state_root is not None else None
 
 
-def _dreambooth(base: SD15Components, subject: SubjectData, config: DreamBoothTrainConfig,
-                callbacks: TrainingCallbacks, class_data: SubjectData | None,
-                provenance: Provenance) -> tuple[Callable[[Path, str, bool], Path], LossHistory]:
-    result = train_dreambooth(base, subject, config, callbacks, class_subject=class_data)
-
-    def write(path: Path, precision: str, overwrite: bool) -> Path:
-        return save_dreambooth(base, result, path, precision, overwrite=overwrite, provenance=provenance)
-
-    return write, result.history
+def _train_lora(base: SD15Components, subject: SubjectData, config: LoRATrainConfig, callbacks: TrainingCallbacks,
+                class_data: SubjectData | None, resume: LoopState | None, save_every: int) -> Any:
+    return train_lora(base, subject, config, callbacks, class_subject=class_data, resume=resume,
+                      save_every=save_every)
 
 
-_METHODS = {"lora": _lora, "dreambooth": _dreambooth}
+def _train_dreambooth(base: SD15Components, subject: SubjectData, config: DreamBoothTrainConfig,
+                      callbacks: TrainingCallbacks, class_data: SubjectData | None, resume: LoopState | None,
+                      save_every: int) -> Any:
+    return train_dreambooth(base, subject, config, callbacks, class_subject=class_data, resume=resume,
+                            save_every=save_every)
+
+
+def _writer(method: str, base: SD15Components, provenance: Provenance) -> Callable[[Any, Path, str, bool], Path]:
+    """How a result of ``method`` is written as a model file: write(result, path, precision, overwrite)."""
+    if method == "lora":
+        return lambda result, path, precision, overwrite: save_lora(
+            result, path, overwrite=overwrite, dtype=SAVE_DTYPES[precision], provenance=provenance)
+    return lambda result, path, precision, overwrite: save_dreambooth(
+        base, result, path, precision, overwrite=overwrite, provenance=provenance)
+
+
+_METHODS = {"lora": _train_lora, "dreambooth": _train_dreambooth}
+
+
+def find_resume_state(durability: Durability, fingerprint: str,
+                      shown: Callable[[Path], str]) -> tuple[LoopState, Path] | None:
+    """The newest complete training state of the job to continue from, or None."""
+    if str(durability.resume) == "never":
+        return None
+    if str(durability.resume) == "auto":
+        folder = durability.state_dir(fingerprint)
+        return newest_state(folder, fingerprint) if folder is not None else None
+    folder = Path(durability.resume)
+    root = folder.parent if folder.name.startswith("step-") else folder
+    found = newest_state(root, fingerprint)
+    if found is None:
+        raise ValueError(f"no complete training state of this job in {shown(folder)}: a state resumes only the "
+                         "identical job (same base model, photos and settings)")
+    return found
+
+
+def _state_bytes(config: TrainConfig, file_bytes: int) -> int:
+    """About how big a training state is: the trainable weights in fp32 and the optimizer's moments."""
+    width = {"fp16": 2, "bf16": 2, "fp32": 4}[config.save_precision]
+    weights = file_bytes // width * 4
+    moments = 2 if config.optimizer == "adamw" else 1
+    return weights * (1 + moments)
 
 
 def _recover_rescued(rescue_dir: Path | None, output: Path, fingerprint: str,
@@ -248,7 +311,9 @@ def train_file(base_model: str | os.PathLike, subject: SubjectData, config: Trai
                callbacks: TrainingCallbacks | None = None, before_load: Callable[[], None] | None = None,
                class_cache_dir: str | os.PathLike | None = None, class_folder: str | os.PathLike | None = None,
                device: str | torch.device | None = None, rescue_dir: str | os.PathLike | None = None,
-               keep_unsaved: bool = False, shown: Callable[[Path], str] | None = None) -> JobResult:
+               keep_unsaved: bool = False, shown: Callable[[Path], str] | None = None,
+               durability: Durability | None = None,
+               is_cancel: Callable[[BaseException], bool] | None = None) -> JobResult:
     """Train ``base_model`` (an SD1.5 single file or diffusers folder) on ``subject`` with
     ``config`` (a LoRA or a DreamBooth config) and save the result at ``output_path``.
 
@@ -260,6 +325,8 @@ def train_file(base_model: str | os.PathLike, subject: SubjectData, config: Trai
     folder goes to ``rescue_dir``; with ``keep_unsaved`` a run that could not be written anywhere
     stays in memory for the identical job to save (a long-lived server; not the command line).
     ``shown`` renders folders in messages (the nodes name them relative to ComfyUI's folders).
+    ``durability`` sets save points and resume (see :class:`Durability`); ``is_cancel`` tells a
+    user's cancel from other errors (for ``save_on_cancel``).
     """
     train = _METHODS[config.method]
     base_model, output = Path(base_model), Path(output_path)
@@ -289,7 +356,18 @@ def train_file(base_model: str | os.PathLike, subject: SubjectData, config: Trai
         if recovered is not None:
             return JobResult(output, history_from_metadata(recovered), reused=True, prior=plan,
                              notes=[f"moved from {shown(rescue)} (where an earlier save had to put it)"])
+    durability = durability or Durability()
+    state_dir = durability.state_dir(provenance.fingerprint)
+    found = find_resume_state(durability, provenance.fingerprint, shown)
+    resume, notes = (found[0], [f"resumed from step {found[0].step} (training state {found[1].name})"]) \
+        if found else (None, [])
     needs = [(output.parent, size, f"the {KINDS[config.method]}")]
+    if durability.save_every:
+        keep = durability.keep_last or max(1, config.steps // durability.save_every)
+        needs.append((output.parent, size * keep, f"{keep} step files"))
+        if state_dir is not None:
+            Path(state_dir).mkdir(parents=True, exist_ok=True)
+            needs.append((Path(state_dir), _state_bytes(config, size) * 2, "training states"))
     if class_cache_dir is not None and estimated_class_bytes(plan):
         Path(class_cache_dir).mkdir(parents=True, exist_ok=True)
         needs.append((Path(class_cache_dir), estimated_class_bytes(plan), f"{plan.spec.count} class images"))
@@ -304,8 +382,27 @@ def train_file(base_model: str | os.PathLike, subject: SubjectData, config: Trai
             for model in (base.unet, base.vae, base.text_encoder):
                 model.to(device)
         class_data = realize_prior(plan, base, class_cache_dir, callbacks.on_generate_step, tokenizer_dir)
-        write, history = train(base, subject, config, callbacks, class_data, provenance)
+        write_result = _writer(config.method, base, provenance)
+        # step files carry no reusable fingerprint: never taken for the finished run
+        write_step = _writer(config.method, base, replace(provenance, fingerprint=""))
+        points = SavePoints(callbacks, output=output, write=write_step, precision=config.save_precision,
+                            fingerprint=provenance.fingerprint, state_dir=state_dir, keep_last=durability.keep_last,
+                            save_on_cancel=durability.save_on_cancel, job={"config": config.to_dict()},
+                            state_bytes=_state_bytes(config, size), file_bytes=size,
+                            is_cancel=is_cancel or (lambda error: isinstance(error, TrainingStopped)),
+                            shown=shown)
+        try:
+            result = train(base, subject, config, points, class_data, resume, durability.save_every)
+        except NonFiniteLossError as exc:
+            if points.last_point is not None:
+                exc.args = (f"{exc} The step-{points.last_point} file and training state (before it went wrong) "
+                            "are kept.",)
+            raise
+        history = result.history
         callbacks.on_save_begin()
+
+        def write(path: Path, precision: str, overwrite: bool) -> Path:
+            return write_result(result, path, precision, overwrite)
 
         def save() -> Saved:
             return save_safely(write, output, config.save_precision, replace=existing.replace, rescue=rescue,
@@ -324,4 +421,6 @@ def train_file(base_model: str | os.PathLike, subject: SubjectData, config: Trai
     finally:
         del base
         gc.collect()
-    return JobResult(saved.path, history, reused=False, prior=plan, notes=saved.notes)
+    if state_dir is not None:  # finished and saved: its training states are no longer needed
+        shutil.rmtree(state_dir, ignore_errors=True)
+    return JobResult(saved.path, history, reused=False, prior=plan, notes=notes + saved.notes)

@@ -402,25 +402,15 @@ class LoopState:
 
 def capture_state(step: int, optimization: Optimization, generator: torch.Generator,
                   streams: Sequence[IndexStream], history: LossHistory) -> LoopState:
-    """A copy of the loop's state after ``step`` (weights and optimizer moments copied to the CPU)."""
-
-
-    def cpu(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return value.detach().to("cpu", copy=True)
-        if isinstance(value, dict):
-            return {key: cpu(item) for key, item in value.items()}
-        if isinstance(value, (list, tuple)):
-            return type(value)(cpu(item) for item in value)
-        return copy.deepcopy(value)
-
+    """The loop's state after ``step``. The weights and optimizer moments are the live tensors,
+    not copies (a full fine-tune's state is as large as 3 UNets): write it before the next step."""
     scaler = optimization.grad_scaler
     return LoopState(
         step=step,
-        parameters=[p.detach().to("cpu", copy=True) for p in optimization.parameters],
-        optimizer=cpu(optimization.optimizer.state_dict()),
-        lr_scheduler=cpu(optimization.lr_scheduler.state_dict()),
-        grad_scaler=cpu(scaler.state_dict()) if scaler is not None else None,
+        parameters=[p.detach() for p in optimization.parameters],
+        optimizer=optimization.optimizer.state_dict(),
+        lr_scheduler=copy.deepcopy(optimization.lr_scheduler.state_dict()),
+        grad_scaler=copy.deepcopy(scaler.state_dict()) if scaler is not None else None,
         generator=generator.get_state().clone(),
         pending=[list(stream._pending) for stream in streams],
         history=LossHistory(list(history.losses), list(history.instance_losses), list(history.prior_losses)),

@@ -1,0 +1,137 @@
+"""Save points of a long run: every ``save_every`` steps, a model file of that step and the
+training state to resume from.
+
+- **Step files** go to ``<output folder>/<output stem>/<stem>-step<NNNNNN>.safetensors`` (a
+  subfolder per run keeps ComfyUI's model lists tidy), written like the final file (atomic,
+  through ``saving.save_safely``) and loading exactly like it. Their metadata names the step
+  (``dbs.step_file``) and the run (``dbs.run_fingerprint``); they carry no reusable fingerprint,
+  so a step file is never taken for a finished run. ``keep_last`` bounds how many stay.
+- **Training states** go to the job's state folder (``state.write_state``): only the newest
+  complete one is kept.
+- A cancel keeps the last complete state (the identical job resumes from it); with
+  ``save_on_cancel`` the weights of the cancelled step are written as a step file and a state.
+- A save point that cannot be written (disk full, ...) stops the run with an error naming the
+  folder and the space needed; the previous step file and state stay intact.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .callbacks import StepState, TrainingCallbacks
+from .record import read_metadata
+from .saving import FileIdentity, SaveFailed, human_bytes, save_safely
+from .state import write_state
+
+log = logging.getLogger(__name__)
+
+# write(result, path, precision, overwrite) -> path: how the method saves a result as a model file
+ResultWriter = Callable[[Any, Path, str, bool], Path]
+
+
+def step_file(output: Path, step: int) -> Path:
+    return output.parent / output.stem / f"{output.stem}-step{step:06d}.safetensors"
+
+
+class SaveStopped(OSError):
+    """A save point could not be written; the run stopped (its last complete state is kept)."""
+
+
+class SavePoints(TrainingCallbacks):
+    """The job's callbacks plus save points (all other hooks are passed through)."""
+
+    def __init__(self, inner: TrainingCallbacks, *, output: Path, write: ResultWriter, precision: str,
+                 fingerprint: str, state_dir: Path | None, keep_last: int, save_on_cancel: bool,
+                 job: dict[str, Any], state_bytes: int, file_bytes: int,
+                 is_cancel: Callable[[BaseException], bool], shown: Callable[[Path], str] = str):
+        super().__init__()
+        self.inner, self.output, self.write, self.precision = inner, output, write, precision
+        self.fingerprint, self.state_dir, self.keep_last = fingerprint, state_dir, keep_last
+        self.save_on_cancel, self.job, self.is_cancel, self.shown = save_on_cancel, job, is_cancel, shown
+        self.state_bytes, self.file_bytes = state_bytes, file_bytes
+        self.last_point: int | None = None  # newest step with a complete state (this run)
+        self.step_files: list[Path] = []
+
+    # -- passed through ----------------------------------------------------------------------
+    def on_base_loaded(self) -> None:
+        self.inner.on_base_loaded()
+
+    def on_generate_step(self, done: int, total: int) -> None:
+        self.inner.on_generate_step(done, total)
+
+    def on_train_begin(self, total_steps: int) -> None:
+        self.inner.on_train_begin(total_steps)
+
+    def on_step_end(self, state: StepState) -> None:
+        self.inner.on_step_end(state)
+
+    def on_train_end(self, losses: list[float]) -> None:
+        self.inner.on_train_end(losses)
+
+    def on_save_begin(self) -> None:
+        self.inner.on_save_begin()
+
+    # -- save points -----------------------------------------------------------------------------
+    def on_save_point(self, step: int, capture: Callable[[], Any], snapshot: Callable[[], Any]) -> None:
+        self.inner.on_save_point(step, capture, snapshot)
+        self._write_point(step, capture, snapshot)
+
+    def on_stop(self, step: int, capture: Callable[[], Any], snapshot: Callable[[], Any],
+                error: BaseException) -> None:
+        self.inner.on_stop(step, capture, snapshot, error)
+        if self.save_on_cancel and self.is_cancel(error):
+            log.info("cancelled at step %d: saving its weights (save_on_cancel)", step)
+            self._write_point(step, capture, snapshot)
+        if self.last_point is not None:
+            log.info("training state of step %d kept: the identical job resumes from it", self.last_point)
+
+    def _write_point(self, step: int, capture: Callable[[], Any], snapshot: Callable[[], Any]) -> None:
+        path = step_file(self.output, step)
+        result = snapshot()
+        result.metadata.update({"dbs.step_file": str(step), "dbs.run_fingerprint": self.fingerprint})
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            existing = read_metadata(path) if path.exists() else None
+            same_run = existing is not None and existing.get("dbs.run_fingerprint") == self.fingerprint
+            saved = save_safely(lambda target, precision, overwrite: self.write(result, target, precision, overwrite),
+                                path, self.precision, replace=FileIdentity.of(path) if same_run else None,
+                                size_hint=self.file_bytes, shown=self.shown)
+        except (SaveFailed, OSError) as exc:
+            raise SaveStopped(f"the step-{step} file could not be written in {self.shown(path.parent)} "
+                              f"({getattr(exc, 'strerror', None) or exc}); it needs about "
+                              f"{human_bytes(self.file_bytes)}. {self._kept()}") from None
+        self.step_files.append(saved.path)
+        if self.state_dir is not None:
+            try:
+                write_state(self.state_dir, capture(), self.fingerprint, {**self.job, "step_file": saved.path.name})
+            except OSError as exc:
+                raise SaveStopped(f"the training state of step {step} could not be written in "
+                                  f"{self.shown(self.state_dir)} ({exc.strerror or exc}); it needs about "
+                                  f"{human_bytes(self.state_bytes)}. {self._kept()}") from None
+            self.last_point = step
+        self._prune()
+        log.info("save point at step %d: %s", step, saved.path.name)
+
+    def _kept(self) -> str:
+        if self.last_point is None:
+            return "Free space there and run again."
+        return (f"The state of step {self.last_point} is intact: free space and queue the same job again to "
+                "resume from it.")
+
+    def _prune(self) -> None:
+        if self.keep_last <= 0:
+            return
+        pattern = re.compile(rf"^{re.escape(self.output.stem)}-step(\d{{6,}})\.safetensors$")
+        folder = step_file(self.output, 0).parent
+        mine = []
+        for path in folder.iterdir():
+            match = pattern.match(path.name)
+            metadata = read_metadata(path) if match else None
+            if metadata is not None and metadata.get("dbs.run_fingerprint") == self.fingerprint:
+                mine.append((int(match.group(1)), path))
+        for _, path in sorted(mine)[:-self.keep_last]:
+            path.unlink(missing_ok=True)
