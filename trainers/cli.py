@@ -7,8 +7,9 @@ earlier run is reused, a different file of the same name is an error unless ``--
 (which replaces only files this pack wrote).
 
 Exit codes of the training commands: 0 saved or reused; 1 training finished but the file could
-not be written anywhere (the message says what was tried); 2 bad input, or not enough free
-space (nothing was trained).
+not be written anywhere, or a save point could not be written (the message says what was tried
+and what is kept); 2 bad input, or not enough free space (nothing was trained); 130 cancelled
+with Ctrl-C (the last complete training state is kept: the same command resumes).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ import torch
 from .data.class_images import default_class_cache, sweep_class_cache
 from .data.images import BAD_FILE_MODES, CROP_MODES, load_subject
 from .files.fileio import sweep_stale_temps
-from .jobs import train_file
+from .jobs import Durability, train_file
 from .sd15.placeholder import write_placeholder_models
 from .training.callbacks import StepState, TrainingCallbacks
 from .training.config import (
@@ -36,7 +38,9 @@ from .training.config import (
     config_from_args,
 )
 from .training.plot import loss_curve_image
+from .training.savepoints import SaveStopped
 from .training.saving import NotEnoughSpace, SaveFailed
+from .training.state import sweep_states
 
 PROG = "python -m trainers"
 TRAINERS = {
@@ -53,6 +57,13 @@ class TerminalProgress(TrainingCallbacks):
     def __init__(self, stream: Any = None, width: int = 30) -> None:
         self.stream = stream or sys.stderr
         self.width = width
+        self.cancelled = False  # set by the first Ctrl-C: training stops after the current step
+
+    def cancel(self, *_: Any) -> None:
+        if self.cancelled:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.cancelled = True
+        self.stream.write("\ncancelling after this step (Ctrl-C again to stop at once)\n")
 
     def _bar(self, done: float) -> str:
         filled = int(self.width * done)
@@ -72,6 +83,8 @@ class TerminalProgress(TrainingCallbacks):
             f"loss {state.loss:.4f} lr {state.lr:.2e} {per_step:.2f} s/step eta {_duration(eta)}"
         )
         self.stream.flush()
+        if self.cancelled:
+            raise KeyboardInterrupt
 
     def on_train_end(self, losses: list[float]) -> None:
         self.stream.write("\n")
@@ -124,6 +137,18 @@ def add_run_arguments(parser: argparse.ArgumentParser, output_help: str) -> None
     parser.add_argument("--class-folder", type=Path, default=None,
                         help="prior preservation: use these class images (at most --class-images) instead of "
                              "generating them")
+    parser.add_argument("--save-every", type=int, default=0,
+                        help="every N steps write a step file (<output stem>/<stem>-stepNNNNNN.safetensors beside "
+                             "--output) and a training state to resume from; 0 = off (default)")
+    parser.add_argument("--keep-last", type=int, default=2, help="step files kept (0 = all; default 2)")
+    parser.add_argument("--resume", default="auto",
+                        help="auto: continue the identical job from its newest complete training state (default); "
+                             "never: start over; or a state folder to continue from")
+    parser.add_argument("--save-on-cancel", action="store_true",
+                        help="Ctrl-C also writes the current step as a step file and a training state")
+    parser.add_argument("--state-dir", type=Path, default=None,
+                        help="where training states live (default: dreambooth_studio/states in $XDG_CACHE_HOME "
+                             "or ~/.cache)")
     parser.add_argument("--rescue-dir", type=Path, default=None,
                         help="where a finished run is saved when --output's folder cannot take it (disk full, "
                              "read-only); default: dreambooth_studio/rescued in $XDG_CACHE_HOME or ~/.cache")
@@ -168,19 +193,36 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         else torch.device(args.device)
     class_cache = args.class_cache or default_class_cache()
     rescue = args.rescue_dir or default_class_cache().parent / "rescued"
+    states = args.state_dir or default_class_cache().parent / "states"
+    try:
+        durability = Durability(save_every=args.save_every, keep_last=args.keep_last, resume=args.resume,
+                                save_on_cancel=args.save_on_cancel, state_root=states)
+    except ValueError as error:
+        parser.error(str(error))
     # what earlier runs killed while writing left behind (only this pack's names, of dead processes)
-    for path in [*sweep_stale_temps(args.output.parent), *sweep_stale_temps(rescue), *sweep_class_cache(class_cache)]:
+    swept = [*sweep_stale_temps(args.output.parent), *sweep_stale_temps(args.output.parent / args.output.stem),
+             *sweep_stale_temps(rescue), *sweep_class_cache(class_cache), *sweep_states(states)]
+    for path in swept:
         logging.getLogger(__name__).info("removed stale temporary file %s", path)
+    progress = TerminalProgress()
+    previous = signal.signal(signal.SIGINT, progress.cancel)
     try:
         job = train_file(args.checkpoint, subject, config, args.output, tokenizer, overwrite=args.overwrite,
-                         callbacks=TerminalProgress(), class_cache_dir=class_cache, class_folder=args.class_folder,
-                         device=device, rescue_dir=rescue)
-    except SaveFailed as error:
+                         callbacks=progress, class_cache_dir=class_cache, class_folder=args.class_folder,
+                         device=device, rescue_dir=rescue, durability=durability,
+                         is_cancel=lambda error: isinstance(error, KeyboardInterrupt))
+    except KeyboardInterrupt:
+        sys.stderr.write("\ncancelled: no final file written; the last complete training state is kept, so the "
+                         "same command resumes from it\n")
+        return 130
+    except (SaveFailed, SaveStopped) as error:
         sys.stderr.write(f"error: {error.strerror}\n")
         return 1
     except (ValueError, FileExistsError, FileNotFoundError, NotEnoughSpace) as error:
         sys.stderr.write(f"error: {error}\n")
         return 2
+    finally:
+        signal.signal(signal.SIGINT, previous)
     for note in job.notes:
         sys.stderr.write(f"note: {note}\n")
     state = "reused (identical earlier run)" if job.reused else "saved"

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..files.fileio import fsync_dir, temp_path, write_safetensors
+from ..files.fileio import fsync_dir, sweep_stale_temps, temp_path, write_safetensors
 from .callbacks import LossHistory
 from .loop import LoopState
 
@@ -178,3 +178,17 @@ def newest_state(root: str | os.PathLike, fingerprint: str) -> tuple[LoopState, 
             history=history,
         ), folder
     return None
+
+
+def sweep_states(root: str | os.PathLike) -> list[Path]:
+    """Remove temporary state folders of processes that died while writing them (in every job's
+    folder under ``root``); complete states are kept for resuming."""
+    root = Path(root)
+    removed: list[Path] = []
+    try:
+        jobs = [entry for entry in root.iterdir() if entry.is_dir() and not entry.is_symlink()]
+    except OSError:
+        return removed
+    for folder in jobs:
+        removed += sweep_stale_temps(folder)
+    return removed
