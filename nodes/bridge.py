@@ -21,6 +21,7 @@ from ..trainers.data.class_images import sweep_class_cache
 from ..trainers.files.fileio import sweep_stale_temps
 from ..trainers.training.callbacks import LossHistory, TrainingCallbacks
 from ..trainers.training.config import field_spec, field_specs
+from ..trainers.training.state import sweep_states
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +178,11 @@ def class_image_cache() -> Path:
     return pack_data_dir() / "class_images"
 
 
+def state_root() -> Path:
+    """Training states to resume from, one folder per job fingerprint (not a model list)."""
+    return pack_data_dir() / "states"
+
+
 def rescue_dir() -> Path:
     """Where a finished run goes when its models/ folder cannot take the file (disk full, read-only)."""
     return pack_data_dir() / "rescued"
@@ -247,6 +253,11 @@ def sweep_stale_files() -> list[Path]:
             removed += sweep_stale_temps(folder)
     removed += sweep_stale_temps(rescue_dir())
     removed += sweep_class_cache(class_image_cache())
+    removed += sweep_states(state_root())
+    for kind in ("checkpoints", "loras"):  # step files of each run live in a subfolder
+        for folder in folder_paths.get_folder_paths(kind):
+            for sub in (entry for entry in Path(folder).glob("*/") if entry.is_dir() and not entry.is_symlink()):
+                removed += sweep_stale_temps(sub)
     for path in removed:
         log.info("removed stale temporary file %s/%s", shown(path.parent), path.name)
     return removed

@@ -14,6 +14,7 @@ from .training_shared import (
     check_inputs,
     checkpoint_input,
     class_folder_input,
+    durability_inputs,
     output_name_input,
     overwrite_input,
     run_training_node,
@@ -47,6 +48,7 @@ class DreamBoothTrain(io.ComfyNode):
                 *[config_input(DreamBoothTrainConfig, name) for name in TRAIN_FIELDS],
                 class_folder_input(),
                 config_input(DreamBoothTrainConfig, "record_sources", optional=True),
+                *durability_inputs(),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The fine-tuned UNet, loaded from the saved file."),

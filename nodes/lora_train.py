@@ -11,6 +11,7 @@ from .training_shared import (
     check_inputs,
     checkpoint_input,
     class_folder_input,
+    durability_inputs,
     output_name_input,
     overwrite_input,
     run_training_node,
@@ -42,6 +43,7 @@ class LoRATrain(io.ComfyNode):
                 *[config_input(LoRATrainConfig, name, optional=True) for name in PRIOR_FIELDS],
                 class_folder_input(),
                 config_input(LoRATrainConfig, "record_sources", optional=True),
+                *durability_inputs(),
             ],
             outputs=[
                 io.LoraModel.Output(display_name="LORA_MODEL",

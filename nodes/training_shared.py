@@ -7,12 +7,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import comfy.model_management
 import folder_paths
 import torch
 from comfy_api.latest import io
 
 from ..trainers.files.names import validate_output_name
-from ..trainers.jobs import JobResult, check_output, pack_written, train_file
+from ..trainers.jobs import Durability, JobResult, check_output, pack_written, train_file
 from ..trainers.training.callbacks import LossHistory
 from ..trainers.training.config import CLASS_IMAGE_FIELDS
 from ..trainers.training.plot import loss_curve_image
@@ -29,6 +30,7 @@ from .bridge import (
     rescue_dir,
     resolve_input_folder,
     shown,
+    state_root,
     tokenizer_dir,
     training_scope,
     user_facing_errors,
@@ -74,6 +76,46 @@ def class_folder_input() -> io.Input:
                                   "most class_images of them, centre-cropped).")
 
 
+RESUME_CHOICES = ("auto", "never")
+
+
+def durability_inputs() -> list[io.Input]:
+    """Save points and resume: optional (API prompts written before they existed still validate),
+    and not part of what a run trains (changing them never retrains a finished job)."""
+    return [
+        io.Int.Input("save_every", optional=True, default=0, min=0, max=100_000,
+                     tooltip="Every N steps write a step file (models/<loras or checkpoints>/<output_name>/"
+                             "<output_name>-stepNNNNNN.safetensors) and a training state to resume from; 0 = off. "
+                             "A full checkpoint step file is 2-4 GB, its state about 10 GB."),
+        io.Int.Input("keep_last", optional=True, default=2, min=0, max=1000,
+                     tooltip="Step files kept per run (older ones are deleted); 0 = keep all."),
+        io.Combo.Input("resume", optional=True, options=list(RESUME_CHOICES), default="auto",
+                       tooltip="auto: queueing the identical job again (after a cancel, a crash or a restart) "
+                               "continues from its newest complete training state, to the same result as an "
+                               "uninterrupted run. never: start over."),
+        io.Boolean.Input("save_on_cancel", optional=True, default=False,
+                         tooltip="On cancel, also write the current step as a step file and a training state "
+                                 "(otherwise the last save point is kept)."),
+    ]
+
+
+def durability_of(settings: dict) -> Durability:
+    """The save-point inputs of a training node (popped from ``settings``), checked: combo values
+    are not checked by ComfyUI for V3 nodes."""
+    resume = settings.pop("resume", "auto")
+    if resume not in RESUME_CHOICES:
+        raise ValueError(f"resume must be one of {', '.join(RESUME_CHOICES)} (got {resume!r})")
+    save_on_cancel = settings.pop("save_on_cancel", False)
+    if not isinstance(save_on_cancel, bool):
+        raise ValueError(f"save_on_cancel must be true or false (got {save_on_cancel!r})")
+    return Durability(save_every=settings.pop("save_every", 0), keep_last=settings.pop("keep_last", 2),
+                      resume=resume, save_on_cancel=save_on_cancel, state_root=state_root())
+
+
+def is_cancel(error: BaseException) -> bool:
+    return isinstance(error, comfy.model_management.InterruptProcessingException)
+
+
 def resolve_class_folder(name):
     if name in (None, "", GENERATE, NO_FOLDER):
         return None
@@ -117,6 +159,8 @@ def run_training_node(config_cls, subject, ckpt_name: str, output_name: str, ove
                       settings: dict) -> tuple[JobResult, torch.Tensor]:
     """Train (or reuse) the file a training node asks for: (job result, loss-curve IMAGE)."""
     with user_facing_errors():
+        settings = dict(settings)
+        durability = durability_of(settings)
         config = config_cls(**config_kwargs(config_cls, settings))
         checkpoint = model_path("checkpoints", ckpt_name)
         output = output_model_path(MODEL_FOLDERS[config.method], validate_output_name(output_name))
@@ -126,7 +170,8 @@ def run_training_node(config_cls, subject, ckpt_name: str, output_name: str, ove
         with training_scope():
             job = train_file(checkpoint, subject, config, output, tokenizer_dir(), overwrite=bool(overwrite),
                              callbacks=progress, before_load=free_comfy_models, class_cache_dir=class_image_cache(),
-                             class_folder=folder, rescue_dir=rescue_dir(), keep_unsaved=True, shown=shown)
+                             class_folder=folder, rescue_dir=rescue_dir(), keep_unsaved=True, shown=shown,
+                             durability=durability, is_cancel=is_cancel)
     if job.path.parent != output.parent:  # the models folder could not take it: nothing downstream finds it
         raise SavedElsewhere(" ".join(job.notes) + ". Queue the same prompt again once there is room: the file is "
                              "moved into place without training.")
