@@ -181,12 +181,20 @@ def test_saved_checkpoint_loads_in_comfyui_as_sd15_without_key_warnings(comfy_se
 
 def test_second_run_reuses_the_class_images(comfy_server, comfy_client, first_run, test_models):
     sets_before = class_sets(comfy_server)
-    result = comfy_client.run(graph(test_models, "e2e_dreambooth_again", unet_lr=4e-6),
+    result = comfy_client.run(graph(test_models, "e2e_dreambooth_again", unet_lr=4e-6, save_every=1),
                               timeout=1800).raise_for_status()
     events = [(p["value"], p["max"]) for p in result.progress_for("train")]
     assert events == [(1, TRAIN_STEPS), (2, TRAIN_STEPS)]  # training only: no class image generated
     assert class_sets(comfy_server) == sets_before
     assert "e2e_dreambooth_again.safetensors" in checkpoints(comfy_server)
+    # its save point after step 1: a step file that ComfyUI loads like any checkpoint
+    step_file = comfy_server.models_dir / "checkpoints" / "e2e_dreambooth_again" / "e2e_dreambooth_again-step000001.safetensors"
+    report = run_comfy_load_check(step_file)
+    assert report["model_type"] == "SD15"
+    for field in ("unet_missing", "unet_unexpected", "clip_missing", "clip_unexpected", "vae_missing",
+                  "vae_unexpected", "left_over"):
+        assert report[field] == [], f"step file {field}: {report[field][:10]}"
+    assert not any((comfy_server.models_dir / "dreambooth_studio" / "states").iterdir())  # finished: no state left
 
 
 def _interrupt_when(comfy_client, predicate):
