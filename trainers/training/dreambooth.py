@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ..data.subject import SubjectData
-from ..sd15.checkpoint import SD15Components, save_sd15_single_file, sd15_state_dict
+from ..sd15.checkpoint import SD15Components, save_sd15_single_file
 from .callbacks import LossHistory, NonFiniteLossError, TrainingCallbacks, WithLossHistory
 from .config import DreamBoothTrainConfig
 from .loop import (
@@ -177,10 +177,12 @@ def save_dreambooth(base: SD15Components, result: DreamBoothResult, path: str | 
     that are not finite in the saved precision (fp16 overflows above 65504): save in fp32 then.
     """
     dtype = SAVE_DTYPES[save_precision]
-    state = sd15_state_dict(base.unet, base.vae, base.text_encoder, dtype)
-    bad = next((key for key, tensor in state.items() if tensor.is_floating_point()
-                and not bool(torch.isfinite(tensor).all())), None)
-    del state
+    # Checked on the live weights, one tensor at a time: casting the whole checkpoint first would
+    # hold a second 2 GB copy at every save point. fp16 tops out at 65504; bf16 has fp32's range.
+    limit = torch.finfo(dtype).max
+    bad = next((f"{name}.{key}" for name in ("unet", "vae", "text_encoder")
+                for key, tensor in getattr(base, name).state_dict().items()
+                if tensor.is_floating_point() and not bool((tensor.detach().abs() <= limit).all())), None)
     if bad is not None:
         raise PrecisionOverflow(f"checkpoint tensor {bad} is not finite in {save_precision}; save in fp32 or retrain "
                                 f"with a lower learning rate", save_precision)
