@@ -16,6 +16,7 @@ training state to resume from.
 
 from __future__ import annotations
 
+import errno
 import logging
 import re
 from collections.abc import Callable
@@ -38,7 +39,14 @@ def step_file(output: Path, step: int) -> Path:
 
 
 class SaveStopped(OSError):
-    """A save point could not be written; the run stopped (its last complete state is kept)."""
+    """A save point could not be written; the run stopped (its last complete state is kept).
+    ``strerror`` and ``str()`` are the whole message (the command line prints ``strerror``)."""
+
+    def __init__(self, message: str, code: int | None = None):
+        super().__init__(code or errno.EIO, message)
+
+    def __str__(self) -> str:
+        return self.strerror
 
 
 class SavePoints(TrainingCallbacks):
@@ -93,17 +101,28 @@ class SavePoints(TrainingCallbacks):
         path = step_file(self.output, step)
         result = snapshot()
         result.metadata.update({"dbs.step_file": str(step), "dbs.run_fingerprint": self.fingerprint})
+        failures: list[OSError] = []  # why the write failed (SaveFailed's own text speaks of a finished run)
+
+        def write(target: Path, precision: str, overwrite: bool) -> Path:
+            try:
+                return self.write(result, target, precision, overwrite)
+            except FileExistsError:
+                raise
+            except OSError as exc:
+                failures.append(exc)
+                raise
+
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             existing = read_metadata(path) if path.exists() else None
             same_run = existing is not None and existing.get("dbs.run_fingerprint") == self.fingerprint
-            saved = save_safely(lambda target, precision, overwrite: self.write(result, target, precision, overwrite),
-                                path, self.precision, replace=FileIdentity.of(path) if same_run else None,
+            saved = save_safely(write, path, self.precision, replace=FileIdentity.of(path) if same_run else None,
                                 size_hint=self.file_bytes, shown=self.shown)
         except (SaveFailed, OSError) as exc:
+            cause = failures[-1] if isinstance(exc, SaveFailed) and failures else exc
             raise SaveStopped(f"the step-{step} file could not be written in {self.shown(path.parent)} "
-                              f"({getattr(exc, 'strerror', None) or exc}); it needs about "
-                              f"{human_bytes(self.file_bytes)}. {self._kept()}") from None
+                              f"({cause.strerror or cause}); it needs about {human_bytes(self.file_bytes)}. "
+                              f"{self._kept()}", cause.errno) from None
         self.step_files.append(saved.path)
         if self.state_dir is not None:
             try:
@@ -111,7 +130,7 @@ class SavePoints(TrainingCallbacks):
             except OSError as exc:
                 raise SaveStopped(f"the training state of step {step} could not be written in "
                                   f"{self.shown(self.state_dir)} ({exc.strerror or exc}); it needs about "
-                                  f"{human_bytes(self.state_bytes)}. {self._kept()}") from None
+                                  f"{human_bytes(self.state_bytes)}. {self._kept()}", exc.errno) from None
             self.last_point = step
         self._prune()
         log.info("save point at step %d: %s", step, saved.path.name)
