@@ -408,9 +408,6 @@ def test_a_run_that_diverges_names_the_step_and_keeps_the_last_finite_save_point
     assert hidden_temporaries(models, state_root) == []
 
 
-@pytest.mark.xfail(strict=True, reason="trainers/cli.py does not catch NonFiniteLossError (a RuntimeError): the "
-                                       "user gets a Python traceback, and the message still says 'Nothing was "
-                                       "saved.' before saying the step-2 file and state are kept")
 def test_the_command_line_reports_divergence_as_an_error_line(diverged):
     code, log, *_ = diverged
     assert code == 1 and "Traceback" not in log

@@ -29,7 +29,7 @@ from .data.images import BAD_FILE_MODES, CROP_MODES, load_subject
 from .files.fileio import sweep_stale_temps
 from .jobs import Durability, train_file
 from .sd15.placeholder import write_placeholder_models
-from .training.callbacks import StepState, TrainingCallbacks
+from .training.callbacks import NonFiniteLossError, StepState, TrainingCallbacks
 from .training.config import (
     ConfigError,
     DreamBoothTrainConfig,
@@ -216,10 +216,13 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                          "same command resumes from it\n")
         return 130
     except (SaveFailed, SaveStopped) as error:
-        sys.stderr.write(f"error: {error.strerror}\n")
+        sys.stderr.write(f"\nerror: {error.strerror}\n")
+        return 1
+    except NonFiniteLossError as error:
+        sys.stderr.write(f"\nerror: {error}\n")
         return 1
     except (ValueError, FileExistsError, FileNotFoundError, NotEnoughSpace) as error:
-        sys.stderr.write(f"error: {error}\n")
+        sys.stderr.write(f"\nerror: {error}\n")
         return 2
     finally:
         signal.signal(signal.SIGINT, previous)

@@ -395,8 +395,8 @@ def train_file(base_model: str | os.PathLike, subject: SubjectData, config: Trai
             result = train(base, subject, config, points, class_data, resume, durability.save_every)
         except NonFiniteLossError as exc:
             if points.last_point is not None:
-                exc.args = (f"{exc} The step-{points.last_point} file and training state (before it went wrong) "
-                            "are kept.",)
+                exc.args = (str(exc).replace(" Nothing was saved.", "") + f" The step-{points.last_point} file "
+                            "and training state (before it went wrong) are kept.",)
             raise
         history = result.history
         callbacks.on_save_begin()

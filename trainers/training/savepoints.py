@@ -138,8 +138,8 @@ class SavePoints(TrainingCallbacks):
     def _kept(self) -> str:
         if self.last_point is None:
             return "Free space there and run again."
-        return (f"The state of step {self.last_point} is intact: free space and queue the same job again to "
-                "resume from it.")
+        return (f"The state of step {self.last_point} is intact: free space, then queue the same prompt (or run "
+                "the same command) again to resume from it.")
 
     def _prune(self) -> None:
         if self.keep_last <= 0:
