@@ -191,6 +191,12 @@ def inputs(tmp_path_factory):
     from tests.test_trainers_lora import synthetic_images
     from trainers.sd15 import placeholder
 
+    # The fork server imports this module by name in each child: the repository must come first on
+    # its path (an in-process ComfyUI, imported by the nodes tests, puts its own `tests` package
+    # ahead of ours).
+    repo = str(Path(__file__).resolve().parents[1])
+    if sys.path[0] != repo:
+        sys.path.insert(0, repo)
     _CONTEXT.set_forkserver_preload(PRELOAD)
     root = tmp_path_factory.mktemp("inputs")
     checkpoint = placeholder.write_random_sd15_checkpoint(root / "tiny.safetensors", size="tiny")
