@@ -173,7 +173,18 @@ _CONTEXT = multiprocessing.get_context("forkserver")
 def run_cli(argv: list[str], log: Path, fault: tuple[str, int, str | None] | None = None) -> tuple[int, str]:
     """(exit code, negative for a signal; stdout + stderr) of ``python -m trainers <argv>``."""
     process = _CONTEXT.Process(target=_cli_process, args=(argv, str(log), fault))
-    process.start()
+    # The fork server starts with this process's sys.path. After the in-process ComfyUI tests it
+    # holds ComfyUI's folder, whose modules would shadow ours in the children (one of them parses
+    # sys.argv as ComfyUI's options and exits): start it without ComfyUI's folders.
+    from tests.support.paths import comfyui_path
+
+    comfy = str(comfyui_path())
+    saved = list(sys.path)
+    sys.path[:] = [entry for entry in sys.path if not entry.startswith(comfy)]
+    try:
+        process.start()
+    finally:
+        sys.path[:] = saved
     process.join(600)
     if process.is_alive():
         process.kill()
