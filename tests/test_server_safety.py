@@ -20,6 +20,7 @@ from scripts.comfyclient import ComfyClient, PromptRejected
 from scripts.comfyserver import ComfyServer, prepare_base_dir
 from scripts.demo import draw_sample_subject
 from scripts.graphs import DREAMBOOTH_TRAIN_DEFAULTS, LORA_TRAIN_DEFAULTS
+from tests.support.disk import fill_disk, small_tmpfs
 from tests.support.paths import repo_root
 from trainers.files.fileio import sha256_file
 
@@ -110,31 +111,11 @@ def test_errors_name_comfyui_folders_never_server_paths(comfy_server, comfy_clie
 
 
 # -- a disk that fills up during training ---------------------------------------------------------
-def _fill(folder: Path) -> None:
-    fd = os.open(folder / "filler.bin", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    try:
-        for block in (1 << 20, 4096, 512, 1):
-            try:
-                while True:
-                    os.write(fd, b"\0" * block)
-            except OSError:
-                pass
-    finally:
-        os.close(fd)
-
-
 @pytest.fixture
 def full_loras_disk(comfy_server):
     """models/loras on a 32 MB tmpfs (mounted over the real folder for this test only)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root (the CI machine runs the suite as root)")
-    folder = comfy_server.models_dir / "loras"
-    folder.mkdir(exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(folder)], check=True)
-    try:
+    with small_tmpfs(comfy_server.models_dir / "loras", "32m") as folder:
         yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 def test_a_disk_full_at_save_keeps_the_lora_and_the_same_prompt_moves_it_into_place(
@@ -145,7 +126,7 @@ def test_a_disk_full_at_save_keeps_the_lora_and_the_same_prompt_moves_it_into_pl
     def fill_when_training_starts(event):
         if event.get("type") == "progress" and (event.get("data") or {}).get("node") == "train" \
                 and not (full_loras_disk / "filler.bin").exists():
-            _fill(full_loras_disk)  # another program filled the disk while the run trained
+            fill_disk(full_loras_disk)  # another program filled the disk while the run trained
 
     result = client.run(graph, timeout=900, on_event=fill_when_training_starts)
     assert result.status == "error", result.error

@@ -12,21 +12,19 @@ calls ``trainers.cli.main(argv)``, exactly what ``python -m trainers`` does.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import json
 import multiprocessing
 import os
 import re
-import shutil
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.support.disk import fill_disk, small_tmpfs
 from tests.support.paths import tokenizer_dir
 
 pytestmark = pytest.mark.trainers
@@ -47,19 +45,6 @@ def _die() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _fill_disk(folder: str) -> None:
-    """Take every free byte of the file system holding ``folder`` (in the file ``filler``)."""
-    descriptor = os.open(os.path.join(folder, "filler"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    block = 1024 * 1024
-    while block >= 512:
-        try:
-            os.write(descriptor, b"\0" * block)
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC, exc
-            block //= 2
-    os.close(descriptor)
 
 
 def _install_fault(fault: str, step: int, arg: str | None) -> None:
@@ -147,7 +132,7 @@ def _install_fault(fault: str, step: int, arg: str | None) -> None:
         def on_step_end(self, state_):
             real_step_end(self, state_)
             if state_.step == step:
-                _fill_disk(arg)
+                fill_disk(arg, "filler")
 
         cli.TerminalProgress.on_step_end = on_step_end
     else:
@@ -346,19 +331,8 @@ def test_a_run_killed_at_any_moment_resumes_to_the_same_bytes(inputs, reference,
 @pytest.fixture
 def small_disk(tmp_path):
     """A 16 MB tmpfs: room for the run's checks before training, filled during it."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("the disk-full tests mount a small tmpfs, which needs root and the mount command")
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs CAP_SYS_ADMIN): {done.stderr.strip()}")
-    try:
+    with small_tmpfs(tmp_path / "small", "16m") as mount:
         yield mount
-    finally:
-        if subprocess.run(["umount", str(mount)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
 @pytest.mark.parametrize("full", ["training state", "step file"])

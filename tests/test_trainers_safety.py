@@ -4,6 +4,7 @@ a name taken during training, weights that overflow fp16, and temporary files of
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from tests.support.disk import fill_disk, small_tmpfs
 from tests.support.paths import repo_root, tokenizer_dir
 from trainers import jobs
 from trainers.data.subject import SubjectData
@@ -171,36 +173,8 @@ def test_photo_names_and_captions_are_private_unless_asked(base_file, tmp_path):
 @pytest.fixture
 def tmpfs(tmp_path):
     """Mount small tmpfs folders (a disk that can really fill up); unmounted afterwards."""
-    mounted = []
-
-    def make(name: str, size: str) -> Path:
-        if os.geteuid() != 0:
-            pytest.skip("mounting a small tmpfs needs root (the CI machine runs the suite as root)")
-        folder = tmp_path / name
-        folder.mkdir()
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], check=True)
-        mounted.append(folder)
-        return folder
-
-    yield make
-    for folder in reversed(mounted):
-        subprocess.run(["umount", "-l", str(folder)], check=False)
-
-
-def fill(folder: Path) -> Path:
-    """Use up every free byte of ``folder``'s file system."""
-    filler = folder / "filler.bin"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    try:
-        for block in (1 << 20, 4096, 512, 1):
-            try:
-                while True:
-                    os.write(fd, b"\0" * block)
-            except OSError:
-                pass
-    finally:
-        os.close(fd)
-    return filler
+    with contextlib.ExitStack() as mounts:
+        yield lambda name, size: mounts.enter_context(small_tmpfs(tmp_path / name, size))
 
 
 def test_not_enough_space_is_said_before_training_with_the_size_needed(base_file, tmpfs):
@@ -215,7 +189,7 @@ def test_disk_full_at_save_keeps_the_weights_in_the_rescue_folder_and_the_next_r
         base_file, tmpfs, tmp_path):
     models = tmpfs("loras", "4m")
     rescue = tmp_path / "rescued"
-    recorder = Recorder(at_save=lambda: fill(models))  # something else filled the disk during training
+    recorder = Recorder(at_save=lambda: fill_disk(models))  # something else filled the disk during training
     job = run(base_file, models / "lora.safetensors", rescue_dir=rescue, callbacks=recorder)
     assert recorder.steps == 2 and job.path == rescue / "lora.safetensors"
     assert "could not be written" in job.notes[0] and "No space left" in job.notes[0]
@@ -233,10 +207,10 @@ def test_disk_full_at_save_keeps_the_weights_in_the_rescue_folder_and_the_next_r
 
 def test_when_nothing_can_be_written_the_weights_wait_in_memory_for_the_same_job(base_file, tmpfs, tmp_path):
     models, rescue = tmpfs("loras", "4m"), tmpfs("rescue", "64k")
-    fill(rescue)
+    fill_disk(rescue)
     with pytest.raises(SaveFailed, match="kept in memory.*queue the same prompt again"):
         run(base_file, models / "lora.safetensors", rescue_dir=rescue, keep_unsaved=True,
-            callbacks=Recorder(at_save=lambda: fill(models)))
+            callbacks=Recorder(at_save=lambda: fill_disk(models)))
     (models / "filler.bin").unlink()
     recorder = Recorder()
     job = run(base_file, models / "lora.safetensors", rescue_dir=rescue, keep_unsaved=True, callbacks=recorder,
