@@ -92,3 +92,40 @@ def phase_clock(rss: PhaseRss) -> Any:
             return [b - a for a, b in zip(self.steps, self.steps[1:], strict=False)]
 
     return PhaseClock()
+
+
+# -- what every bench's command line shares ----------------------------------------------------------
+def default_inputs(args: Any) -> None:
+    """``--tokenizer`` and ``--checkpoint`` default to ComfyUI's CLIP tokenizer and the random
+    full-size test checkpoint (made once, cached)."""
+    if args.tokenizer is None:
+        from tests.support.paths import tokenizer_dir
+
+        args.tokenizer = tokenizer_dir()
+    if args.checkpoint is None:
+        from tests.support.models import ensure_test_models
+
+        args.checkpoint = ensure_test_models()["checkpoint"]
+
+
+def chosen_configs(parser: Any, text: str, known: Any) -> list[str]:
+    """The comma-separated configuration names of ``text``; an unknown one is a usage error."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        parser.error(f"unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    return names
+
+
+def bench_workdir(args: Any, repo: Any, prefix: str) -> bool:
+    """Make ``args.workdir`` (a new folder in <repo>/.cache unless given); True when the bench made
+    it (and removes it at the end)."""
+    import tempfile
+    from pathlib import Path
+
+    own = args.workdir is None
+    if own:
+        (Path(repo) / ".cache").mkdir(exist_ok=True)
+        args.workdir = Path(tempfile.mkdtemp(prefix=prefix, dir=Path(repo) / ".cache"))
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    return own

@@ -111,14 +111,9 @@ def main() -> int:
     args = parser.parse_args()
 
     sys.path.insert(0, str(REPO))
-    if args.tokenizer is None:
-        from tests.support.paths import tokenizer_dir
+    from bench.harness import default_inputs
 
-        args.tokenizer = tokenizer_dir()
-    if args.checkpoint is None:
-        from tests.support.models import ensure_test_models
-
-        args.checkpoint = ensure_test_models()["checkpoint"]
+    default_inputs(args)
     if args.worker:
         return worker(args)
 

@@ -305,28 +305,16 @@ def main() -> int:
     args = parser.parse_args()
 
     sys.path.insert(0, str(REPO))
-    if args.tokenizer is None:
-        from tests.support.paths import tokenizer_dir
+    from bench.harness import bench_workdir, chosen_configs, default_inputs
 
-        args.tokenizer = tokenizer_dir()
-    if args.checkpoint is None:
-        from tests.support.models import ensure_test_models
-
-        args.checkpoint = ensure_test_models()["checkpoint"]
+    default_inputs(args)
     if args.worker:
         return worker(args)
 
-    names = [name.strip() for name in args.configs.split(",") if name.strip()]
-    unknown = [name for name in names if name not in CONFIGS]
-    if unknown:
-        parser.error(f"unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
+    names = chosen_configs(parser, args.configs, CONFIGS)
     if args.steps < 2:
         parser.error("--steps must be at least 2 (the last step has no save point)")
-    own_workdir = args.workdir is None
-    if own_workdir:
-        (REPO / ".cache").mkdir(exist_ok=True)
-        args.workdir = Path(tempfile.mkdtemp(prefix="bench-savepoint-", dir=REPO / ".cache"))
-    args.workdir.mkdir(parents=True, exist_ok=True)
+    own_workdir = bench_workdir(args, REPO, "bench-savepoint-")
 
     total, available = _memory()
     started = time.monotonic()

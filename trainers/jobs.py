@@ -284,7 +284,7 @@ def find_resume_state(durability: Durability, fingerprint: str,
 
 def _state_bytes(config: TrainConfig, file_bytes: int) -> int:
     """About how big a training state is: the trainable weights in fp32 and the optimizer's moments."""
-    width = {"fp16": 2, "bf16": 2, "fp32": 4}[config.save_precision]
+    width = _BYTES[config.save_precision]
     weights = file_bytes // width * 4
     moments = 2 if config.optimizer == "adamw" else 1
     return weights * (1 + moments)
