@@ -114,12 +114,6 @@ class ExistingOutput:
     replace: FileIdentity | None = None
 
 
-def reusable_metadata(path: Path, fingerprint: str, overwrite: bool) -> dict[str, str] | None:
-    """The metadata of the file at ``path`` when it holds the run with ``fingerprint``; None when
-    there is nothing to reuse; FileExistsError when it holds something else and may not be replaced."""
-    return vet_existing(path, fingerprint, overwrite).reuse
-
-
 def vet_existing(path: Path, fingerprint: str, overwrite: bool, shown: Callable[[Path], str] = str) -> ExistingOutput:
     """Decide, from the header only, what happens to a file already at ``path``. A file with the
     run's fingerprint is reused; with overwrite on, a file this pack wrote may be replaced;
@@ -204,7 +198,6 @@ def estimated_class_bytes(plan: PriorPlan) -> int:
 class _Unsaved:
     """A finished run whose file could not be written: kept until the identical job saves it."""
 
-    fingerprint: str
     save: Callable[[], Saved]
     history: LossHistory
 
@@ -414,7 +407,7 @@ def train_file(base_model: str | os.PathLike, subject: SubjectData, config: Trai
             if not keep_unsaved:
                 raise SaveFailed(exc.errno, f"{exc.strerror} The trained weights are lost.") from None
             _UNSAVED.clear()
-            _UNSAVED[provenance.fingerprint] = _Unsaved(provenance.fingerprint, save, history)
+            _UNSAVED[provenance.fingerprint] = _Unsaved(save, history)
             raise SaveFailed(exc.errno, f"{exc.strerror} The trained weights are kept in memory until ComfyUI "
                                         f"stops: free about {human_bytes(size)} in {shown(output.parent)} and queue "
                                         "the same prompt again to save them without training.") from None

@@ -62,7 +62,6 @@ class SavePoints(TrainingCallbacks):
         self.save_on_cancel, self.job, self.is_cancel, self.shown = save_on_cancel, job, is_cancel, shown
         self.state_bytes, self.file_bytes = state_bytes, file_bytes
         self.last_point: int | None = None  # newest step with a complete state (this run)
-        self.step_files: list[Path] = []
 
     # -- passed through ----------------------------------------------------------------------
     def on_base_loaded(self) -> None:
@@ -123,7 +122,6 @@ class SavePoints(TrainingCallbacks):
             raise SaveStopped(f"the step-{step} file could not be written in {self.shown(path.parent)} "
                               f"({cause.strerror or cause}); it needs about {human_bytes(self.file_bytes)}. "
                               f"{self._kept()}", cause.errno) from None
-        self.step_files.append(saved.path)
         if self.state_dir is not None:
             try:
                 write_state(self.state_dir, capture(), self.fingerprint, {**self.job, "step_file": saved.path.name})
