@@ -195,6 +195,24 @@ def atomic_copy(source: str | os.PathLike, path: str | os.PathLike) -> Path:
     return path
 
 
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary name, fsynced and renamed into place
+    (replacing what was there): ``path`` is never seen half-written. For small files the pack
+    owns (sample images, their index), not models."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "xb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
 def fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -26,6 +27,7 @@ class StepState:
     phase: str = "train"
     instance_loss: float | None = None
     prior_loss: float | None = None
+    validation_loss: float | None = None  # set on the steps where the validation loss was computed
 
 
 @dataclass
@@ -34,11 +36,18 @@ class LossHistory:
 
     ``prior_losses`` is empty without prior preservation; ``instance_losses`` may then equal
     ``losses`` (the loop records it) or be empty (a file that did not record it).
+    ``validation`` holds (step, validation loss) pairs, step 0 being the base model before
+    training (empty when the run computed none; see ``training.watch``).
     """
 
     losses: list[float] = field(default_factory=list)
     instance_losses: list[float] = field(default_factory=list)
     prior_losses: list[float] = field(default_factory=list)
+    validation: list[tuple[int, float]] = field(default_factory=list)
+
+    def copy(self) -> LossHistory:
+        return LossHistory(list(self.losses), list(self.instance_losses), list(self.prior_losses),
+                           list(self.validation))
 
     def add(self, state: StepState) -> None:
         self.losses.append(state.loss)
@@ -52,6 +61,18 @@ class LossHistory:
         if not self.prior_losses:
             return {}
         return {"instance": self.instance_losses, "prior": self.prior_losses}
+
+
+@dataclass
+class SampleRound:
+    """The sample images of one step: one image per prompt, made with the weights of that step
+    (step 0: the base model) from the same initial noise every round, so rounds compare."""
+
+    step: int
+    prompts: list[str]
+    images: list[Any]  # PIL.Image.Image, one per prompt
+    paths: list[Path] = field(default_factory=list)  # the PNGs written (empty without a sample folder)
+    seconds: float = 0.0  # how long the round took
 
 
 class WithLossHistory:
@@ -91,6 +112,20 @@ class TrainingCallbacks:
     def on_step_end(self, state: StepState) -> None:
         """Called after every optimizer step. Raise to stop training (nothing is saved)."""
 
+    def on_validation(self, step: int, loss: float) -> None:
+        """Called when the validation loss of ``step`` is computed: step 0 (the base model) right
+        after ``on_train_begin``, then every ``validate_every`` steps and at the last step, always
+        before ``on_step_end`` of that step. Raise to stop, as in ``on_step_end``."""
+
+    def on_sample_step(self, done: int, total: int) -> None:
+        """Called after every denoising step of a sample round (``done`` of ``total`` for the
+        whole round). Raise to stop at once: the round's images are not written."""
+
+    def on_samples(self, samples: SampleRound) -> None:
+        """Called when a sample round is done (and written): step 0 right after
+        ``on_train_begin``, then every ``sample_every`` steps and at the last step, after
+        ``on_validation`` and before ``on_step_end`` of that step. Raise to stop."""
+
     def on_save_point(self, step: int, capture: Callable[[], Any], snapshot: Callable[[], Any]) -> None:
         """Called every ``save_every`` steps (not after the last one). ``capture()`` returns the
         loop's complete state (a ``loop.LoopState``), ``snapshot()`` the trainer's result so far
@@ -99,8 +134,10 @@ class TrainingCallbacks:
 
     def on_stop(self, step: int, capture: Callable[[], Any], snapshot: Callable[[], Any],
                 error: BaseException) -> None:
-        """Called when ``on_step_end`` of ``step`` raised ``error`` (a cancel): the weights are
-        those after ``step``. ``error`` propagates afterwards."""
+        """Called when ``on_step_end`` of ``step`` raised ``error`` (a cancel), or anything called
+        for that step before it (validation, a sample round, their callbacks): the weights are
+        those after ``step``. ``error`` propagates afterwards. Not called for a stop before the
+        first step of a run (during the step-0 samples or validation): nothing was trained yet."""
 
     def on_train_end(self, losses: list[float]) -> None:
         """Called after the last step, before the result is assembled."""

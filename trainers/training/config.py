@@ -82,6 +82,8 @@ def _type_name(cls: type, name: str) -> str:
 def _allowed_text(spec: dict[str, Any], kind: str) -> str:
     if "choices" in spec:
         return "one of " + ", ".join(repr(c) for c in spec["choices"])
+    if kind == "str":
+        return "text"
     noun = "a whole number" if kind == "int" else "a finite number"
     low = spec.get("min")
     high = spec.get("max")
@@ -425,25 +427,28 @@ class DreamBoothTrainConfig(_PriorFields, _ValidatedConfig):
 # ---------------------------------------------------------------------------------------------
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, title: str | None = None) -> None:
     """Add one ``--field-name`` option per config field, with the field's help, default and choices."""
-    group = parser.add_argument_group(f"{cls.__name__} options")
+    group = parser.add_argument_group(title or f"{cls.__name__} options")
     for spec in field_specs(cls):
         flag = "--" + spec["name"].replace("_", "-")
         text = spec["help"].replace("%", "%%")
         allowed = ""
         if spec["type"] in ("int", "float") and "min" in spec:
             allowed = f" Allowed: {_allowed_text(spec, spec['type'])}."
-        help_text = f"{text}{allowed} Default: {spec['default']}."
+        default = repr(spec["default"]) if spec["type"] == "str" and "choices" not in spec else spec["default"]
+        help_text = f"{text}{allowed} Default: {default}."
         if spec["type"] == "bool":
             group.add_argument(
                 flag, dest=spec["name"], action=argparse.BooleanOptionalAction, default=spec["default"],
                 help=help_text,
             )
-        elif spec["type"] == "str":
+        elif "choices" in spec:
             group.add_argument(
                 flag, dest=spec["name"], choices=spec["choices"], default=spec["default"], help=help_text
             )
+        elif spec["type"] == "str":
+            group.add_argument(flag, dest=spec["name"], default=spec["default"], metavar="TEXT", help=help_text)
         else:
             group.add_argument(
                 flag, dest=spec["name"], type=int if spec["type"] == "int" else float, default=spec["default"],

@@ -20,7 +20,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from .loop import (
 )
 from .record import Provenance, training_metadata
 from .saving import PrecisionOverflow
+from .watch import WatchConfig, WatchOutcome, watcher_for
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +56,9 @@ class DreamBoothResult(WithLossHistory):
 
     history: LossHistory
     metadata: dict[str, str]  # training_metadata(...) with the DreamBooth keys; provenance is added on save
-    seconds: float = 0.0
+    seconds: float = 0.0  # training time (with samples and validation), without model setup and caching
     trained: tuple[str, ...] = ()  # "unet", and "text_encoder" when it was trained
+    watched: WatchOutcome = field(default_factory=WatchOutcome)  # sample rounds and their cost
 
 
 def _check_inputs(base: SD15Components, subject: SubjectData, config: DreamBoothTrainConfig,
@@ -82,11 +84,15 @@ def train_dreambooth(
     class_subject: SubjectData | None = None,
     resume: LoopState | None = None,
     save_every: int = 0,
+    watch: WatchConfig | None = None,
+    sample_dir: str | os.PathLike | None = None,
+    run: str = "",
 ) -> DreamBoothResult:
     """Fine-tune ``base.unet`` (and ``base.text_encoder`` if its lr > 0) IN PLACE on ``subject``.
 
     ``class_subject`` holds the class images when ``config.with_prior``; it is ignored (with a
-    log line) otherwise. Raises NonFiniteLossError when training diverges (the models then hold
+    log line) otherwise. ``watch`` adds sample images (written to ``sample_dir`` when given, for
+    the job ``run``) and the validation loss; they do not change the trained weights. Raises NonFiniteLossError when training diverges (the models then hold
     partly trained weights: do not save them). On return the models are in eval mode with
     ``requires_grad`` off.
     """
@@ -143,10 +149,12 @@ def train_dreambooth(
             # Zero gradients in place: the 3.4 GB of UNet gradients are not re-allocated every step.
             optimization = build_optimization(config, unet_params, text_params, autocast_dtype,
                                               keep_grad_buffers=True)
-            loop = run_training_loop(LoopModels(unet, vae, text_encoder, base.noise_scheduler), instance,
-                                     optimization,
-                                     replace(LoopSettings.of(config, autocast_dtype), save_every=save_every),
-                                     callbacks, prior=prior, resume=resume, snapshot=result_so_far)
+            models = LoopModels(unet, vae, text_encoder, base.noise_scheduler)
+            settings = replace(LoopSettings.of(config, autocast_dtype), save_every=save_every)
+            watcher = watcher_for(watch, models=models, tokenizer=base.tokenizer, instance=instance, prior=prior,
+                                  settings=settings, subject=subject, sample_dir=sample_dir, run=run)
+            loop = run_training_loop(models, instance, optimization, settings, callbacks, prior=prior, resume=resume,
+                                     snapshot=result_so_far, watch=watcher)
     finally:
         # Optimizer states and gradients are as large as the UNet (or twice): give them back now.
         optimization = None
@@ -163,6 +171,8 @@ def train_dreambooth(
             torch.cuda.empty_cache()
 
     result = result_so_far(loop.history, loop.seconds)
+    if watcher is not None:
+        result.watched = watcher.outcome
     logger.info("DreamBooth trained %s in %.1f s: loss %.4f -> %.4f", "+".join(result.trained), loop.seconds,
                 loop.losses[0], loop.losses[-1])
     return result

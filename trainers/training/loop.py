@@ -413,7 +413,7 @@ def capture_state(step: int, optimization: Optimization, generator: torch.Genera
         grad_scaler=copy.deepcopy(scaler.state_dict()) if scaler is not None else None,
         generator=generator.get_state().clone(),
         pending=[list(stream._pending) for stream in streams],
-        history=LossHistory(list(history.losses), list(history.instance_losses), list(history.prior_losses)),
+        history=history.copy(),
     )
 
 
@@ -435,8 +435,20 @@ def restore_state(state: LoopState, optimization: Optimization, generator: torch
     generator.set_state(state.generator)
     for stream, pending in zip(streams, state.pending, strict=True):
         stream._pending = list(pending)
-    return LossHistory(list(state.history.losses), list(state.history.instance_losses),
-                       list(state.history.prior_losses))
+    return state.history.copy()
+
+
+class LoopWatch:
+    """Work the loop does beside training at chosen steps without drawing from its random
+    streams: the sample images and validation loss of ``training.watch``. This base does
+    nothing, and the loop trains exactly as it would without it."""
+
+    def before_training(self, step: int, history: LossHistory, callbacks: TrainingCallbacks) -> None:
+        """Right after ``on_train_begin``: ``step`` is 0, or the step a resumed run continues after."""
+
+    def after_step(self, state: StepState, history: LossHistory, callbacks: TrainingCallbacks) -> None:
+        """After optimizer step ``state.step`` (already in ``history``), before ``on_step_end``.
+        Whatever it raises goes through ``on_stop`` like an error of ``on_step_end``."""
 
 
 @dataclass
@@ -445,7 +457,7 @@ class LoopResult(WithLossHistory):
     seconds: float = 0.0  # training time, after caching
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
+def autocast_context(device: torch.device, dtype: torch.dtype | None) -> Any:
     if dtype is None or device.type != "cuda":
         return nullcontext()
     return torch.autocast(device_type="cuda", dtype=dtype)
@@ -460,7 +472,7 @@ def compute_step_loss(
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Draw one batch from every set, run the UNet once on all of it; (total loss, loss per set)."""
     device, dtype = model_device(models.unet), model_dtype(models.unet)
-    with _autocast(device, settings.autocast_dtype):
+    with autocast_context(device, settings.autocast_dtype):
         latents, conditioning, sizes = [], [], []
         for training_set, stream in zip(sets, streams, strict=True):
             indices = stream.take(settings.batch_size)
@@ -527,11 +539,13 @@ def run_training_loop(
     prior: TrainingSet | None = None,
     resume: LoopState | None = None,
     snapshot: Callable[[LossHistory], Any] | None = None,
+    watch: LoopWatch | None = None,
 ) -> LoopResult:
     """Train for ``settings.steps`` optimizer steps, calling ``callbacks.on_step_end`` after each
     (and ``on_save_point`` every ``settings.save_every``). With ``resume`` the loop continues
     after the step that state was captured at. ``snapshot(history)`` makes the trainer's result
-    so far, for the save-point and stop callbacks.
+    so far, for the save-point and stop callbacks. ``watch`` samples images and computes the
+    validation loss before the first step and after chosen ones (``training.watch``).
 
     Raises NonFiniteLossError at the first non-finite loss or gradient, before the optimizer
     applies it; anything a callback raises propagates unchanged. The caller owns model setup and
@@ -546,8 +560,10 @@ def run_training_loop(
         result.history = restore_state(resume, optimization, generator, streams)
         first = resume.step + 1
         logger.info("resuming at step %d of %d", first, settings.steps)
+    watch = watch or LoopWatch()
     callbacks.on_train_begin(settings.steps)
     started = time.monotonic()
+    watch.before_training(first - 1, result.history, callbacks)
     for step in range(first, settings.steps + 1):
         lr = float(optimization.optimizer.param_groups[0]["lr"])
         loss, parts = compute_step_loss(models, sets, streams, settings, generator)
@@ -572,6 +588,7 @@ def run_training_loop(
             return snapshot(result.history) if snapshot is not None else None
 
         try:
+            watch.after_step(state, result.history, callbacks)
             callbacks.on_step_end(state)
         except BaseException as error:
             callbacks.on_stop(step, capture, current, error)

@@ -33,7 +33,7 @@ import re
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,7 @@ from .loop import (
 )
 from .record import Provenance, training_metadata
 from .saving import PrecisionOverflow
+from .watch import WatchConfig, WatchOutcome, watcher_for
 
 logger = logging.getLogger(__name__)
 
@@ -281,7 +282,8 @@ class LoRAResult(WithLossHistory):
     metadata: dict[str, str]  # training_metadata(...) with the LoRA keys; provenance is added on save
     unet_modules: int
     text_encoder_modules: int
-    seconds: float = 0.0  # training time, without model setup and caching
+    seconds: float = 0.0  # training time (with samples and validation), without model setup and caching
+    watched: WatchOutcome = field(default_factory=WatchOutcome)  # sample rounds and their cost
 
 
 def _check_inputs(
@@ -324,13 +326,18 @@ def train_lora(
     class_subject: SubjectData | None = None,
     resume: LoopState | None = None,
     save_every: int = 0,
+    watch: WatchConfig | None = None,
+    sample_dir: str | os.PathLike | None = None,
+    run: str = "",
 ) -> LoRAResult:
     """Train a LoRA of ``base`` on ``subject``; returns the kohya tensors, losses and metadata.
 
     Training runs where ``base.unet`` is (the VAE and text encoder run where they are). The
     models are returned unchanged. ``class_subject`` holds the class images when
-    ``config.with_prior``. Raises NonFiniteLossError if training diverges; whatever a callback
-    raises propagates after cleanup.
+    ``config.with_prior``. ``watch`` adds sample images (written to ``sample_dir`` when given,
+    for the job ``run``) and the validation loss; they do not change the trained weights.
+    Raises NonFiniteLossError if training diverges; whatever a callback raises propagates after
+    cleanup.
     """
     _check_inputs(base, subject, config, class_subject)
     if class_subject is not None and not config.with_prior:
@@ -390,11 +397,15 @@ def train_lora(
                     state = kohya_state_dict(unet, text_encoder if train_text else None, config.rank, alpha)
                     return _lora_result(state, config, subject, history, device, autocast_dtype, class_count, seconds)
 
-                loop = run_training_loop(LoopModels(unet, vae, text_encoder, base.noise_scheduler), instance,
-                                         optimization,
-                                         replace(LoopSettings.of(config, autocast_dtype), save_every=save_every),
-                                         callbacks, prior=prior, resume=resume, snapshot=result_so_far)
+                models = LoopModels(unet, vae, text_encoder, base.noise_scheduler)
+                settings = replace(LoopSettings.of(config, autocast_dtype), save_every=save_every)
+                watcher = watcher_for(watch, models=models, tokenizer=base.tokenizer, instance=instance, prior=prior,
+                                      settings=settings, subject=subject, sample_dir=sample_dir, run=run)
+                loop = run_training_loop(models, instance, optimization, settings, callbacks, prior=prior,
+                                         resume=resume, snapshot=result_so_far, watch=watcher)
                 result = result_so_far(loop.history, loop.seconds)
+                if watcher is not None:
+                    result.watched = watcher.outcome
             finally:
                 optimization = None
                 for tuner in reversed(tuners):
