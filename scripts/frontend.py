@@ -10,18 +10,32 @@ of a running ComfyUI to do it instead of re-implementing it:
 
 Needs the ``playwright`` package and Debian's ``chromium`` (scripts/setup.sh installs both;
 ``playwright install`` is never run).
+
+It also installs the newest frontend package next to the one ComfyUI pins, so the same ComfyUI
+can serve either (``--front-end-root``): ``python -m scripts.frontend install`` (setup.sh runs it).
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import os
 import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 CHROMIUM = os.environ.get("DBS_CHROMIUM", "/usr/bin/chromium")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# The newest comfyui-frontend-package on PyPI that the pack is tested with (ComfyUI 0.3.75 pins
+# 1.32.9, installed in the venv). The only place its version is written: setup.sh and the
+# tests read it from here.
+NEWEST_FRONTEND_VERSION = "1.58.1"
+NEWEST_FRONTEND_SHA256 = "37912597537a731a8f421179618a736c24184c5bdbfa327f38b2fb7c291852d9"
+FRONTENDS_DIR = REPO_ROOT / ".comfyui" / "frontends"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -162,3 +176,70 @@ class Frontend:
             image = image.resize((width, round(image.height * width / image.width)), Image.LANCZOS)
         path = Path(path)
         image.save(path, quality=88) if path.suffix.lower() in (".jpg", ".jpeg") else image.save(path)
+
+
+def frontend_root(version: str = NEWEST_FRONTEND_VERSION) -> Path:
+    """The folder to pass as ``--front-end-root`` for an installed frontend version."""
+    return FRONTENDS_DIR / version
+
+
+def install_frontend(version: str = NEWEST_FRONTEND_VERSION, sha256: str = NEWEST_FRONTEND_SHA256,
+                     python: str = sys.executable) -> Path:
+    """Put the static files of comfyui-frontend-package==`version` in ``frontend_root(version)``.
+
+    The wheel comes from PyPI through pip (``pip download --no-deps``), is checked against its
+    sha256 and unpacked under a temporary name, then renamed into place; an existing complete
+    install (its ``index.html`` and a stamp naming the wheel's hash) is left as it is."""
+    dest = frontend_root(version)
+    stamp = dest / ".installed-from"
+    if (dest / "index.html").is_file() and stamp.is_file() and stamp.read_text().strip() == sha256:
+        return dest
+    cache = FRONTENDS_DIR / "download"
+    cache.mkdir(parents=True, exist_ok=True)
+    wheel = cache / f"comfyui_frontend_package-{version}-py3-none-any.whl"
+    if not wheel.is_file() or _sha256(wheel) != sha256:
+        wheel.unlink(missing_ok=True)
+        done = subprocess.run([python, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+                               "--no-deps", f"comfyui-frontend-package=={version}", "-d", str(cache)],
+                              stderr=subprocess.PIPE, text=True)
+        # pip's notes about this machine's unused local index locations are not news
+        noise = [line for line in done.stderr.splitlines() if "is ignored: it is neither" not in line]
+        if done.returncode != 0 or not wheel.is_file():
+            raise RuntimeError(f"pip download of comfyui-frontend-package=={version} failed:\n" + "\n".join(noise))
+    got = _sha256(wheel)
+    if got != sha256:
+        wheel.unlink(missing_ok=True)
+        raise RuntimeError(f"{wheel.name} has sha256 {got}, expected {sha256}: not installed")
+    staging = FRONTENDS_DIR / f".{version}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    prefix = "comfyui_frontend_package/static/"
+    with zipfile.ZipFile(wheel) as zf:
+        members = [m for m in zf.infolist() if m.filename.startswith(prefix) and not m.is_dir()]
+        if not any(m.filename == prefix + "index.html" for m in members):
+            raise RuntimeError(f"{wheel.name} has no {prefix}index.html")
+        for member in members:
+            target = staging / member.filename[len(prefix):]
+            if staging.resolve() not in target.resolve().parents:
+                raise RuntimeError(f"{wheel.name}: unsafe member name {member.filename!r}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(member) as src, open(target, "wb") as out:
+                shutil.copyfileobj(src, out)
+    (staging / ".installed-from").write_text(sha256 + "\n")
+    shutil.rmtree(dest, ignore_errors=True)
+    staging.rename(dest)
+    return dest
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["install"]:
+        sys.exit("usage: python -m scripts.frontend install   (installs comfyui-frontend-package=="
+                 f"{NEWEST_FRONTEND_VERSION} into {frontend_root().relative_to(REPO_ROOT)})")
+    print(f"[setup] frontend {NEWEST_FRONTEND_VERSION}: {install_frontend().relative_to(REPO_ROOT)}")

