@@ -85,6 +85,8 @@ class Provenance:
 METADATA_LIMIT = 256 * 1024
 # Loss curves longer than this are stored as means of equal runs of steps ("dbs.loss_stride").
 MAX_CURVE_POINTS = 2000
+# Validation curves longer than this keep this many points (the first, the last, evenly between).
+MAX_VALIDATION_POINTS = 200
 _WORST_LOSS = -1.2345e-10  # the longest number a stored loss can print as
 
 
@@ -96,6 +98,15 @@ def _rounded(values: list[float], stride: int = 1) -> str:
     if stride > 1:
         values = [sum(chunk) / len(chunk) for chunk in (values[i:i + stride] for i in range(0, len(values), stride))]
     return json.dumps([float(f"{v:.5g}") for v in values])
+
+
+def _validation_json(points: list[tuple[int, float]]) -> str:
+    """``[[step, loss], ...]`` with at most MAX_VALIDATION_POINTS points, losses to 5 digits."""
+    if len(points) > MAX_VALIDATION_POINTS:
+        last = len(points) - 1
+        keep = sorted({round(i * last / (MAX_VALIDATION_POINTS - 1)) for i in range(MAX_VALIDATION_POINTS)})
+        points = [points[i] for i in keep]
+    return json.dumps([[int(step), float(f"{loss:.5g}")] for step, loss in points])
 
 
 def _source_metadata(subject: SubjectData, record_sources: bool) -> dict[str, str]:
@@ -158,6 +169,8 @@ def training_metadata(config: TrainConfig, subject: SubjectData, history: LossHi
     }
     if stride > 1:
         metadata["dbs.loss_stride"] = str(stride)
+    if history.validation:  # only runs that computed it: other files stay as they were
+        metadata["dbs.validation_loss"] = _validation_json(history.validation)
     metadata.update(extra or {})
     return metadata
 
@@ -167,7 +180,8 @@ def check_metadata_size(config: TrainConfig, subject: SubjectData, provenance: P
     """The most metadata bytes the run's file can carry (its loss curves at their longest);
     raises ValueError before training when that is over METADATA_LIMIT."""
     worst = [_WORST_LOSS] * config.steps
-    history = LossHistory(worst, worst, worst if config.with_prior else [])
+    validation = [(config.steps, _WORST_LOSS)] * min(config.steps + 1, MAX_VALIDATION_POINTS)
+    history = LossHistory(worst, worst, worst if config.with_prior else [], validation)
     metadata = training_metadata(config, subject, history, torch.device("cpu"), torch.bfloat16, class_count,
                                  {"dbs.method_keys": "x" * 4096})  # room for each method's own keys
     metadata.update(provenance.metadata())
@@ -208,4 +222,18 @@ def history_from_metadata(metadata: Mapping[str, str]) -> LossHistory:
         steps = metadata.get("dbs.steps_done", "")
         if steps.isdigit():
             curves = [curve[:int(steps)] for curve in curves]
-    return LossHistory(*curves)
+    return LossHistory(*curves, validation=_validation_points(metadata.get("dbs.validation_loss")))
+
+
+def _validation_points(text: str | None) -> list[tuple[int, float]]:
+    """The (step, loss) pairs of ``dbs.validation_loss``; malformed entries are left out."""
+    try:
+        stored = json.loads(text or "[]")
+    except ValueError:
+        return []
+    points = []
+    for entry in stored if isinstance(stored, list) else []:
+        if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], int) \
+                and isinstance(entry[1], (int, float)) and not isinstance(entry[1], bool):
+            points.append((entry[0], float(entry[1])))
+    return points

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .callbacks import StepState, TrainingCallbacks
+from .callbacks import SampleRound, StepState, TrainingCallbacks
 from .record import read_metadata
 from .saving import FileIdentity, SaveFailed, human_bytes, save_safely
 from .state import write_state
@@ -75,6 +75,15 @@ class SavePoints(TrainingCallbacks):
 
     def on_step_end(self, state: StepState) -> None:
         self.inner.on_step_end(state)
+
+    def on_validation(self, step: int, loss: float) -> None:
+        self.inner.on_validation(step, loss)
+
+    def on_sample_step(self, done: int, total: int) -> None:
+        self.inner.on_sample_step(done, total)
+
+    def on_samples(self, samples: SampleRound) -> None:
+        self.inner.on_samples(samples)
 
     def on_train_end(self, losses: list[float]) -> None:
         self.inner.on_train_end(losses)

@@ -5,7 +5,8 @@ A state is a folder ``<root>/step-<NNNNNNN>/`` holding
 - ``tensors.safetensors``: the trainable weights, the optimizer's moments, the data generator's
   state (safetensors, never a pickle);
 - ``state.json``: everything else (step, optimizer and LR-schedule settings, grad-scaler state,
-  the images not yet used in the current epoch, the loss history, the job's description);
+  the images not yet used in the current epoch, the loss history with its validation points, the
+  job's description);
 - ``manifest.json``, written last: the job fingerprint, the step and each file's size and sha256.
 
 The folder is built under a temporary name (``fileio.temp_path``: a killed writer's leftovers are
@@ -105,6 +106,7 @@ def write_state(root: str | os.PathLike, state: LoopState, fingerprint: str, job
         "generator": _flatten(state.generator, tensors, "generator"),
         "pending": state.pending,
         "history": [state.history.losses, state.history.instance_losses, state.history.prior_losses],
+        "validation": [[step, loss] for step, loss in state.history.validation],
         "job": job,
     }
     try:
@@ -166,7 +168,8 @@ def newest_state(root: str | os.PathLike, fingerprint: str) -> tuple[LoopState, 
             continue
         tensors = load_file(str(folder / TENSORS))
         data = json.loads((folder / DATA).read_text(encoding="utf-8"))
-        history = LossHistory(*[[float(v) for v in curve] for curve in data["history"]])
+        history = LossHistory(*[[float(v) for v in curve] for curve in data["history"]],
+                              validation=[(int(step), float(loss)) for step, loss in data.get("validation", [])])
         return LoopState(
             step=int(data["step"]),
             parameters=_unflatten(data["parameters"], tensors),
