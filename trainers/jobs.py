@@ -43,6 +43,7 @@ from .sd15.checkpoint import SD15Components
 from .training.callbacks import (
     LossHistory,
     NonFiniteLossError,
+    SampleRound,
     TrainingCallbacks,
     TrainingStopped,
     WithLossHistory,
@@ -68,6 +69,7 @@ from .training.saving import (
     save_safely,
 )
 from .training.state import newest_state
+from .training.watch import WatchConfig, load_sample_rounds, sample_grid
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,13 @@ class JobResult(WithLossHistory):
     reused: bool
     prior: PriorPlan
     notes: list[str] = field(default_factory=list)  # where a save went instead, and why
+    # every sample round of the run, oldest first (with those on disk from before a resume; for a
+    # reused job, the rounds found in its sample folder)
+    samples: list[SampleRound] = field(default_factory=list)
+    sample_seconds: float = 0.0  # spent on sample rounds in this process
+    validation_seconds: float = 0.0  # spent on the validation loss in this process
+    seconds: float = 0.0  # the training loop in this process, samples and validation included
+    sample_dir: Path | None = None
 
     @property
     def class_report(self) -> str:
@@ -91,7 +100,29 @@ class JobResult(WithLossHistory):
     def report(self) -> str:
         state = "reused (an identical earlier run made it)" if self.reused else "trained"
         notes = "".join(f"; NOTE {note}" for note in self.notes)
-        return f"{self.path.name}: {state}; {self.class_report}{notes}"
+        watched = f"; {self.watch_report()}" if self.watch_report() else ""
+        return f"{self.path.name}: {state}; {self.class_report}{watched}{notes}"
+
+    def watch_report(self) -> str:
+        """What watching the run cost: sampling's and validation's share of the training time
+        (empty when the run did neither in this process)."""
+        if self.reused or self.seconds <= 0 or not (self.sample_seconds or self.validation_seconds):
+            return ""
+
+        def share(seconds: float) -> str:
+            return f"{seconds:.1f} s ({100 * seconds / self.seconds:.0f}% of the run's {self.seconds:.1f} s)"
+
+        parts = []
+        if self.sample_seconds:
+            parts.append(f"sampling took {share(self.sample_seconds)}")
+        if self.validation_seconds:
+            parts.append(f"validation took {share(self.validation_seconds)}")
+        return ", ".join(parts)
+
+    def sample_grid(self) -> Any:
+        """The run's sample rounds as one labelled PIL image (rows = steps, columns = prompts),
+        or None without samples."""
+        return sample_grid(self.samples)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The saved file's tensors, exactly as a later run that reuses the file would get them."""
@@ -194,6 +225,30 @@ def estimated_class_bytes(plan: PriorPlan) -> int:
     return max(0, plan.spec.count - plan.kept) * (plan.spec.resolution ** 2 * 3 + 4096)
 
 
+def check_sample_dir(folder: Path, inputs: tuple[Path | None, ...] = ()) -> None:
+    """The sample folder is not (inside) one of the job's inputs: samples written among the
+    photos or class images would be trained on by the next run."""
+    real = os.path.realpath(folder)
+    for source in inputs:
+        if source is not None and _inside(real, os.path.realpath(source)):
+            raise ValueError(f"the sample folder {folder.name} is inside the job's input {Path(source).name}: "
+                             "choose another sample folder")
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"the sample folder {folder.name} exists and is not a folder: choose another sample folder")
+
+
+def _existing_parent(folder: Path) -> Path:
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    return folder
+
+
+def estimated_sample_bytes(watch: WatchConfig, steps: int, resolution: int) -> int:
+    """At most how much the sample PNGs of a run take (PNG never exceeds the raw pixels by much)."""
+    size = watch.image_size(resolution)
+    return watch.sample_rounds(steps) * len(watch.prompt_list("x")) * (size * size * 3 + 4096)
+
+
 @dataclass
 class _Unsaved:
     """A finished run whose file could not be written: kept until the identical job saves it."""
@@ -234,16 +289,16 @@ class Durability:
 
 
 def _train_lora(base: SD15Components, subject: SubjectData, config: LoRATrainConfig, callbacks: TrainingCallbacks,
-                class_data: SubjectData | None, resume: LoopState | None, save_every: int) -> Any:
+                class_data: SubjectData | None, resume: LoopState | None, save_every: int, **watch: Any) -> Any:
     return train_lora(base, subject, config, callbacks, class_subject=class_data, resume=resume,
-                      save_every=save_every)
+                      save_every=save_every, **watch)
 
 
 def _train_dreambooth(base: SD15Components, subject: SubjectData, config: DreamBoothTrainConfig,
                       callbacks: TrainingCallbacks, class_data: SubjectData | None, resume: LoopState | None,
-                      save_every: int) -> Any:
+                      save_every: int, **watch: Any) -> Any:
     return train_dreambooth(base, subject, config, callbacks, class_subject=class_data, resume=resume,
-                            save_every=save_every)
+                            save_every=save_every, **watch)
 
 
 def _writer(method: str, base: SD15Components, provenance: Provenance) -> Callable[[Any, Path, str, bool], Path]:
@@ -306,7 +361,8 @@ def train_file(base_model: str | os.PathLike, subject: SubjectData, config: Trai
                device: str | torch.device | None = None, rescue_dir: str | os.PathLike | None = None,
                keep_unsaved: bool = False, shown: Callable[[Path], str] | None = None,
                durability: Durability | None = None,
-               is_cancel: Callable[[BaseException], bool] | None = None) -> JobResult:
+               is_cancel: Callable[[BaseException], bool] | None = None,
+               watch: WatchConfig | None = None, sample_dir: str | os.PathLike | None = None) -> JobResult:
     """Train ``base_model`` (an SD1.5 single file or diffusers folder) on ``subject`` with
     ``config`` (a LoRA or a DreamBooth config) and save the result at ``output_path``.
 
@@ -319,22 +375,35 @@ def train_file(base_model: str | os.PathLike, subject: SubjectData, config: Trai
     stays in memory for the identical job to save (a long-lived server; not the command line).
     ``shown`` renders folders in messages (the nodes name them relative to ComfyUI's folders).
     ``durability`` sets save points and resume (see :class:`Durability`); ``is_cancel`` tells a
-    user's cancel from other errors (for ``save_on_cancel``).
+    user's cancel from other errors (for ``save_on_cancel``). ``watch`` makes sample images
+    (written to ``sample_dir`` when given) and the validation loss while training; it is not
+    part of the run's fingerprint, as it does not change the trained weights.
     """
     train = _METHODS[config.method]
     base_model, output = Path(base_model), Path(output_path)
     shown = shown or str
     rescue = Path(rescue_dir) if rescue_dir is not None else None
     check_output(output, (base_model, Path(class_folder) if class_folder is not None else None))
+    if watch is not None and not isinstance(watch, WatchConfig):
+        raise TypeError(f"watch must be a WatchConfig, got {type(watch).__name__}")
+    samples_to = Path(sample_dir) if sample_dir is not None and watch is not None and watch.sample_every else None
+    if samples_to is not None:
+        check_sample_dir(samples_to, (base_model, Path(class_folder) if class_folder is not None else None))
     checkpoint.check_sd15(base_model, tokenizer_dir)  # headers and configs only: not SD1.5 is a clear error
     base_fingerprint = content_sha256(base_model)
     plan = plan_prior(config.prior_request, subject, base_fingerprint, class_cache_dir, class_folder, tokenizer_dir)
     provenance = Provenance.of_run(base_model.name, base_fingerprint, subject, config, plan.source, plan.info())
     existing = vet_existing(output, provenance.fingerprint, overwrite, shown)
+
+    def earlier_samples() -> list[SampleRound]:
+        """The rounds an earlier run of this job left in the sample folder."""
+        return load_sample_rounds(sample_dir, provenance.fingerprint) if sample_dir is not None else []
+
     if existing.reuse is not None:
         if plan.enabled:
             plan.report = f"{KINDS[config.method]} reused, no class images needed; {plan.report}"
-        return JobResult(output, history_from_metadata(existing.reuse), reused=True, prior=plan)
+        return JobResult(output, history_from_metadata(existing.reuse), reused=True, prior=plan,
+                         samples=earlier_samples(), sample_dir=samples_to)
     check_metadata_size(config, subject, provenance, config.class_images if plan.enabled else 0)
     size = estimated_file_bytes(base_model, config)
     unsaved = _UNSAVED.get(provenance.fingerprint)
@@ -343,12 +412,14 @@ def train_file(base_model: str | os.PathLike, subject: SubjectData, config: Trai
         _UNSAVED.clear()
         notes = ["saved the weights of the identical earlier run, which finished but could not be written",
                  *saved.notes]
-        return JobResult(saved.path, unsaved.history, reused=False, prior=plan, notes=notes)
+        return JobResult(saved.path, unsaved.history, reused=False, prior=plan, notes=notes,
+                         samples=earlier_samples(), sample_dir=samples_to)
     if not os.path.lexists(output):
         recovered = _recover_rescued(rescue, output, provenance.fingerprint, shown)
         if recovered is not None:
             return JobResult(output, history_from_metadata(recovered), reused=True, prior=plan,
-                             notes=[f"moved from {shown(rescue)} (where an earlier save had to put it)"])
+                             notes=[f"moved from {shown(rescue)} (where an earlier save had to put it)"],
+                             samples=earlier_samples(), sample_dir=samples_to)
     durability = durability or Durability()
     state_dir = durability.state_dir(provenance.fingerprint)
     found = find_resume_state(durability, provenance.fingerprint, shown)
@@ -361,6 +432,9 @@ def train_file(base_model: str | os.PathLike, subject: SubjectData, config: Trai
         if state_dir is not None:
             Path(state_dir).mkdir(parents=True, exist_ok=True)
             needs.append((Path(state_dir), _state_bytes(config, size) * 2, "training states"))
+    if samples_to is not None:
+        needs.append((_existing_parent(samples_to), estimated_sample_bytes(watch, config.steps, subject.resolution),
+                      "sample images"))
     if class_cache_dir is not None and estimated_class_bytes(plan):
         Path(class_cache_dir).mkdir(parents=True, exist_ok=True)
         needs.append((Path(class_cache_dir), estimated_class_bytes(plan), f"{plan.spec.count} class images"))
@@ -385,7 +459,8 @@ def train_file(base_model: str | os.PathLike, subject: SubjectData, config: Trai
                             is_cancel=is_cancel or (lambda error: isinstance(error, TrainingStopped)),
                             shown=shown)
         try:
-            result = train(base, subject, config, points, class_data, resume, durability.save_every)
+            result = train(base, subject, config, points, class_data, resume, durability.save_every, watch=watch,
+                           sample_dir=samples_to, run=provenance.fingerprint)
         except NonFiniteLossError as exc:
             if points.last_point is not None:
                 exc.args = (str(exc).replace(" Nothing was saved.", "") + f" The step-{points.last_point} file "
@@ -416,4 +491,7 @@ def train_file(base_model: str | os.PathLike, subject: SubjectData, config: Trai
         gc.collect()
     if state_dir is not None:  # finished and saved: its training states are no longer needed
         shutil.rmtree(state_dir, ignore_errors=True)
-    return JobResult(saved.path, history, reused=False, prior=plan, notes=notes + saved.notes)
+    watched = result.watched
+    return JobResult(saved.path, history, reused=False, prior=plan, notes=notes + watched.notes + saved.notes,
+                     samples=watched.samples, sample_seconds=watched.sample_seconds,
+                     validation_seconds=watched.validation_seconds, seconds=result.seconds, sample_dir=samples_to)
