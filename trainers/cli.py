@@ -2,6 +2,9 @@
 
 Commands: ``lora`` and ``dreambooth`` (train on a folder of photos; parse -> job -> print, with
 the same options meaning the same thing in both), ``placeholder`` (random-weight SD1.5 models).
+While training, sample images go to ``<output stem>-samples/`` (their grid to
+``<output stem>-samples.png``) and the validation loss is printed when computed; the end says
+what share of the run they took.
 Training goes through :func:`trainers.jobs.train_file`, like the ComfyUI nodes: an identical
 earlier run is reused, a different file of the same name is an error unless ``--overwrite``
 (which replaces only files this pack wrote).
@@ -26,10 +29,10 @@ import torch
 
 from .data.class_images import default_class_cache, sweep_class_cache
 from .data.images import BAD_FILE_MODES, CROP_MODES, load_subject
-from .files.fileio import sweep_stale_temps
-from .jobs import Durability, train_file
+from .files.fileio import atomic_write_bytes, sweep_stale_temps
+from .jobs import Durability, JobResult, check_sample_dir, train_file
 from .sd15.placeholder import write_placeholder_models
-from .training.callbacks import NonFiniteLossError, StepState, TrainingCallbacks
+from .training.callbacks import NonFiniteLossError, SampleRound, StepState, TrainingCallbacks
 from .training.config import (
     ConfigError,
     DreamBoothTrainConfig,
@@ -41,6 +44,7 @@ from .training.plot import loss_curve_image
 from .training.savepoints import SaveStopped
 from .training.saving import NotEnoughSpace, SaveFailed
 from .training.state import sweep_states
+from .training.watch import WatchConfig
 
 PROG = "python -m trainers"
 TRAINERS = {
@@ -85,6 +89,24 @@ class TerminalProgress(TrainingCallbacks):
         self.stream.flush()
         if self.cancelled:
             raise KeyboardInterrupt
+
+    def on_validation(self, step: int, loss: float) -> None:
+        self._line(f"validation loss at step {step}: {loss:.5f}")
+
+    def on_sample_step(self, done: int, total: int) -> None:
+        self.stream.write(f"{self._bar(done / max(total, 1))} samples: {done}/{total}")
+        self.stream.flush()
+        if self.cancelled:
+            raise KeyboardInterrupt
+
+    def on_samples(self, samples: SampleRound) -> None:
+        where = f" -> {samples.paths[0].parent}" if samples.paths else ""
+        self._line(f"samples of step {samples.step}: {len(samples.images)} images in {samples.seconds:.1f} s{where}")
+
+    def _line(self, text: str) -> None:
+        """A line of its own where the progress bar is (the bar is redrawn after it)."""
+        self.stream.write(f"\r{text}".ljust(self.width + 60) + "\n")
+        self.stream.flush()
 
     def on_train_end(self, losses: list[float]) -> None:
         self.stream.write("\n")
@@ -155,6 +177,10 @@ def add_run_arguments(parser: argparse.ArgumentParser, output_help: str) -> None
     parser.add_argument("--class-cache", type=Path, default=None,
                         help="prior preservation: where generated class images are kept "
                              "(default ~/.cache/dreambooth_studio/class_images)")
+    parser.add_argument("--sample-dir", type=Path, default=None,
+                        help="where sample images go (step<NNNNNN>-p<i>-<prompt>.png and samples.json); default "
+                             "<output stem>-samples/ beside --output. Their grid is written as "
+                             "<output stem>-samples.png beside --output")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         add_run_arguments(sub, output_help)
         add_config_arguments(sub, config_cls)
+        add_config_arguments(sub, WatchConfig, "sample images and validation loss (they never change the trained file)")
     placeholder = commands.add_parser("placeholder", help="write random-weight SD1.5 test models",
                                       description="Write random-weight SD1.5 checkpoint and ControlNet files "
                                                   "for tests and the demo (existing current files are kept).")
@@ -177,7 +204,13 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     config_cls = TRAINERS[args.command][0]
     try:
         config = config_from_args(config_cls, args)
+        watch = config_from_args(WatchConfig, args)
     except ConfigError as error:
+        parser.error(str(error))
+    sample_dir = args.sample_dir or args.output.parent / f"{args.output.stem}-samples"
+    try:
+        check_sample_dir(sample_dir, (args.images, args.class_folder))
+    except ValueError as error:
         parser.error(str(error))
     tokenizer = args.tokenizer or default_tokenizer_dir()
     if tokenizer is None and not args.checkpoint.is_dir():
@@ -210,7 +243,8 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         job = train_file(args.checkpoint, subject, config, args.output, tokenizer, overwrite=args.overwrite,
                          callbacks=progress, class_cache_dir=class_cache, class_folder=args.class_folder,
                          device=device, rescue_dir=rescue, durability=durability,
-                         is_cancel=lambda error: isinstance(error, KeyboardInterrupt))
+                         is_cancel=lambda error: isinstance(error, KeyboardInterrupt), watch=watch,
+                         sample_dir=sample_dir)
     except KeyboardInterrupt:
         sys.stderr.write("\ncancelled: no final file written; the last complete training state is kept, so the "
                          "same command resumes from it\n")
@@ -230,14 +264,54 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         sys.stderr.write(f"note: {note}\n")
     state = "reused (identical earlier run)" if job.reused else "saved"
     print(f"{state} {job.path}; {job.class_report}" + (f"; final loss {job.losses[-1]:.4f}" if job.losses else ""))
+    validation = job.history.validation
+    if validation:
+        (first_step, first), (last_step, last) = validation[0], validation[-1]
+        print(f"validation loss {first:.5f} (step {first_step}) -> {last:.5f} (step {last_step}), "
+              f"{len(validation)} points")
+    if job.watch_report():
+        print(job.watch_report())
+    if job.samples:
+        grid = _write_grid(job, args.output.parent / f"{args.output.stem}-samples.png")
+        where = f" in {job.sample_dir}" if job.sample_dir is not None else ""
+        print(f"samples: {len(job.samples)} rounds{where}" + (f"; grid: {grid}" if grid else ""))
     if args.loss_curve is not None:
         from PIL import Image
 
         title = f"{'LoRA' if args.command == 'lora' else 'DreamBooth'} loss: {args.output.stem}"
-        curve = loss_curve_image(job.losses, title=title, extra_curves=job.extra_curves())
+        curve = loss_curve_image(job.losses, title=title, extra_curves=job.extra_curves(), validation=validation)
         Image.fromarray((curve[0].numpy() * 255).round().astype("uint8")).save(args.loss_curve)
         print(f"loss curve: {args.loss_curve}")
     return 0
+
+
+GRID_MARK = ("Software", "DreamBooth Studio sample grid")
+
+
+def _write_grid(job: JobResult, path: Path) -> Path | None:
+    """Write the run's sample grid as a PNG at ``path``; a file there that is not an earlier grid
+    of this pack (its PNG text says so) is left alone, with a note."""
+    import io
+
+    from PIL import Image, PngImagePlugin
+
+    if os.path.lexists(path):
+        try:
+            with Image.open(path) as existing:
+                ours = getattr(existing, "text", {}).get(GRID_MARK[0]) == GRID_MARK[1]
+        except (OSError, ValueError):
+            ours = False
+        if not ours or path.is_symlink():
+            sys.stderr.write(f"note: {path} exists and is not a sample grid of this pack: grid not written\n")
+            return None
+    grid = job.sample_grid()
+    if grid is None:
+        return None
+    info = PngImagePlugin.PngInfo()
+    info.add_text(*GRID_MARK)
+    buffer = io.BytesIO()
+    grid.save(buffer, format="PNG", pnginfo=info)
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def main(argv: list[str] | None = None) -> int:
