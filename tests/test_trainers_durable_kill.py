@@ -210,7 +210,9 @@ def command(inputs, output: Path, states: Path) -> list[str]:
             "--resolution", "64", "--steps", str(STEPS), "--rank", "4", "--unet-lr", "1e-3",
             "--save-every", str(SAVE_EVERY), "--keep-last", "2", "--state-dir", str(states),
             "--class-cache", str(output.parent.parent / "class_cache"),
-            "--rescue-dir", str(output.parent.parent / "rescued")]  # fmt: skip
+            "--rescue-dir", str(output.parent.parent / "rescued"),
+            # sample images and validation stay on (the CLI's default), outside the models folder
+            "--sample-dir", str(output.parent.parent / "samples")]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
