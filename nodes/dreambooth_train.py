@@ -18,6 +18,7 @@ from .training_shared import (
     output_name_input,
     overwrite_input,
     run_training_node,
+    watch_inputs,
 )
 
 TRAIN_FIELDS = ("steps", "unet_lr", "text_encoder_lr", "lr_scheduler", "lr_warmup_steps", "batch_size", "seed",
@@ -32,6 +33,8 @@ class DreamBoothTrain(io.ComfyNode):
             node_id="DreamBoothTrain",
             display_name="DreamBooth Train (SD1.5)",
             category=CATEGORY,
+            is_output_node=True,  # it writes a file: a graph that ends here is complete
+            hidden=[io.Hidden.unique_id],
             description="Fine-tunes the whole SD1.5 UNet (and the text encoder when its learning rate is above "
                         "0) on the subject, with prior preservation: class images generated once from the "
                         "same base model with the class prompt (cached in models/dreambooth_studio/class_images and reused by "
@@ -49,6 +52,7 @@ class DreamBoothTrain(io.ComfyNode):
                 class_folder_input(),
                 config_input(DreamBoothTrainConfig, "record_sources", optional=True),
                 *durability_inputs(),
+                *watch_inputs(),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The fine-tuned UNet, loaded from the saved file."),
@@ -61,25 +65,29 @@ class DreamBoothTrain(io.ComfyNode):
                 io.String.Output(display_name="report",
                                  tooltip="Where the class images came from (generated now, reused, or your "
                                          "folder), how many, and whether the checkpoint was trained or reused."),
+                io.Image.Output(display_name="samples",
+                                tooltip="Sample images made while training: one row per sample round (step), one "
+                                        "column per sample prompt."),
             ],
         )
 
     @classmethod
-    def validate_inputs(cls, output_name, ckpt_name, unet_lr, text_encoder_lr, steps, lr_warmup_steps,
+    def validate_inputs(cls, output_name, ckpt_name, unet_lr, text_encoder_lr, steps, lr_warmup_steps, sample_prompts="",
                         prior_loss_weight=1.0, class_guidance=7.5) -> bool | str:
         # Only the inputs named here lose ComfyUI's own min/max check; the config re-checks them
         # (and catches NaN, which passes a min/max comparison).
-        return check_inputs(output_name, DreamBoothTrainConfig, ckpt_name, unet_lr=unet_lr, text_encoder_lr=text_encoder_lr,
+        return check_inputs(output_name, DreamBoothTrainConfig, ckpt_name, sample_prompts, unet_lr=unet_lr, text_encoder_lr=text_encoder_lr,
                             steps=steps, lr_warmup_steps=lr_warmup_steps, prior_loss_weight=prior_loss_weight,
                             class_guidance=class_guidance)
 
     @classmethod
     def execute(cls, subject, ckpt_name, output_name, overwrite, class_folder=None, **settings) -> io.NodeOutput:
-        job, curve = run_training_node(DreamBoothTrainConfig, subject, ckpt_name, output_name, overwrite,
-                                       class_folder, settings)
+        run = run_training_node(cls, DreamBoothTrainConfig, subject, ckpt_name, output_name,
+                                overwrite, class_folder, settings)
+        job = run.job
         # Exactly what a user gets from Load Checkpoint on this file later.
         with user_facing_errors():
             model, clip, vae = comfy.sd.load_checkpoint_guess_config(
                 str(job.path), output_vae=True, output_clip=True,
                 embedding_directory=folder_paths.get_folder_paths("embeddings"))[:3]
-        return io.NodeOutput(model, clip, vae, job.path.name, curve, job.report())
+        return io.NodeOutput(model, clip, vae, job.path.name, run.curve, job.report(), run.samples, ui=run.ui)

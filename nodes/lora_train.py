@@ -15,6 +15,7 @@ from .training_shared import (
     output_name_input,
     overwrite_input,
     run_training_node,
+    watch_inputs,
 )
 
 TRAIN_FIELDS = ("rank", "alpha", "steps", "unet_lr", "text_encoder_lr", "lr_scheduler", "lr_warmup_steps",
@@ -28,6 +29,8 @@ class LoRATrain(io.ComfyNode):
             node_id="LoRATrain",
             display_name="LoRA Train (SD1.5)",
             category=CATEGORY,
+            is_output_node=True,  # it writes a file: a graph that ends here is complete
+            hidden=[io.Hidden.unique_id],
             description="Trains a LoRA on the subject images (UNet attention, and the text encoder when its "
                         "learning rate is above 0) and saves it to models/loras in the kohya format that "
                         "ComfyUI, A1111/Forge and diffusers load. Reports every step; cancel stops within "
@@ -44,24 +47,29 @@ class LoRATrain(io.ComfyNode):
                 class_folder_input(),
                 config_input(LoRATrainConfig, "record_sources", optional=True),
                 *durability_inputs(),
+                *watch_inputs(),
             ],
             outputs=[
                 io.LoraModel.Output(display_name="LORA_MODEL",
                                     tooltip="The trained LoRA (also accepted by ComfyUI's core LoRA nodes)."),
                 io.String.Output(display_name="lora_name", tooltip="File name in models/loras."),
-                io.Image.Output(display_name="loss_curve", tooltip="Training loss per step."),
+                io.Image.Output(display_name="loss_curve",
+                                tooltip="Training loss per step, its moving average and the validation loss."),
+                io.Image.Output(display_name="samples",
+                                tooltip="Sample images made while training: one row per sample round (step), one "
+                                        "column per sample prompt."),
             ],
         )
 
     @classmethod
-    def validate_inputs(cls, output_name, ckpt_name, unet_lr, text_encoder_lr, steps, lr_warmup_steps) -> bool | str:
+    def validate_inputs(cls, output_name, ckpt_name, unet_lr, text_encoder_lr, steps, lr_warmup_steps, sample_prompts="") -> bool | str:
         # Only the inputs named here lose ComfyUI's own min/max check; the config re-checks them
         # (and catches NaN, which passes a min/max comparison).
-        return check_inputs(output_name, LoRATrainConfig, ckpt_name, unet_lr=unet_lr, text_encoder_lr=text_encoder_lr,
+        return check_inputs(output_name, LoRATrainConfig, ckpt_name, sample_prompts, unet_lr=unet_lr, text_encoder_lr=text_encoder_lr,
                             steps=steps, lr_warmup_steps=lr_warmup_steps)
 
     @classmethod
     def execute(cls, subject, ckpt_name, output_name, overwrite, class_folder=None, **settings) -> io.NodeOutput:
-        job, curve = run_training_node(LoRATrainConfig, subject, ckpt_name, output_name, overwrite, class_folder,
-                                       settings)
-        return io.NodeOutput(job.tensors(), job.path.name, curve)
+        run = run_training_node(cls, LoRATrainConfig, subject, ckpt_name, output_name,
+                                overwrite, class_folder, settings)
+        return io.NodeOutput(run.job.tensors(), run.job.path.name, run.curve, run.samples, ui=run.ui)

@@ -5,23 +5,25 @@ curve, memory scope, the job, the loss-curve image). Not a node itself."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import comfy.model_management
 import folder_paths
 import torch
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..trainers.files.names import validate_output_name
 from ..trainers.jobs import Durability, JobResult, check_output, pack_written, train_file
 from ..trainers.training.callbacks import LossHistory
-from ..trainers.training.config import CLASS_IMAGE_FIELDS
+from ..trainers.training.config import CLASS_IMAGE_FIELDS, field_spec
 from ..trainers.training.plot import loss_curve_image
 from ..trainers.training.record import read_metadata
+from ..trainers.training.watch import WatchConfig
 from .bridge import (
     NO_FOLDER,
-    ComfyProgress,
     class_image_cache,
+    config_input,
     config_kwargs,
     free_comfy_models,
     input_subfolders,
@@ -36,6 +38,7 @@ from .bridge import (
     user_facing_errors,
     without_server_paths,
 )
+from .live import LiveProgress
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +115,34 @@ def durability_of(settings: dict) -> Durability:
                       resume=resume, save_on_cancel=save_on_cancel, state_root=state_root())
 
 
+WATCH_FIELDS = ("sample_every", "sample_prompts", "sample_seed", "sample_steps", "sample_cfg", "sample_size",
+                "validate_every")
+
+
+def watch_inputs() -> list[io.Input]:
+    """Samples and validation while training: optional (older API prompts still validate), and
+    not part of what a run trains (changing them never retrains a finished job)."""
+    inputs = []
+    for name in WATCH_FIELDS:
+        if name == "sample_prompts":
+            spec = field_spec(WatchConfig, name)
+            inputs.append(io.String.Input(name, optional=True, default=spec["default"], multiline=True,
+                                          tooltip=spec["help"]))
+        else:
+            inputs.append(config_input(WatchConfig, name, optional=True))
+    return inputs
+
+
+def watch_of(settings: dict) -> WatchConfig:
+    """The sample/validation inputs of a training node (popped from ``settings``), checked."""
+    return WatchConfig(**{name: settings.pop(name) for name in WATCH_FIELDS if name in settings})
+
+
+def samples_dir(method: str, stem: str) -> Path:
+    """output/dreambooth_studio/<method>-<output name>/: the sample PNGs of a run, found by /view."""
+    return Path(folder_paths.get_output_directory()) / "dreambooth_studio" / f"{method}-{stem}"
+
+
 def is_cancel(error: BaseException) -> bool:
     return isinstance(error, comfy.model_management.InterruptProcessingException)
 
@@ -122,12 +153,14 @@ def resolve_class_folder(name):
     return resolve_input_folder(name)
 
 
-def check_inputs(output_name: str, config_cls, ckpt_name=None, **fields) -> bool | str:
+def check_inputs(output_name: str, config_cls, ckpt_name=None, sample_prompts: str = "", **fields) -> bool | str:
     """For validate_inputs (runs at /prompt, before anything is queued): the output name, that
     the output is neither the base checkpoint nor a file this pack did not write (which no run
-    may reuse or replace), and the config fields ComfyUI no longer checks."""
+    may reuse or replace), the sample prompts (no widget limits them) and the config fields
+    ComfyUI no longer checks."""
     try:
         stem = validate_output_name(output_name)
+        WatchConfig(sample_prompts=sample_prompts)
         config_cls(**fields)
         if ckpt_name is not None:
             kind = MODEL_FOLDERS[config_cls.method]
@@ -145,7 +178,8 @@ def check_inputs(output_name: str, config_cls, ckpt_name=None, **fields) -> bool
 
 
 def curve_image(history: LossHistory, title: str) -> torch.Tensor:
-    return loss_curve_image(history.losses, title=title, extra_curves=history.extra_curves() or None)
+    return loss_curve_image(history.losses, title=title, extra_curves=history.extra_curves() or None,
+                            validation=history.validation or None)
 
 
 def to_pil(image: torch.Tensor):
@@ -155,29 +189,71 @@ def to_pil(image: torch.Tensor):
     return Image.fromarray(array)
 
 
-def run_training_node(config_cls, subject, ckpt_name: str, output_name: str, overwrite: bool, class_folder,
-                      settings: dict) -> tuple[JobResult, torch.Tensor]:
-    """Train (or reuse) the file a training node asks for: (job result, loss-curve IMAGE)."""
+def to_image(picture) -> torch.Tensor:
+    """A PIL image as a 1-image ComfyUI IMAGE batch."""
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0)[None]
+
+
+def no_samples_image(reason: str) -> torch.Tensor:
+    """What the samples output holds when a run made none (an IMAGE must be an image)."""
+    from PIL import Image, ImageDraw
+
+    picture = Image.new("RGB", (512, 64), (32, 32, 32))
+    ImageDraw.Draw(picture).text((12, 24), reason, fill=(220, 220, 220))
+    return to_image(picture)
+
+
+@dataclass
+class TrainedRun:
+    job: JobResult
+    curve: torch.Tensor  # loss curve IMAGE
+    samples: torch.Tensor  # labelled sample grid IMAGE (or a note saying why there is none)
+    ui: dict  # the node's UI output: previews and the run for the live chart
+
+
+def run_training_node(node_cls, config_cls, subject, ckpt_name: str, output_name: str, overwrite: bool,
+                      class_folder, settings: dict) -> TrainedRun:
+    """Train (or reuse) the file a training node asks for, reporting to the canvas as it goes."""
     with user_facing_errors():
         settings = dict(settings)
         durability = durability_of(settings)
+        watch = watch_of(settings)
         config = config_cls(**config_kwargs(config_cls, settings))
         checkpoint = model_path("checkpoints", ckpt_name)
-        output = output_model_path(MODEL_FOLDERS[config.method], validate_output_name(output_name))
+        stem = validate_output_name(output_name)
+        output = output_model_path(MODEL_FOLDERS[config.method], stem)
         folder = resolve_class_folder(class_folder)
         title = TITLES[config.method]
-        progress = ComfyProgress(config.steps, preview=lambda history: to_pil(curve_image(history, title)))
-        with training_scope():
+    hidden = getattr(node_cls, "hidden", None)  # None when execute is called outside ComfyUI's executor
+    progress = LiveProgress(config.steps, getattr(hidden, "unique_id", None), config.method, output.name,
+                            preview=lambda history: to_pil(curve_image(history, title)))
+    try:
+        with user_facing_errors(), training_scope():
             job = train_file(checkpoint, subject, config, output, tokenizer_dir(), overwrite=bool(overwrite),
                              callbacks=progress, before_load=free_comfy_models, class_cache_dir=class_image_cache(),
                              class_folder=folder, rescue_dir=rescue_dir(), keep_unsaved=True, shown=shown,
-                             durability=durability, is_cancel=is_cancel)
+                             durability=durability, is_cancel=is_cancel, watch=watch,
+                             sample_dir=samples_dir(config.method, stem))
+    except BaseException as error:
+        progress.finish("cancelled" if is_cancel(error) else "failed")
+        raise
     if job.path.parent != output.parent:  # the models folder could not take it: nothing downstream finds it
+        progress.finish("failed")
         raise SavedElsewhere(" ".join(job.notes) + ". Queue the same prompt again once there is room: the file is "
                              "moved into place without training.")
     if job.reused:
         progress.bar.update_absolute(config.steps, config.steps)
+    progress.finish("reused" if job.reused else "finished", history=job.history, samples=job.samples)
     for note in job.notes:
         log.warning(note)
     log.info(job.report())
-    return job, curve_image(job.history, f"{title} ({job.path.name})")
+    curve = curve_image(job.history, f"{title} ({job.path.name})")
+    grid = job.sample_grid()
+    samples = to_image(grid) if grid is not None else no_samples_image(
+        "no samples: set sample_every above 0" if not watch.sample_every else "no samples were kept for this file")
+    previews = ui.PreviewImage(curve, cls=node_cls).values
+    if grid is not None:
+        previews = previews + ui.PreviewImage(samples, cls=node_cls).values
+    return TrainedRun(job, curve, samples, {"images": previews, "dreambooth_studio": [progress.run.as_json()]})

@@ -26,8 +26,11 @@ from scripts.graphs import lora_loop  # noqa: E402
 
 SUBJECT_FOLDER = "dreambooth_studio_demo_subject"
 
-QUICK = dict(resolution=64, steps=12, rank=4, unet_lr=1e-4, text_encoder_lr=1e-5, size=64, sample_steps=4)
-REAL = dict(resolution=512, steps=400, rank=16, unet_lr=1e-4, text_encoder_lr=1e-5, size=512, sample_steps=25)
+# image_steps: the final txt2img; train_sample_*: sample images while training (rows of the grid).
+QUICK = dict(resolution=64, steps=12, rank=4, unet_lr=1e-4, text_encoder_lr=1e-5, size=64, image_steps=4,
+             sample_every=6, train_sample_steps=4, validate_every=3)
+REAL = dict(resolution=512, steps=400, rank=16, unet_lr=1e-4, text_encoder_lr=1e-5, size=512, image_steps=25,
+            sample_every=100, train_sample_steps=20, validate_every=50)
 
 
 def draw_sample_subject(folder: Path, count: int = 6, size: int = 384) -> list[Path]:
@@ -59,15 +62,19 @@ def draw_sample_subject(folder: Path, count: int = 6, size: int = 384) -> list[P
 
 
 def demo_graph(ckpt_name: str, lora_name: str, s: dict, seed: int = 123) -> dict:
-    return lora_loop(
+    graph = lora_loop(
         ckpt_name, lora_name, SUBJECT_FOLDER, positive="a photo of sks robot on the beach",
-        negative="blurry, lowres, deformed", resolution=s["resolution"], sample_seed=seed,
-        sample_steps=s["sample_steps"], size=s["size"], prefix="dreambooth_studio_demo",
+        negative="blurry, lowres, deformed", resolution=s["resolution"], image_seed=seed,
+        image_steps=s["image_steps"], size=s["size"], prefix="dreambooth_studio_demo",
         loss_prefix="dreambooth_studio_demo_loss", rank=s["rank"], alpha=float(s["rank"]), steps=s["steps"],
         seed=seed, unet_lr=s["unet_lr"], text_encoder_lr=s["text_encoder_lr"],
+        sample_every=s["sample_every"], sample_steps=s["train_sample_steps"], validate_every=s["validate_every"],
         # the demo's own file: reused when this exact job made it, replaced when it came from
         # other settings or an older version of the pack
         overwrite=True)
+    graph["save_samples"] = {"class_type": "SaveImage", "inputs": {"images": ["train", 3],
+                                                                   "filename_prefix": "dreambooth_studio_demo_samples"}}
+    return graph
 
 
 class TerminalProgress:
@@ -92,6 +99,13 @@ class TerminalProgress:
             bar = "#" * int(30 * value / total)
             print(f"\r{stamp} {node}: [{bar:<30}] {value}/{total}", end="", flush=True)
             self.bar_open = True
+        elif kind == "dreambooth_studio.step":
+            for step, loss in data.get("validation") or []:
+                shown = f"{loss:.4f}" if loss is not None else "not finite"
+                self._line(f"{stamp} validation loss at step {step}: {shown}")
+        elif kind == "dreambooth_studio.samples":
+            self._line(f"{stamp} sample images of step {data.get('step')} ({len(data.get('images') or [])} "
+                       f"prompts, {data.get('seconds') or 0:.1f} s)")
         elif kind == "execution_cached" and data.get("nodes"):
             self._line(f"{stamp} cached: {', '.join(data['nodes'])}")
 
@@ -146,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         out = REPO / "demo-output"
         out.mkdir(exist_ok=True)
         copied = []
-        for node in ("save", "save_loss"):
+        for node in ("save", "save_loss", "save_samples"):
             for f in result.files(node):
                 src = server.output_dir / f["subfolder"] / f["filename"]
                 shutil.copy2(src, out / f["filename"])

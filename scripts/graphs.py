@@ -76,18 +76,21 @@ LORA_TRAIN_DEFAULTS = {
     "overwrite": False, "rank": 4, "alpha": 4.0, "steps": 3, "unet_lr": 1e-4, "text_encoder_lr": 1e-5,
     "lr_scheduler": "constant", "lr_warmup_steps": 0, "batch_size": 1, "seed": 0, "precision": "fp32",
     "gradient_checkpointing": False, "cache_latents": True,
+    # Samples and validation while training are on by default in the node; the tests of other
+    # things keep them off (tests/test_server_live.py turns them on).
+    "sample_every": 0, "validate_every": 0,
 }
 
 
 def lora_loop(ckpt_name: str, lora_name: str, subject_folder: str, positive: str, negative: str = "blurry",
               instance_prompt: str = "a photo of sks robot", class_prompt: str = "a photo of robot",
-              resolution: int = 64, unet_scale: float = 1.0, te_scale: float = 1.0, sample_seed: int = 123,
-              sample_steps: int = 2, size: int = 64, prefix: str = "dbs_lora", loss_prefix: str | None = None,
+              resolution: int = 64, unet_scale: float = 1.0, te_scale: float = 1.0, image_seed: int = 123,
+              image_steps: int = 2, size: int = 64, prefix: str = "dbs_lora", loss_prefix: str | None = None,
               **train_inputs) -> dict:
     """The main job: LoadSubjectImages -> LoRATrain -> ApplyLoRAScaled on the checkpoint's MODEL
     and CLIP -> the txt2img graph above. `train_inputs` override LORA_TRAIN_DEFAULTS; with
     `loss_prefix` the loss curve is saved too."""
-    graph = txt2img(ckpt_name, positive=positive, negative=negative, seed=sample_seed, steps=sample_steps,
+    graph = txt2img(ckpt_name, positive=positive, negative=negative, seed=image_seed, steps=image_steps,
                     size=size, prefix=prefix)
     graph["subject"] = {"class_type": "LoadSubjectImages", "inputs": {
         "folder": subject_folder, "instance_prompt": instance_prompt, "class_prompt": class_prompt,
@@ -111,17 +114,18 @@ DREAMBOOTH_TRAIN_DEFAULTS = {
     "lr_warmup_steps": 0, "batch_size": 1, "seed": 0, "optimizer": "adafactor", "precision": "fp32",
     "gradient_checkpointing": False, "cache_latents": True, "class_images": 2, "prior_loss_weight": 1.0,
     "class_steps": 2, "class_guidance": 7.5, "class_seed": 0, "save_precision": "fp16",
+    "sample_every": 0, "validate_every": 0,
 }
 
 
 def dreambooth_loop(ckpt_name: str, output_name: str, subject_folder: str, positive: str,
                     negative: str = "blurry", instance_prompt: str = "a photo of sks robot",
-                    class_prompt: str = "a photo of robot", resolution: int = 64, sample_seed: int = 123,
-                    sample_steps: int = 2, size: int = 64, prefix: str = "dbs_dreambooth",
+                    class_prompt: str = "a photo of robot", resolution: int = 64, image_seed: int = 123,
+                    image_steps: int = 2, size: int = 64, prefix: str = "dbs_dreambooth",
                     loss_prefix: str | None = None, **train_inputs) -> dict:
     """LoadSubjectImages -> DreamBoothTrain -> (its MODEL, CLIP, VAE) -> KSampler -> SaveImage.
     `train_inputs` override DREAMBOOTH_TRAIN_DEFAULTS (sized for the random test model on a CPU)."""
-    graph = txt2img(ckpt_name, positive=positive, negative=negative, seed=sample_seed, steps=sample_steps,
+    graph = txt2img(ckpt_name, positive=positive, negative=negative, seed=image_seed, steps=image_steps,
                     size=size, prefix=prefix)
     del graph["ckpt"]
     graph["subject"] = {"class_type": "LoadSubjectImages", "inputs": {
