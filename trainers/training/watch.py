@@ -86,10 +86,10 @@ class WatchConfig(_ValidatedConfig):
     run's fingerprint: it never changes the trained weights."""
 
     sample_every: int = _spec(
-        100,
+        250,
         "Make sample images every N steps (and before training and at the last step) to see the subject "
-        "being learned. A round costs about 2 x sample_steps UNet passes per prompt: at the defaults about "
-        "as long as 25-30 training steps. 0 = no samples. The trained file is the same either way.",
+        "being learned. A round costs 2 x sample_steps UNet passes per prompt: at the defaults about as long as "
+        "40 LoRA training steps. 0 = no samples. The trained file is the same either way.",
         min=1, max=100_000, zero_means="no samples",
     )
     sample_prompts: str = _spec(
@@ -121,7 +121,7 @@ class WatchConfig(_ValidatedConfig):
         f"{VALIDATION_TIMESTEPS} fixed timesteps with fixed noise on up to {MAX_VALIDATION_IMAGES} subject photos "
         f"(and {MAX_VALIDATION_IMAGES} class images). Unlike the noisy training loss it moves only when the "
         f"model learns: falling = fitting the subject. Costs {VALIDATION_TIMESTEPS} UNet passes per image without "
-        "gradients (about 10 training steps for 8 photos). 0 = off.",
+        "gradients (for 8 photos about as long as 10 LoRA training steps). 0 = off.",
         min=1, max=100_000, zero_means="off",
     )
 
