@@ -39,7 +39,7 @@ def _train_node(env, name, text_encoder_lr=0.0, **overrides):
     lora_train = importlib.import_module("dreambooth_studio.nodes.lora_train")
     settings = dict(rank=4, alpha=4.0, steps=STEPS, unet_lr=1e-4, text_encoder_lr=text_encoder_lr,
                     lr_scheduler="constant", lr_warmup_steps=0, batch_size=1, seed=0, precision="fp32",
-                    gradient_checkpointing=False, cache_latents=True)
+                    gradient_checkpointing=False, cache_latents=True, sample_every=0, validate_every=0)
     settings.update(overrides)
     return lora_train.LoRATrain.execute(subject=_subject(env), ckpt_name=env["ckpt"], output_name=name,
                                         overwrite=False, **settings)
@@ -63,10 +63,11 @@ def base_model(env):
 
 def test_trained_loras_are_saved_and_returned(env, trained):
     for out in trained.values():
-        lora_sd, name, curve = out.result
+        lora_sd, name, curve, samples = out.result
         path = env["base"] / "models" / "loras" / name
         assert path.is_file(), path
         assert curve.ndim == 4 and curve.shape[-1] == 3
+        assert samples.ndim == 4 and samples.shape[-1] == 3  # sample_every 0: an image saying so
         assert all(k.startswith(("lora_unet_", "lora_te_")) for k in lora_sd)
     assert not any(k.startswith("lora_te_") for k in trained["unet"].result[0])
     assert any(k.startswith("lora_te_") for k in trained["te"].result[0])
