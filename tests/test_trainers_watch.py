@@ -249,6 +249,17 @@ def test_validation_and_samples_run_at_step_0_every_n_and_the_last_step_before_i
     assert list(rounds[0].images[0].getdata()) != list(rounds[-1].images[0].getdata())
 
 
+def test_validation_is_the_same_with_latents_encoded_every_step():
+    """Without cached latents the validation encodes its images once itself: the same curve."""
+    config = LoRATrainConfig(steps=2, rank=4, unet_lr=1e-3)
+    watch = WatchConfig(sample_every=0, validate_every=1)
+    curves = [train_lora(placeholder.tiny_sd15(seed=0, tokenizer_dir=tokenizer_dir()), make_subject(count=3, flip=True),
+                         LoRATrainConfig(**{**config.to_dict(), "cache_latents": cached}), watch=watch).history.validation
+              for cached in (True, False)]
+    assert [s for s, _ in curves[0]] == [0, 1, 2]
+    assert [v for _, v in curves[1]] == pytest.approx([v for _, v in curves[0]], rel=1e-5)
+
+
 def test_sample_folder_keeps_earlier_rounds_only_for_a_resume_with_the_same_settings(tmp_path):
     def round_(step: int) -> SampleRound:
         return SampleRound(step=step, prompts=["a", "b"], images=[Image.new("RGB", (8, 8), (step, 0, 0))] * 2)
