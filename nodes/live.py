@@ -157,6 +157,7 @@ class LiveProgress(ComfyProgress):
     # -- trainer callbacks --------------------------------------------------------------------
     def on_validation(self, step: int, loss: float) -> None:
         point = [int(step), _number(loss)]
+        self.history.validation.append((int(step), float(loss)))  # for the live loss-curve preview
         self.run.validation.append(point)
         self._new_validation.append(point)
 
