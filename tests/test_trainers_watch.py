@@ -208,8 +208,10 @@ def test_validation_and_samples_run_at_step_0_every_n_and_the_last_step_before_i
     events = Events()
     watch = WatchConfig(sample_every=3, validate_every=2, sample_prompts="a photo of sks toy\nsks toy in a forest",
                         sample_size=128, **QUICK_SAMPLES)
+    global_rng = torch.get_rng_state()
     result = train_lora(tiny, make_subject(count=3), LoRATrainConfig(steps=7, rank=4, unet_lr=1e-3), events,
                         watch=watch, sample_dir=tmp_path / "samples", run="r1")
+    assert torch.equal(torch.get_rng_state(), global_rng)  # samples and validation draw from their own generators
     order = [(e[0], e[1]) for e in events.events if e[0] != "sample_step"]
     assert order == [
         ("validation", 0), ("samples", 0),
