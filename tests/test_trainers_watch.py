@@ -401,3 +401,13 @@ def test_validation_loss_falls_where_the_training_loss_is_too_noisy_to_show_it()
     assert step_to_step > drop  # one step's noise in the training loss is larger than the whole trend
     # a smooth curve: between checks (10 steps apart) it moves far less than the training loss does in one step
     assert max(abs(b - a) for (_, a), (_, b) in zip(validation, validation[1:], strict=False)) < step_to_step / 8
+
+
+def test_close_validation_ticks_get_labels_that_tell_them_apart():
+    from trainers.training.plot import _nice_ticks, _tick_labels
+
+    ticks = _nice_ticks(1.11267, 1.11347, 4)  # a validation curve that moves in the 4th decimal
+    labels = _tick_labels(ticks)
+    assert len(set(labels)) == len(labels) == len(ticks), labels
+    assert all(abs(float(text) - tick) < (ticks[1] - ticks[0]) / 2 for text, tick in zip(labels, ticks, strict=True))
+    assert _tick_labels([0.5, 1.0, 1.5]) == ["0.5", "1", "1.5"]  # wide ticks keep their short labels

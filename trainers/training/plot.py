@@ -70,6 +70,17 @@ def _label(value: float) -> str:
     return f"{value:.4g}"
 
 
+def _tick_labels(ticks: list[float]) -> list[str]:
+    """Labels that tell neighbouring ticks apart, however close they are (1.1132, 1.1134)."""
+    labels = [_label(t) for t in ticks]
+    if len(ticks) < 2 or len(set(labels)) == len(labels):
+        return labels
+    spacing = min(abs(b - a) for a, b in zip(ticks, ticks[1:], strict=False))
+    decimals = min(12, max(0, -math.floor(math.log10(spacing))) + 1)
+    return [f"{t:.{decimals}f}".rstrip("0").rstrip(".") if "." in f"{t:.{decimals}f}" else f"{t:.{decimals}f}"
+            for t in ticks]
+
+
 def _font() -> Any:
     from PIL import ImageFont
 
@@ -180,10 +191,11 @@ def loss_curve_image(
         return min(bottom, max(top, bottom - (bottom - top) * (value - low) / (high - low)))
 
     if everything:
-        for tick in _nice_ticks(low, high):
+        ticks = _nice_ticks(low, high)
+        for tick, text in zip(ticks, _tick_labels(ticks), strict=True):
             y = to_y(tick)
             draw.line([left, y, right, y], fill=_GRID)
-            draw.text((4, y - line // 2), _label(tick), fill=_TEXT, font=font)
+            draw.text((4, y - line // 2), text, fill=_TEXT, font=font)
     step_ticks = [t for t in _nice_ticks(0, x_max) if float(t).is_integer()] or [0]
     for tick in step_ticks:
         x = to_x(tick)
@@ -213,10 +225,11 @@ def loss_curve_image(
         def to_vy(value: float) -> float:
             return bottom - (bottom - top) * (value - v_low) / (v_high - v_low)
 
-        for tick in _nice_ticks(v_low, v_high, 4):
+        ticks = _nice_ticks(v_low, v_high, 4)
+        for tick, text in zip(ticks, _tick_labels(ticks), strict=True):
             y = to_vy(tick)
             draw.line([right, y, right + 4, y], fill=_VALIDATION)
-            draw.text((right + 6, y - line // 2), _label(tick), fill=_VALIDATION, font=font)
+            draw.text((right + 6, y - line // 2), text, fill=_VALIDATION, font=font)
         xy = [(to_x(s), to_vy(v)) for s, v in points]
         if len(xy) > 1:
             draw.line(xy, fill=_VALIDATION, width=2)
