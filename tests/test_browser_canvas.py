@@ -58,6 +58,7 @@ def test_canvas_opens_and_default_workflow_has_no_missing_nodes(canvas_page, art
     assert_clean(page)
 
 
+LIVE_CHART_WIDGETS = {"LoRATrain": {"live_chart"}, "DreamBoothTrain": {"live_chart"}}
 PACK_NODES = ["LoadSubjectImages", "LoRATrain", "DreamBoothTrain", "ApplyLoRAScaled", "CannyControl", "LoRAScaleGrid"]
 
 
@@ -66,7 +67,6 @@ def test_pack_nodes_appear_in_the_canvas_with_tooltips(canvas_page, artifacts_di
     page.evaluate("() => window.app.graph.clear()")
     info = page.evaluate("""(types) => types.map((type, i) => {
         const node = LiteGraph.createNode(type);
-        node.pos = [40 + 420 * (i % 3), 80 + 900 * Math.floor(i / 3)];
         window.app.graph.add(node);
         const def = LiteGraph.registered_node_types[type].nodeData;
         const inputs = Object.assign({}, def.input.required || {}, def.input.optional || {});
@@ -76,7 +76,23 @@ def test_pack_nodes_appear_in_the_canvas_with_tooltips(canvas_page, artifacts_di
                 outputTips: def.output_tooltips,
                 tooltips: Object.fromEntries(Object.entries(inputs).map(([k, v]) => [k, (v[1] || {}).tooltip]))};
     })""", PACK_NODES)
+    # three nodes a row, each row below the tallest node of the one above (sizes as drawn)
+    page.evaluate("""() => {
+        app.canvas.draw(true, true);
+        const nodes = app.graph._nodes, gap = 60;
+        let top = 80;
+        for (let row = 0; row * 3 < nodes.length; row++) {
+            const cells = nodes.slice(row * 3, row * 3 + 3);
+            let left = 40;
+            for (const node of cells) { node.pos = [left, top]; left += node.size[0] + gap; }
+            top += Math.max(...cells.map(n => n.size[1])) + LiteGraph.NODE_TITLE_HEIGHT + gap;
+        }
+    }""")
     free_area = [110, 150, 1140, 970]  # right of the sidebar, below the menus, left of the minimap
+    page.evaluate(FIT_AND_MEASURE_JS, free_area)
+    # DOM widgets (the training nodes' live charts) follow the view on the next frames: measure
+    # again once they have moved, or a chart left where the view was covers another node
+    page.wait_for_timeout(300)
     shown = page.evaluate(FIT_AND_MEASURE_JS, free_area)
     page.wait_for_timeout(500)
     page.screenshot(path=str(artifacts_dir / "canvas-pack-nodes.png"))
@@ -87,8 +103,10 @@ def test_pack_nodes_appear_in_the_canvas_with_tooltips(canvas_page, artifacts_di
         assert all(node["outputTips"]), node
         # the whole node is on screen, not under the page's menus or minimap
         assert all(on_screen["visible"]), (node["type"], on_screen["box"], on_screen["visible"])
-        # one widget per widget-type input of the schema, nothing else (no seed "control after generate")
+        # one widget per widget-type input of the schema, nothing else (no seed "control after generate"),
+        # and on the training nodes the live chart of web/live_chart.js
         expected = {name for name, kind in node["inputs"].items() if kind in WIDGET_TYPES}
+        expected |= LIVE_CHART_WIDGETS.get(node["type"], set())
         assert {w["name"] for w in on_screen["widgets"]} == expected, node["type"]
     canny = next(n for n in info if n["type"] == "CannyControl")
     assert "OpenCV units (0-255)" in canny["tooltips"]["low_threshold"]
