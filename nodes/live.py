@@ -10,7 +10,9 @@ node's unique id):
 - ``dreambooth_studio.samples``: one per sample round (image references for ``/view``).
 
 ``GET /dreambooth_studio/runs/{node_id}`` returns the same data as one JSON document (the newest
-run of that node id in this server process), which the web extension reads on page load.
+run of that node id in this server process, with the steps of an earlier process it resumed),
+which the web extension reads on page load; ``{"status": "none"}`` (no ``steps``) when the node
+has not trained in this server session.
 """
 
 from __future__ import annotations
@@ -120,9 +122,11 @@ class LiveProgress(ComfyProgress):
     """ComfyUI progress and cancel (ComfyProgress), plus the pack's own events for the live chart.
     Without a node id (a node run outside a server) it only records."""
 
-    def __init__(self, total: int, node: str | None, method: str, output: str, preview=None):
+    def __init__(self, total: int, node: str | None, method: str, output: str, preview=None,
+                 sample_dir: Path | None = None):
         super().__init__(total, preview=preview)
         self.node = str(node) if node is not None else None
+        self.sample_dir = sample_dir
         self.run = RunLog(self.node or "", _prompt_id(), method, total, output)
         self._new_validation: list[list[float]] = []
         if self.node is not None:
@@ -155,6 +159,21 @@ class LiveProgress(ComfyProgress):
         self._send("status", self._status())
 
     # -- trainer callbacks --------------------------------------------------------------------
+    def on_resume(self, step: int, history: LossHistory) -> None:
+        """A resumed run: the chart starts with the steps (and sample rounds) trained before."""
+        self.history = history.copy()
+        self.run.steps = [{"step": i + 1, "loss": _number(loss)} for i, loss in enumerate(history.losses)]
+        self.run.validation = [[int(s), _number(v)] for s, v in history.validation]
+        if self.sample_dir is not None:
+            from ..trainers.training.watch import load_sample_rounds
+
+            try:
+                rounds = load_sample_rounds(self.sample_dir)
+            except (OSError, ValueError):
+                rounds = []
+            self.run.samples = [self._samples_payload(r) for r in rounds if r.step <= step]
+        self._send("status", self._status())
+
     def on_validation(self, step: int, loss: float) -> None:
         point = [int(step), _number(loss)]
         self.history.validation.append((int(step), float(loss)))  # for the live loss-curve preview
@@ -206,9 +225,9 @@ def register_routes() -> None:
             return web.json_response({"error": "a node id is letters, digits, '_', '.', ':' or '-' (e.g. 12 or 5:3)"},
                                      status=400)
         run = run_of(node_id)
-        if run is None:
-            return web.json_response({"error": f"no training run of node {node_id} in this server session"},
-                                     status=404)
+        if run is None:  # not an error: every page asks this for each training node it loads
+            return web.json_response({"node": node_id, "status": "none",
+                                      "message": f"no training run of node {node_id} in this server session"})
         return web.json_response(run)
 
     register_routes.done = True

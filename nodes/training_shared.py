@@ -227,15 +227,16 @@ def run_training_node(node_cls, config_cls, subject, ckpt_name: str, output_name
         folder = resolve_class_folder(class_folder)
         title = TITLES[config.method]
     hidden = getattr(node_cls, "hidden", None)  # None when execute is called outside ComfyUI's executor
+    sample_dir = samples_dir(config.method, stem)
     progress = LiveProgress(config.steps, getattr(hidden, "unique_id", None), config.method, output.name,
-                            preview=lambda history: to_pil(curve_image(history, title)))
+                            preview=lambda history: to_pil(curve_image(history, title)), sample_dir=sample_dir)
     try:
         with user_facing_errors(), training_scope():
             job = train_file(checkpoint, subject, config, output, tokenizer_dir(), overwrite=bool(overwrite),
                              callbacks=progress, before_load=free_comfy_models, class_cache_dir=class_image_cache(),
                              class_folder=folder, rescue_dir=rescue_dir(), keep_unsaved=True, shown=shown,
                              durability=durability, is_cancel=is_cancel, watch=watch,
-                             sample_dir=samples_dir(config.method, stem))
+                             sample_dir=sample_dir)
     except BaseException as error:
         progress.finish("cancelled" if is_cancel(error) else "failed")
         raise

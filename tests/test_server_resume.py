@@ -63,6 +63,10 @@ def test_an_interrupted_run_resumes_to_the_bytes_of_an_uninterrupted_one(comfy_s
     assert f"resumed from step {done_steps[-1]}" in comfy_server.log_text()
     assert (loras / "resume_run.safetensors").read_bytes() == whole
     assert not any(states.iterdir())  # finished: its states are removed
+    # the node's chart of the resumed run starts with the steps trained before the interrupt
+    chart = resumed.outputs["train"]["dreambooth_studio"][0]
+    assert [s["step"] for s in chart["steps"]] == list(range(1, STEPS + 1))
+    assert chart["status"] == "finished"
 
     # every step file loads in ComfyUI like the final LoRA: all modules matched, none unmatched
     step_files = sorted((loras / "resume_run").iterdir())

@@ -106,6 +106,10 @@ class TrainingCallbacks:
         """Called after every denoising step while class images are generated (before training).
         Raise to stop; the partial class-image set is removed."""
 
+    def on_resume(self, step: int, history: LossHistory) -> None:
+        """Called before ``on_train_begin`` when a run continues from a training state taken
+        after ``step``; ``history`` holds the losses (and validation points) of steps 1..step."""
+
     def on_train_begin(self, total_steps: int) -> None:
         """Called once the data is cached, right before the first step."""
 

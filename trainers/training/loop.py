@@ -560,6 +560,7 @@ def run_training_loop(
         result.history = restore_state(resume, optimization, generator, streams)
         first = resume.step + 1
         logger.info("resuming at step %d of %d", first, settings.steps)
+        callbacks.on_resume(resume.step, result.history.copy())
     watch = watch or LoopWatch()
     callbacks.on_train_begin(settings.steps)
     started = time.monotonic()

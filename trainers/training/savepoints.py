@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .callbacks import SampleRound, StepState, TrainingCallbacks
+from .callbacks import LossHistory, SampleRound, StepState, TrainingCallbacks
 from .record import read_metadata
 from .saving import FileIdentity, SaveFailed, human_bytes, save_safely
 from .state import write_state
@@ -69,6 +69,9 @@ class SavePoints(TrainingCallbacks):
 
     def on_generate_step(self, done: int, total: int) -> None:
         self.inner.on_generate_step(done, total)
+
+    def on_resume(self, step: int, history: LossHistory) -> None:
+        self.inner.on_resume(step, history)
 
     def on_train_begin(self, total_steps: int) -> None:
         self.inner.on_train_begin(total_steps)
