@@ -129,6 +129,12 @@ class Frontend:
                 for (const n of app.graph._nodes)
                     for (const w of n.widgets || [])
                         if (w.name === "control_after_generate") w.value = "fixed";
+                // nodes with DOM widgets (the training nodes' live chart) take their size when drawn
+                app.canvas.draw(true, true);
+                for (const n of app.graph._nodes) {
+                    const [w, h] = n.computeSize();
+                    n.setSize([Math.max(n.size[0], w), Math.max(n.size[1], h)]);
+                }
                 if (arrange) app.graph.arrange(80);
                 let left = Infinity, top = Infinity;
                 for (const n of app.graph._nodes) { left = Math.min(left, n.pos[0]); top = Math.min(top, n.pos[1]); }

@@ -73,7 +73,15 @@ def lora_train(g: Graph, subj: str, title: str, output_name: str, rank=16, steps
                  overwrite=False, rank=rank, alpha=0.0, steps=steps, unet_lr=unet_lr,
                  text_encoder_lr=text_encoder_lr, lr_scheduler=lr_scheduler, lr_warmup_steps=0, batch_size=1,
                  seed=seed, precision="bf16", gradient_checkpointing=False, cache_latents=True, class_images=0,
-                 prior_loss_weight=1.0, class_steps=25, class_guidance=7.5, class_seed=0, class_folder=GENERATE)
+                 prior_loss_weight=1.0, class_steps=25, class_guidance=7.5, class_seed=0, class_folder=GENERATE,
+                 **watch(steps))
+
+
+def watch(steps: int) -> dict:
+    """Samples (about 8 rounds per run) and the validation loss (about 16 points) while training."""
+    every = max(1, steps // 8)
+    return dict(sample_every=every, sample_prompts="", sample_seed=0, sample_steps=20, sample_cfg=7.5, sample_size=0,
+                validate_every=max(1, steps // 16))
 
 
 def dreambooth_train(g: Graph, subj: str, title: str, output_name: str, steps=1800, unet_lr=2e-6,
@@ -82,7 +90,8 @@ def dreambooth_train(g: Graph, subj: str, title: str, output_name: str, steps=18
                  overwrite=False, steps=steps, unet_lr=unet_lr, text_encoder_lr=0.0, lr_scheduler="constant",
                  lr_warmup_steps=0, batch_size=1, seed=0, optimizer="adamw", precision="bf16",
                  gradient_checkpointing=True, cache_latents=True, class_images=class_images, prior_loss_weight=1.0,
-                 class_steps=25, class_guidance=7.5, class_seed=0, save_precision="fp16", class_folder=GENERATE)
+                 class_steps=25, class_guidance=7.5, class_seed=0, save_precision="fp16", class_folder=GENERATE,
+                 **watch(steps))
 
 
 def sample(g: Graph, model, clip, vae, positive: str, prefix: str, label: str, seed=123, cfg=7.5, steps=30,
@@ -319,9 +328,10 @@ def specs() -> list[WorkflowSpec]:
 
 SMALL = {
     "LoadSubjectImages": {"resolution": 64},
-    "LoRATrain": {"steps": 2, "precision": "fp32"},
+    "LoRATrain": {"steps": 2, "precision": "fp32", "sample_every": 2, "sample_steps": 1, "validate_every": 2},
     "DreamBoothTrain": {"steps": 2, "class_images": 2, "class_steps": 2, "optimizer": "adafactor",
-                        "precision": "fp32", "gradient_checkpointing": False},
+                        "precision": "fp32", "gradient_checkpointing": False, "sample_every": 2, "sample_steps": 1,
+                        "validate_every": 2},
     "KSampler": {"steps": 2},
     "EmptyLatentImage": {"width": 64, "height": 64},
     "LoRAScaleGrid": {"steps": 2, "width": 64, "height": 64},

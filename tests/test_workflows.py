@@ -59,6 +59,9 @@ def test_workflows_use_real_default_settings():
                 assert inputs["resolution"] == 512, stem
             if node["class_type"] in ("LoRATrain", "DreamBoothTrain"):
                 assert inputs["steps"] >= 800, stem
+                # every experiment shows its run learning: samples and the validation loss
+                assert 0 < inputs["sample_every"] < inputs["steps"], stem
+                assert 0 < inputs["validate_every"] < inputs["steps"], stem
             if node["class_type"] in ("KSampler", "LoRAScaleGrid"):
                 assert inputs["steps"] >= 20 and inputs.get("seed") == 123, stem
     face = api_twin("face_crop_prior_preservation")
