@@ -35,7 +35,7 @@ def train_alone(ckpt: str, name: str, **overrides) -> dict:
         "train": {"class_type": "LoRATrain", "inputs": {
             "subject": ["subject", 0], "ckpt_name": ckpt, "output_name": name,
             **{**LORA_TRAIN_DEFAULTS, "steps": STEPS}, "sample_every": 2, "validate_every": 2,
-            "sample_prompts": "\n".join(PROMPTS), "sample_steps": 2, "sample_seed": 7, **overrides}},
+            "sample_prompts": "\n".join(PROMPTS), "sample_steps": 1, "sample_seed": 7, **overrides}},
     }
 
 
