@@ -141,3 +141,19 @@ def dreambooth_loop(ckpt_name: str, output_name: str, subject_folder: str, posit
         graph["save_loss"] = {"class_type": "SaveImage",
                               "inputs": {"images": ["train", 4], "filename_prefix": loss_prefix}}
     return graph
+
+
+def train_alone(class_type: str, ckpt_name: str, output_name: str, subject_folder: str,
+                instance_prompt: str = "a photo of sks robot", class_prompt: str = "a photo of robot",
+                resolution: int = 64, **train_inputs) -> dict:
+    """LoadSubjectImages -> LoRATrain or DreamBoothTrain and nothing else (a training node is an
+    output node). `train_inputs` override LORA_TRAIN_DEFAULTS / DREAMBOOTH_TRAIN_DEFAULTS."""
+    defaults = {"LoRATrain": LORA_TRAIN_DEFAULTS, "DreamBoothTrain": DREAMBOOTH_TRAIN_DEFAULTS}[class_type]
+    return {
+        "subject": {"class_type": "LoadSubjectImages", "inputs": {
+            "folder": subject_folder, "instance_prompt": instance_prompt, "class_prompt": class_prompt,
+            "resolution": resolution, "max_images": 0, "flip": False}},
+        "train": {"class_type": class_type, "inputs": {
+            "subject": ["subject", 0], "ckpt_name": ckpt_name, "output_name": output_name,
+            **defaults, **train_inputs}},
+    }

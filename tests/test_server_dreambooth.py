@@ -17,7 +17,7 @@ import pytest
 
 from scripts.comfyclient import PromptRejected
 from scripts.demo import draw_sample_subject
-from scripts.graphs import dreambooth_loop, txt2img
+from scripts.graphs import dreambooth_loop, train_alone, txt2img
 from tests.support.outputs import saved_image
 from tests.test_placeholder_comfy import run_comfy_load_check
 from trainers.data.class_images import MANIFEST, ClassImageSpec
@@ -182,8 +182,9 @@ def test_saved_checkpoint_loads_in_comfyui_as_sd15_without_key_warnings(comfy_se
 def test_second_run_reuses_the_class_images(comfy_server, comfy_client, first_run, test_models):
     sets_before = class_sets(comfy_server)
     # LoadSubjectImages -> DreamBoothTrain and nothing else: the training node is an output node
-    alone = {key: node for key, node in graph(test_models, "e2e_dreambooth_again", unet_lr=4e-6,
-                                              save_every=1).items() if key in ("subject", "train")}
+    alone = train_alone("DreamBoothTrain", test_models["checkpoint"].name, "e2e_dreambooth_again", SUBJECT,
+                        class_prompt=CLASS_PROMPT, steps=TRAIN_STEPS, class_steps=CLASS_STEPS, unet_lr=4e-6,
+                        save_every=1)
     result = comfy_client.run(alone, timeout=1800).raise_for_status()
     events = [(p["value"], p["max"]) for p in result.progress_for("train")]
     assert events == [(1, TRAIN_STEPS), (2, TRAIN_STEPS)]  # training only: no class image generated

@@ -10,8 +10,8 @@ import urllib.request
 
 import pytest
 
+from scripts import graphs
 from scripts.demo import draw_sample_subject
-from scripts.graphs import LORA_TRAIN_DEFAULTS
 
 pytestmark = pytest.mark.server
 
@@ -28,15 +28,9 @@ def subject_folder(comfy_server):
 
 def train_alone(ckpt: str, name: str, **overrides) -> dict:
     """LoadSubjectImages -> LoRATrain and nothing else: no node consumes the training outputs."""
-    return {
-        "subject": {"class_type": "LoadSubjectImages", "inputs": {
-            "folder": SUBJECT, "instance_prompt": "a photo of sks robot", "class_prompt": "a photo of robot",
-            "resolution": 64, "max_images": 0, "flip": False}},
-        "train": {"class_type": "LoRATrain", "inputs": {
-            "subject": ["subject", 0], "ckpt_name": ckpt, "output_name": name,
-            **{**LORA_TRAIN_DEFAULTS, "steps": STEPS}, "sample_every": 2, "validate_every": 2,
-            "sample_prompts": "\n".join(PROMPTS), "sample_steps": 1, "sample_seed": 7, **overrides}},
-    }
+    watch = {"sample_every": 2, "validate_every": 2, "sample_prompts": "\n".join(PROMPTS), "sample_steps": 1,
+             "sample_seed": 7}
+    return graphs.train_alone("LoRATrain", ckpt, name, SUBJECT, steps=STEPS, **{**watch, **overrides})
 
 
 def events_of(result, kind: str) -> list[dict]:

@@ -10,7 +10,7 @@ import pytest
 
 from scripts.comfyclient import ComfyClient
 from scripts.demo import draw_sample_subject
-from scripts.graphs import LORA_TRAIN_DEFAULTS, txt2img
+from scripts.graphs import train_alone, txt2img
 
 pytestmark = pytest.mark.server
 
@@ -25,15 +25,9 @@ def subject_folder(comfy_server):
 
 
 def lora_graph(ckpt: str, output_name: str, **inputs) -> dict:
-    return {
-        "subject": {"class_type": "LoadSubjectImages", "inputs": {
-            "folder": SUBJECT, "instance_prompt": "a photo of sks robot", "class_prompt": "a photo of robot",
-            "resolution": 64, "max_images": 0, "flip": False}},
-        "train": {"class_type": "LoRATrain", "inputs": {
-            "subject": ["subject", 0], "ckpt_name": ckpt, "output_name": output_name,
-            **{**LORA_TRAIN_DEFAULTS, "steps": STEPS}, **inputs}},
-        "save_loss": {"class_type": "SaveImage", "inputs": {"images": ["train", 2], "filename_prefix": "resume"}},
-    }
+    graph = train_alone("LoRATrain", ckpt, output_name, SUBJECT, steps=STEPS, **inputs)
+    graph["save_loss"] = {"class_type": "SaveImage", "inputs": {"images": ["train", 2], "filename_prefix": "resume"}}
+    return graph
 
 
 def test_an_interrupted_run_resumes_to_the_bytes_of_an_uninterrupted_one(comfy_server, subject_folder, test_models):
