@@ -29,6 +29,7 @@ from typing import Any
 import folder_paths
 
 from ..trainers.training.callbacks import LossHistory
+from ..trainers.training.watch import load_sample_rounds
 from .bridge import ComfyProgress, contained
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,7 @@ class LiveProgress(ComfyProgress):
         """The run ended (``status``); a reused file fills the chart from its recorded history."""
         if history is not None and not self.run.steps:
             self.run.steps = [{"step": i + 1, "loss": _number(loss)} for i, loss in enumerate(history.losses)]
-            self.run.validation = [[int(s), _number(v)] for s, v in getattr(history, "validation", [])]
+            self.run.validation = [[int(s), _number(v)] for s, v in history.validation]
             self.run.total = max(self.run.total, len(history.losses))
         if samples is not None and not self.run.samples:
             self.run.samples = [self._samples_payload(r) for r in samples]
@@ -165,8 +166,6 @@ class LiveProgress(ComfyProgress):
         self.run.steps = [{"step": i + 1, "loss": _number(loss)} for i, loss in enumerate(history.losses)]
         self.run.validation = [[int(s), _number(v)] for s, v in history.validation]
         if self.sample_dir is not None:
-            from ..trainers.training.watch import load_sample_rounds
-
             try:
                 rounds = load_sample_rounds(self.sample_dir)
             except (OSError, ValueError):
