@@ -24,6 +24,9 @@ from .training_shared import (
 TRAIN_FIELDS = ("steps", "unet_lr", "text_encoder_lr", "lr_scheduler", "lr_warmup_steps", "batch_size", "seed",
                 "optimizer", "precision", "gradient_checkpointing", "cache_latents", *PRIOR_FIELDS,
                 "save_precision")
+# The lean options for small GPUs: optional inputs (with defaults) so API prompts written before
+# they existed still validate.
+LEAN_FIELDS = ("fused_backward", "weight_precision")
 
 
 class DreamBoothTrain(io.ComfyNode):
@@ -49,6 +52,7 @@ class DreamBoothTrain(io.ComfyNode):
                 output_name_input("subject_dreambooth"),
                 overwrite_input(),
                 *[config_input(DreamBoothTrainConfig, name) for name in TRAIN_FIELDS],
+                *[config_input(DreamBoothTrainConfig, name, optional=True) for name in LEAN_FIELDS],
                 class_folder_input(),
                 config_input(DreamBoothTrainConfig, "record_sources", optional=True),
                 *durability_inputs(),

@@ -147,7 +147,7 @@ def test_config_defaults_round_trip_and_widget_specs():
         "help": spec["help"], "min": 1, "max": 128, "name": "rank", "type": "int", "default": 16,
     }  # fmt: skip
     assert field_spec(LoRATrainConfig, "lr_scheduler")["choices"][:2] == ["constant", "constant_with_warmup"]
-    assert field_spec(LoRATrainConfig, "precision")["choices"] == ["fp32", "bf16", "fp16"]
+    assert field_spec(LoRATrainConfig, "precision")["choices"] == ["auto", "fp32", "bf16", "fp16"]
     assert field_spec(LoRATrainConfig, "cache_latents")["type"] == "bool"
     assert all(s["help"] for s in field_specs(LoRATrainConfig))
     assert LoRATrainConfig(rank=8.0).rank == 8 and isinstance(LoRATrainConfig(unet_lr=1).unet_lr, float)
@@ -181,7 +181,7 @@ def test_config_defaults_round_trip_and_widget_specs():
         ),
         ({"lr_warmup_steps": 5}, ["has no effect with lr_scheduler 'constant'", "constant_with_warmup"]),
         ({"lr_scheduler": "exponential"}, ["lr_scheduler must be one of 'constant', ", "(got 'exponential')"]),
-        ({"precision": "fp8"}, ["precision must be one of 'fp32', 'bf16', 'fp16' (got 'fp8')"]),
+        ({"precision": "fp8"}, ["precision must be one of 'auto', 'fp32', 'bf16', 'fp16' (got 'fp8')"]),
         ({"batch_size": 0}, ["batch_size must be a whole number >= 1 and <= 64 (got 0)"]),
         ({"seed": -1}, ["seed must be a whole number >= 0 and <= 4294967295 (got -1)"]),
         ({"seed": 2**32}, ["seed must be", "(got 4294967296)"]),
@@ -560,14 +560,6 @@ def test_huge_learning_rate_diverges_with_a_clear_error(tiny, subject):
     assert_unchanged(tiny, before)
 
 
-def test_bf16_on_cpu_falls_back_to_fp32_with_a_warning(tiny, subject, caplog):
-    with caplog.at_level(logging.WARNING, logger="trainers.training.loop"):
-        result = train_lora(tiny, subject, LoRATrainConfig(**FAST, precision="bf16"))
-    assert "needs a CUDA GPU" in caplog.text
-    assert result.metadata["ss_mixed_precision"] == "no"
-    assert json.loads(result.metadata["dbs.config"])["precision"] == "bf16"
-
-
 def test_rejects_a_model_that_already_has_lora_layers(tiny, subject):
     from trainers.training.lora import inject_lora, remove_lora, unet_lora_targets
 
@@ -671,7 +663,7 @@ OTHER_VALUES = {
     "lr_warmup_steps": 3, "batch_size": 2, "seed": 1, "precision": "bf16", "gradient_checkpointing": True,
     "cache_latents": False, "max_grad_norm": 0.5, "noise_offset": 0.05, "min_snr_gamma": 5.0, "class_images": 3,
     "prior_loss_weight": 0.5, "class_steps": 10, "class_guidance": 5.0, "class_seed": 1, "save_precision": "fp32",
-    "optimizer": "adafactor", "record_sources": True,
+    "optimizer": "adafactor", "record_sources": True, "fused_backward": True, "weight_precision": "bf16",
 }
 PRIOR_ONLY = {"prior_loss_weight", "class_steps", "class_guidance", "class_seed"}
 

@@ -1,10 +1,15 @@
 """DreamBooth: the whole SD1.5 UNet (optionally the text encoder) fine-tuned on a subject, with
 the class-specific prior-preservation loss, saved as a single-file checkpoint ComfyUI loads.
 
-What is trained: every UNet weight in fp32 (AdamW, or Adafactor for about half the memory); the
-text encoder too when ``text_encoder_lr > 0`` (its own parameter group); the VAE never. With
-prior preservation a batch of class images rides along with every subject batch and their loss,
-weighted by ``prior_loss_weight``, is added to the subject loss and reported on its own.
+What is trained: every UNet weight, fp32 master weights under bf16/fp16 autocast (AdamW,
+Adafactor for about half the memory, or 8-bit AdamW on CUDA); the text encoder too when
+``text_encoder_lr > 0`` (its own parameter group); the VAE never. The frozen VAE and text encoder
+are stored in the compute precision. Lean options for small GPUs: ``fused_backward`` (each weight
+is stepped inside the backward pass, so the UNet's gradients are never all held) and
+``weight_precision`` bf16 (weights and gradients in bf16, fp32 updates written back with
+stochastic rounding; the models are left in bf16). With prior preservation a batch of class images
+rides along with every subject batch and their loss, weighted by ``prior_loss_weight``, is added
+to the subject loss and reported on its own.
 
 Unlike LoRA, training changes the base models it is given (there is no adapter to remove): load
 a fresh copy per run. :func:`save_dreambooth` writes the LDM single-file layout
@@ -36,11 +41,13 @@ from .loop import (
     LoopSettings,
     LoopState,
     Optimization,
+    autocast_dtype_for,
     build_optimization,
+    cast_frozen,
     check_trainable,
     model_device,
+    model_dtype,
     prepare_training_sets,
-    resolve_precision,
     run_training_loop,
 )
 from .record import Provenance, training_metadata
@@ -94,7 +101,9 @@ def train_dreambooth(
     log line) otherwise. ``watch`` adds sample images (written to ``sample_dir`` when given, for
     the job ``run``) and the validation loss; they do not change the trained weights. Raises NonFiniteLossError when training diverges (the models then hold
     partly trained weights: do not save them). On return the models are in eval mode with
-    ``requires_grad`` off.
+    ``requires_grad`` off, the VAE and a frozen text encoder in their dtype again (their values
+    rounded to the compute precision when it was bf16/fp16), the trained weights in fp32 or, with
+    ``weight_precision`` bf16, in bf16.
     """
     _check_inputs(base, subject, config, class_subject)
     if class_subject is not None and not config.with_prior:
@@ -103,7 +112,10 @@ def train_dreambooth(
     callbacks = callbacks or TrainingCallbacks()
     unet, vae, text_encoder = base.unet, base.vae, base.text_encoder
     device = model_device(unet)
-    autocast_dtype = resolve_precision(config.precision, device)
+    autocast_dtype = autocast_dtype_for(config, device)
+    frozen_dtype = autocast_dtype or torch.float32
+    weight_dtype = torch.bfloat16 if config.weight_precision == "bf16" else torch.float32
+    frozen_dtypes = {name: model_dtype(getattr(base, name)) for name in ("vae", "text_encoder")}
     train_text = config.train_text_encoder
     logger.info(
         "DreamBooth: %d images at %dpx, %d steps, unet lr %g, text encoder %s, %s, prior %s, on %s",
@@ -130,13 +142,16 @@ def train_dreambooth(
             for model in (unet, vae, text_encoder):
                 model.requires_grad_(False)
                 model.eval()
+            cast_frozen(vae, frozen_dtype)
+            if not train_text:
+                cast_frozen(text_encoder, frozen_dtype)
             instance, prior = prepare_training_sets(base, subject, class_subject, cache_latents=config.cache_latents,
                                                     cache_text=not train_text)
             unet_params = list(unet.parameters())
             text_params = list(text_encoder.parameters()) if train_text else []
             for parameter in unet_params + text_params:
-                if parameter.dtype != torch.float32:
-                    parameter.data = parameter.data.float()
+                if parameter.dtype != weight_dtype:
+                    parameter.data = parameter.data.to(weight_dtype)
                 parameter.requires_grad_(True)
             if config.gradient_checkpointing:
                 checkpointing = True
@@ -157,6 +172,8 @@ def train_dreambooth(
                                      snapshot=result_so_far, watch=watcher)
     finally:
         # Optimizer states and gradients are as large as the UNet (or twice): give them back now.
+        if optimization is not None:
+            optimization.close()
         optimization = None
         for model in (unet, text_encoder):
             model.zero_grad(set_to_none=True)
@@ -166,6 +183,9 @@ def train_dreambooth(
             unet.disable_gradient_checkpointing()
             if train_text:
                 _text_checkpointing(text_encoder, False)
+        cast_frozen(vae, frozen_dtypes["vae"])
+        if not train_text:
+            cast_frozen(text_encoder, frozen_dtypes["text_encoder"])
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()

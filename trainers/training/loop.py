@@ -22,9 +22,12 @@ are appended to each batch and its loss, weighted by ``prior_loss_weight``, is a
 separately.
 
 What the loop steps with is built here too, so a setting means the same in LoRA and DreamBooth:
-AdamW with torch's defaults (which the diffusers and kohya recipes also use) or Adafactor used
-like Adam, a diffusers LR schedule with warmup, fp16/bf16 autocast only on CUDA (with a grad
-scaler for fp16).
+AdamW with torch's defaults (which the diffusers and kohya recipes also use; its fused kernel
+where the weights allow it), Adafactor used like Adam, or bitsandbytes' 8-bit AdamW on CUDA; a
+diffusers LR schedule with warmup; bf16/fp16 autocast on any device (with a grad scaler for
+fp16). Two lean ways to step (:class:`WeightSteps`): the optimizer step of each weight inside the
+backward pass (``fused_backward``: full-size gradients are never all held), and bf16 weights
+whose update is computed in fp32 and written back with :func:`stochastic_round_to_bf16`.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ import torch
 from ..data.subject import SubjectData
 from ..sd15.checkpoint import SD15Components
 from .callbacks import LossHistory, NonFiniteLossError, StepState, TrainingCallbacks, WithLossHistory
-from .config import ConfigError, DreamBoothTrainConfig, LoRATrainConfig
+from .config import ConfigError, DreamBoothTrainConfig, LoRATrainConfig, check_device
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +67,16 @@ def model_device(model: Any) -> torch.device:
 
 def model_dtype(model: Any) -> torch.dtype:
     return next(model.parameters()).dtype
+
+
+def cast_frozen(model: torch.nn.Module, dtype: torch.dtype, keep: Sequence[torch.Tensor] = ()) -> None:
+    """Store ``model``'s floating-point weights in ``dtype``, one tensor at a time (no second copy
+    of the model), except those in ``keep`` (the trained ones). Freed (meta) weights are left alone."""
+    kept = {id(t) for t in keep}
+    for parameter in model.parameters():
+        if id(parameter) not in kept and parameter.is_floating_point() and parameter.dtype != dtype \
+                and not parameter.is_meta:
+            parameter.data = parameter.data.to(dtype)
 
 
 def check_trainable(base: SD15Components, subject: SubjectData, class_subject: SubjectData | None, with_prior: bool,
@@ -363,7 +376,7 @@ class LoopSettings:
     min_snr_gamma: float = 0.0
     max_grad_norm: float = 1.0
     prior_loss_weight: float = 1.0
-    autocast_dtype: torch.dtype | None = None  # CUDA mixed precision; None = no autocast
+    autocast_dtype: torch.dtype | None = None  # mixed precision (any device); None = no autocast
     save_every: int = 0  # steps between save points (callbacks.on_save_point); 0 = none
 
     @classmethod
@@ -383,6 +396,13 @@ class Optimization:
     # Zero gradients in place instead of freeing them: for a full fine-tune the 3.4 GB of UNet
     # gradients would otherwise be unmapped and faulted in again every step.
     keep_grad_buffers: bool = False
+    # Steps weight by weight (fused_backward, bf16 weights); None: optimizer.step() on all at once.
+    weight_steps: WeightSteps | None = None
+
+    def close(self) -> None:
+        """Remove the backward hooks of fused_backward (the models outlive the run)."""
+        if self.weight_steps is not None:
+            self.weight_steps.close()
 
 
 @dataclass
@@ -458,9 +478,9 @@ class LoopResult(WithLossHistory):
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None) -> Any:
-    if dtype is None or device.type != "cuda":
+    if dtype is None:
         return nullcontext()
-    return torch.autocast(device_type="cuda", dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def compute_step_loss(
@@ -508,10 +528,25 @@ def apply_gradients(loss: torch.Tensor, optimization: Optimization, max_grad_nor
     """Backward, clip, optimizer and scheduler step; returns the gradient norm before clipping.
 
     Raises NonFiniteLossError before the optimizer step if an fp32 gradient is not finite (with
-    fp16 the grad scaler skips such steps itself).
+    fp16 the grad scaler skips such steps itself). With fused_backward the weights are stepped
+    during the backward pass, each with its own clipped gradient; a non-finite gradient is found
+    after that pass (the run stops the same way, its weights no longer usable).
     """
     optimizer, scaler = optimization.optimizer, optimization.grad_scaler
-    optimizer.zero_grad(set_to_none=not optimization.keep_grad_buffers)
+    steps = optimization.weight_steps
+    if steps is not None and steps.in_backward:
+        steps.begin(step)
+        loss.backward()
+        norm = steps.end()
+        if not math.isfinite(norm):
+            raise NonFiniteLossError(step, "gradient", float(optimizer.param_groups[0]["lr"]))
+        optimization.lr_scheduler.step()
+        return norm
+    if steps is not None:  # its optimizer holds fp32 stand-ins of bf16 weights: free the weights' own gradients
+        for parameter in optimization.parameters:
+            parameter.grad = None
+    else:
+        optimizer.zero_grad(set_to_none=not optimization.keep_grad_buffers)
     if scaler is not None:
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -525,7 +560,11 @@ def apply_gradients(loss: torch.Tensor, optimization: Optimization, max_grad_nor
     else:
         if not math.isfinite(norm):
             raise NonFiniteLossError(step, "gradient", float(optimizer.param_groups[0]["lr"]))
-        optimizer.step()
+        if steps is not None:
+            steps.begin(step)
+            steps.step_all()
+        else:
+            optimizer.step()
     optimization.lr_scheduler.step()
     return norm
 
@@ -612,20 +651,16 @@ ADAMW_DESCRIPTION = f"torch.optim.AdamW(betas={ADAMW_BETAS},weight_decay={ADAMW_
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``precision`` on ``device``; None means plain fp32.
+COMPUTE_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-    bf16/fp16 autocast runs only on CUDA. On other devices training falls back to fp32 with a
-    warning (a workflow made on a GPU still runs on a CPU-only machine).
+
+def autocast_dtype_for(config: LoRATrainConfig | DreamBoothTrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``config`` on ``device`` (``auto`` resolved there); None means plain fp32.
+
+    Raises ConfigError for settings the device cannot run (:func:`config.check_device`).
     """
-    if precision == "fp32":
-        return None
-    if device.type != "cuda":
-        logger.warning("precision %s needs a CUDA GPU; training on %s in fp32 instead", precision, device.type)
-        return None
-    if precision == "bf16" and not torch.cuda.is_bf16_supported():
-        raise ConfigError("precision 'bf16' is not supported by this GPU; use 'fp16' or 'fp32'")
-    return torch.bfloat16 if precision == "bf16" else torch.float16
+    check_device(config, device)
+    return COMPUTE_DTYPES[config.compute_precision(device)]
 
 
 def mixed_precision_name(autocast_dtype: torch.dtype | None) -> str:
@@ -634,14 +669,146 @@ def mixed_precision_name(autocast_dtype: torch.dtype | None) -> str:
 
 
 def make_optimizer(groups: list[dict[str, Any]], name: str) -> torch.optim.Optimizer:
-    """AdamW, or Adafactor used like Adam (absolute learning rate, no relative steps, no momentum)."""
+    """AdamW (torch's fused kernel where every weight allows it), Adafactor used like Adam (absolute
+    learning rate, no relative steps, no momentum), or bitsandbytes' AdamW8bit (CUDA)."""
     if name == "adamw":
-        return torch.optim.AdamW(groups, betas=ADAMW_BETAS, weight_decay=ADAMW_WEIGHT_DECAY, eps=ADAMW_EPS)
+        return torch.optim.AdamW(groups, betas=ADAMW_BETAS, weight_decay=ADAMW_WEIGHT_DECAY, eps=ADAMW_EPS,
+                                 fused=_fused_adamw_fits(groups) or None)
     if name == "adafactor":
         from transformers.optimization import Adafactor
 
         return Adafactor(groups, scale_parameter=False, relative_step=False, warmup_init=False, weight_decay=0.0)
-    raise ConfigError(f"optimizer must be one of 'adamw', 'adafactor' (got {name!r})")
+    if name == "adamw8bit":
+        import bitsandbytes
+
+        return bitsandbytes.optim.AdamW8bit(groups, betas=ADAMW_BETAS, weight_decay=ADAMW_WEIGHT_DECAY, eps=ADAMW_EPS)
+    raise ConfigError(f"optimizer must be one of 'adamw', 'adafactor', 'adamw8bit' (got {name!r})")
+
+
+def _fused_adamw_fits(groups: list[dict[str, Any]]) -> bool:
+    """torch's fused AdamW runs one kernel over all weights: they must be floating point, on one
+    CPU or CUDA device. Same update as the default loop within fp32 rounding, and faster."""
+    params = [p for group in groups for p in group["params"]]
+    devices = {p.device for p in params}
+    return bool(params) and len(devices) == 1 and next(iter(devices)).type in ("cpu", "cuda") \
+        and all(p.is_floating_point() for p in params)
+
+
+def stochastic_round_to_bf16(values: torch.Tensor, generator: torch.Generator | None = None,
+                             inplace: bool = False) -> torch.Tensor:
+    """``values`` (fp32) in bf16, each rounded up or down at random with odds given by its distance
+    to the two neighbours: unbiased, so updates far below bf16's resolution still add up over steps
+    where round-to-nearest would drop every one of them.
+
+    bf16 is the top 16 bits of an fp32: adding uniform random bits below them and cutting them off
+    carries into the kept bits with exactly that probability. ``inplace`` may overwrite ``values``.
+    """
+    bits = (values if inplace and values.dtype == torch.float32 else values.to(torch.float32, copy=True))
+    bits = bits.contiguous().view(torch.int32)
+    bits.add_(torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device, generator=generator))
+    bits.bitwise_and_(-(1 << 16))
+    return bits.view(torch.float32).to(torch.bfloat16)
+
+
+class WeightSteps:
+    """Steps the optimizer one weight at a time, for two lean ways to train:
+
+    - inside the backward pass (``in_backward``, the fused_backward option): a hook on each weight
+      clips that tensor's gradient, steps it and frees the gradient as soon as it is accumulated,
+      so the gradients of the whole model are never held at once;
+    - for bf16 weights: the optimizer holds an fp32 stand-in per weight (empty between steps, so
+      it costs no memory), the update is computed in fp32 on a temporary fp32 copy of the weight
+      (its states are fp32), and written back with :func:`stochastic_round_to_bf16`, its random
+      bits drawn from the run's seed, the step and the weight's index (a resumed run repeats them).
+
+    The optimizer's ``param_groups`` and ``state_dict`` look as if it stepped all weights at once,
+    so the LR schedule and training states (resume) are the same as the ordinary path's.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, parameters: list[torch.nn.Parameter],
+                 stand_ins: list[torch.Tensor] | None, *, in_backward: bool, max_grad_norm: float, seed: int) -> None:
+        self.optimizer = optimizer
+        self.parameters = parameters
+        self.stand_ins = stand_ins
+        self.in_backward = in_backward
+        self.max_grad_norm = max_grad_norm
+        self.seed = seed
+        stepped = stand_ins if stand_ins is not None else parameters
+        where = {id(t): (g, group) for g, group in enumerate(optimizer.param_groups) for t in group["params"]}
+        self._group = [where[id(t)][1] for t in stepped]
+        self._index = {id(p): i for i, p in enumerate(parameters)}
+        self._step = 0
+        self._squares: torch.Tensor | None = None
+        self._generator: torch.Generator | None = None
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_gradient) for p in parameters] \
+            if in_backward else []
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def begin(self, step: int) -> None:
+        """Before the backward pass (or step_all) of optimizer step ``step``."""
+        self._step = step
+        self._squares = None
+
+    def end(self) -> float:
+        """After the backward pass: the norm of all gradients before clipping."""
+        missing = [i for i, p in enumerate(self.parameters) if p.grad is not None]
+        if missing:  # a weight whose hook did not run (cannot happen with autograd's leaves): step it now
+            for i in missing:
+                self._on_gradient(self.parameters[i])
+        return math.sqrt(float(self._squares)) if self._squares is not None else 0.0
+
+    def step_all(self) -> None:
+        """The ordinary path with bf16 weights: gradients already clipped together; step each weight."""
+        for parameter in self.parameters:
+            if parameter.grad is not None:
+                self.step_one(parameter)
+                parameter.grad = None
+
+    def _on_gradient(self, parameter: torch.Tensor) -> None:
+        grad = parameter.grad
+        assert grad is not None
+        with torch.no_grad():
+            norm = torch.linalg.vector_norm(grad.detach(), dtype=torch.float32)
+            squares = norm.square()
+            self._squares = squares if self._squares is None else self._squares + squares.to(self._squares.device)
+            if self.max_grad_norm > 0:
+                grad.mul_(torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0).to(grad.dtype))
+        self.step_one(parameter)
+        parameter.grad = None
+
+    def step_one(self, parameter: torch.Tensor) -> None:
+        """One optimizer step of ``parameter`` alone (its gradient is set), with its group's settings."""
+        index = self._index[id(parameter)]
+        group = self._group[index]
+        stand_in = self.stand_ins[index] if self.stand_ins is not None else None
+        if stand_in is not None:
+            assert parameter.grad is not None
+            stand_in.data = parameter.detach().float()
+            stand_in.grad = parameter.grad.detach().float()
+            stepped = stand_in
+        else:
+            stepped = parameter
+        groups, params = self.optimizer.param_groups, group["params"]
+        self.optimizer.param_groups, group["params"] = [group], [stepped]
+        try:
+            self.optimizer.step()
+        finally:
+            self.optimizer.param_groups, group["params"] = groups, params
+        if stand_in is not None:
+            with torch.no_grad():
+                parameter.copy_(stochastic_round_to_bf16(stand_in.data, self._rounding(parameter, index),
+                                                         inplace=True))
+            stand_in.grad = None
+            stand_in.data = stand_in.data.new_empty(0)
+
+    def _rounding(self, parameter: torch.Tensor, index: int) -> torch.Generator:
+        if self._generator is None or self._generator.device != parameter.device:
+            self._generator = torch.Generator(device=parameter.device)
+        return self._generator.manual_seed(derive_seed(self.seed, f"rounding:{self._step}:{index}"))
 
 
 def build_optimization(
@@ -650,15 +817,32 @@ def build_optimization(
     text_params: list[torch.nn.Parameter],
     autocast_dtype: torch.dtype | None,
     keep_grad_buffers: bool = False,
+    device: torch.device | None = None,
 ) -> Optimization:
-    """Optimizer (one parameter group per model, each with its own lr), schedule and grad scaler."""
+    """Optimizer (one parameter group per model, each with its own lr), schedule and grad scaler,
+    and for DreamBooth's ``fused_backward`` / ``weight_precision`` bf16 the weight-by-weight steps."""
     from diffusers.optimization import get_scheduler
 
-    groups: list[dict[str, Any]] = [{"params": unet_params, "lr": config.unet_lr}]
+    parameters = unet_params + text_params
+    in_backward = bool(getattr(config, "fused_backward", False))
+    low_weights = any(p.dtype == torch.bfloat16 for p in parameters)
+    # bf16 weights: the optimizer steps fp32 stand-ins (empty between steps) so its states are fp32.
+    stand_ins = [torch.empty(0, dtype=torch.float32, device=p.device) for p in parameters] if low_weights else None
+    stepped = stand_ins if stand_ins is not None else parameters
+    groups: list[dict[str, Any]] = [{"params": stepped[:len(unet_params)], "lr": config.unet_lr}]
     if text_params:
-        groups.append({"params": text_params, "lr": config.text_encoder_lr})
+        groups.append({"params": stepped[len(unet_params):], "lr": config.text_encoder_lr})
     optimizer = make_optimizer(groups, config.optimizer)
     scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps,
                               num_training_steps=config.steps)
-    scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
-    return Optimization(optimizer, scheduler, unet_params + text_params, scaler, keep_grad_buffers=keep_grad_buffers)
+    device = device if device is not None else (parameters[0].device if parameters else torch.device("cpu"))
+    scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
+    weight_steps = None
+    if in_backward or stand_ins is not None:
+        if scaler is not None:
+            raise ConfigError("fused_backward and weight_precision 'bf16' cannot run with fp16 gradient scaling: "
+                              "set precision to 'bf16' or 'fp32'")
+        weight_steps = WeightSteps(optimizer, parameters, stand_ins, in_backward=in_backward,
+                                   max_grad_norm=config.max_grad_norm, seed=config.seed)
+    return Optimization(optimizer, scheduler, parameters, scaler, keep_grad_buffers=keep_grad_buffers,
+                        weight_steps=weight_steps)

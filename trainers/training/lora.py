@@ -1,6 +1,8 @@
 """LoRA training of SD1.5 on a subject, exported in the kohya format every SD1.5 tool reads.
 
-What is trained (peft LoRA layers, base weights frozen, LoRA weights fp32):
+What is trained (peft LoRA layers, base weights frozen, LoRA weights fp32; the frozen weights
+of the UNet, VAE and a frozen text encoder are stored in the compute precision, bf16 or fp16 when
+``precision`` resolves to one, as the diffusers and kohya recipes do):
 
 - UNet: ``to_q``, ``to_k``, ``to_v``, ``to_out.0`` of both attentions (self ``attn1`` and cross
   ``attn2``) of every transformer block: 128 modules in SD1.5 (16 blocks x 2 x 4).
@@ -16,8 +18,11 @@ names ComfyUI's LoraLoader, A1111/Forge and diffusers' kohya converter map. peft
 names are never written (ComfyUI does not load them).
 
 The base models passed in are left as they came: adapters are injected for training and removed
-afterwards (no copy of the 860M-parameter UNet), and ``requires_grad``, train/eval mode and
-gradient checkpointing are restored, also when training fails or a callback raises.
+afterwards (no copy of the 860M-parameter UNet), and ``requires_grad``, train/eval mode, gradient
+checkpointing and each weight's dtype are restored, also when training fails or a callback raises.
+Frozen weights stored in bf16/fp16 for training are cast back to their dtype without keeping a
+copy: their values are then those of that precision (exactly the same for an fp16 checkpoint
+trained in fp16; rounded to bf16's 8 bits of mantissa when trained in bf16).
 
 Whole runs (checks, base model, class images, reuse, provenance) go through :mod:`trainers.jobs`;
 the command line is ``python -m trainers lora``.
@@ -50,12 +55,13 @@ from .loop import (
     LoopSettings,
     LoopState,
     Optimization,
+    autocast_dtype_for,
     build_optimization,
+    cast_frozen,
     check_trainable,
     derive_seed,
     model_device,
     prepare_training_sets,
-    resolve_precision,
     run_training_loop,
 )
 from .record import Provenance, training_metadata
@@ -233,6 +239,7 @@ class _ModelState:
     requires_grad: dict[str, bool]
     training: dict[str, bool]
     checkpointing: bool | None
+    dtypes: dict[str, torch.dtype]
 
 
 def _snapshot(model: torch.nn.Module) -> _ModelState:
@@ -241,6 +248,7 @@ def _snapshot(model: torch.nn.Module) -> _ModelState:
         requires_grad={name: p.requires_grad for name, p in model.named_parameters()},
         training={name: m.training for name, m in model.named_modules()},
         checkpointing=checkpointing,
+        dtypes={name: p.dtype for name, p in model.named_parameters()},
     )
 
 
@@ -251,6 +259,8 @@ def _restore(model: torch.nn.Module, state: _ModelState) -> None:
         else:
             model.disable_gradient_checkpointing()
     for name, parameter in model.named_parameters():
+        if name in state.dtypes and parameter.dtype != state.dtypes[name] and not parameter.is_meta:
+            parameter.data = parameter.data.to(state.dtypes[name])
         if name in state.requires_grad:
             parameter.requires_grad_(state.requires_grad[name])
     for name, module in model.named_modules():
@@ -346,7 +356,8 @@ def train_lora(
     callbacks = callbacks or TrainingCallbacks()
     unet, vae, text_encoder = base.unet, base.vae, base.text_encoder
     device = model_device(unet)
-    autocast_dtype = resolve_precision(config.precision, device)
+    autocast_dtype = autocast_dtype_for(config, device)
+    frozen_dtype = autocast_dtype or torch.float32
     train_text = config.train_text_encoder
     alpha = config.effective_alpha
     started = time.monotonic()
@@ -365,6 +376,9 @@ def train_lora(
                 model.requires_grad_(False)
             vae.eval()
             text_encoder.eval()
+            cast_frozen(vae, frozen_dtype)
+            if not train_text:
+                cast_frozen(text_encoder, frozen_dtype)
             instance, prior = prepare_training_sets(base, subject, class_subject, cache_latents=config.cache_latents,
                                                     cache_text=not train_text)
             try:
@@ -386,6 +400,9 @@ def train_lora(
                 for parameter in unet_params + text_params:
                     parameter.data = parameter.data.float()
                     parameter.requires_grad_(True)
+                cast_frozen(unet, frozen_dtype, keep=unet_params)
+                if train_text:
+                    cast_frozen(text_encoder, frozen_dtype, keep=text_params)
                 if config.gradient_checkpointing:
                     unet.enable_gradient_checkpointing()
                 unet.train()

@@ -2,8 +2,10 @@
 written the same way for LoRA and DreamBooth files and read back (loss curves, reuse checks).
 
 - :func:`run_fingerprint`: SHA-256 of everything that decides what a run produces (engine
-  version, base-model content, subject, training identity of the config, class images). Stored
-  as ``dbs.fingerprint``; a file holding the fingerprint of a requested run is reused.
+  version, base-model content, subject, training identity of the config on the device it trains
+  on, class images). Stored as ``dbs.fingerprint``; a file holding the fingerprint of a requested
+  run is reused. The identity holds the precision as resolved on the device: ``auto`` on a CPU is
+  the same run as ``fp32`` (and files trained with ``fp32`` before ``auto`` existed are reused).
 - :class:`Provenance`: where a run came from (base model, its hash, the fingerprint, where the
   class images came from). Computed once by the job and handed to the save functions.
 - :func:`training_metadata`: the kohya ``ss_*`` keys that model viewers show and our ``dbs.*``
@@ -36,17 +38,19 @@ ENGINES = {"lora": "lora-1", "dreambooth": "dreambooth-1"}
 _COMMENTS = {"lora": "DreamBooth Studio LoRA", "dreambooth": "DreamBooth Studio"}
 
 
-def run_fingerprint(base_fingerprint: str, subject: SubjectData, config: TrainConfig, class_source: str = "") -> str:
+def run_fingerprint(base_fingerprint: str, subject: SubjectData, config: TrainConfig, class_source: str = "",
+                    device: torch.device | str | None = None) -> str:
     """SHA-256 of a run: same engine, base model, subject, config and class images -> same file.
 
     ``class_source`` identifies the class images (a generated set's key, or a folder's subject
-    fingerprint); it is ignored when prior preservation is off.
+    fingerprint); it is ignored when prior preservation is off. ``device`` is where the run
+    trains (None: the CPU); it resolves precision ``auto``.
     """
     payload = {
         "engine": ENGINES[config.method],
         "base": base_fingerprint,
         "subject": subject.fingerprint(),
-        "config": config.training_identity(),
+        "config": config.training_identity(device),
         "class_source": class_source if config.with_prior else "",
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
@@ -63,9 +67,11 @@ class Provenance:
 
     @classmethod
     def of_run(cls, base_model: str, base_fingerprint: str, subject: SubjectData, config: TrainConfig,
-               class_source: str = "", prior_info: Mapping[str, str] | None = None) -> Provenance:
+               class_source: str = "", prior_info: Mapping[str, str] | None = None,
+               device: torch.device | str | None = None) -> Provenance:
+        """The provenance of a run that trains on ``device`` (None: the CPU)."""
         return cls(base_model=base_model, base_fingerprint=base_fingerprint,
-                   fingerprint=run_fingerprint(base_fingerprint, subject, config, class_source),
+                   fingerprint=run_fingerprint(base_fingerprint, subject, config, class_source, device),
                    prior_info=dict(prior_info or {}))
 
     def metadata(self) -> dict[str, str]:
