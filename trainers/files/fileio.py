@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -109,6 +110,15 @@ _DTYPE_NAMES = {
 }
 
 
+def _describe(tensors: Mapping[str, torch.Tensor], name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+    """A tensor's dtype and shape; a mapping that makes its tensors when read (a cast view of a
+    model) tells them without making one."""
+    if hasattr(tensors, "dtype_of") and hasattr(tensors, "shape_of"):
+        return tensors.dtype_of(name), tuple(tensors.shape_of(name))
+    tensor = tensors[name]
+    return tensor.dtype, tuple(tensor.shape)
+
+
 def write_safetensors(tensors: Mapping[str, torch.Tensor], handle, metadata: Mapping[str, str] | None) -> None:
     """Serialise in the safetensors format with keys, metadata and data in sorted order, so the
     same tensors and metadata always give the same bytes (the reference writer orders metadata
@@ -117,11 +127,11 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], handle, metadata: Map
     header: dict = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
     offset = 0
     for name in names:
-        tensor = tensors[name]
-        if tensor.dtype not in _DTYPE_NAMES:
-            raise TypeError(f"tensor {name} has dtype {tensor.dtype}, which this writer does not store")
-        size = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+        dtype, shape = _describe(tensors, name)
+        if dtype not in _DTYPE_NAMES:
+            raise TypeError(f"tensor {name} has dtype {dtype}, which this writer does not store")
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape),
                         "data_offsets": [offset, offset + size]}
         offset += size
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

@@ -19,7 +19,7 @@ import os
 import re
 import struct
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,6 +156,64 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[Shapes, dict[str, 
             f"{size}. The download or copy was probably interrupted; copy the file again."
         )
     return shapes, {str(k): str(v) for k, v in metadata.items()}, dict(dtypes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming tensors out of a safetensors file
+# ---------------------------------------------------------------------------------------------
+
+_TORCH_DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+    "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+}  # fmt: skip
+
+
+def _tensor_table(path: Path) -> tuple[int, dict[str, tuple[str, tuple[int, ...], int, int]]]:
+    """(data start, {key: (dtype, shape, begin, end)}) of a safetensors file, from its header."""
+    read_safetensors_header(path)  # clear errors for damaged, truncated or foreign files
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length).decode("utf-8"))
+    header.pop("__metadata__", None)
+    table = {key: (entry["dtype"], tuple(int(n) for n in entry["shape"]), *map(int, entry["data_offsets"]))
+             for key, entry in header.items()}
+    return 8 + length, table
+
+
+def stream_tensors(path: str | os.PathLike, keys: Iterable[str] | None = None,
+                   dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) pairs of a safetensors file, read one at a time with plain reads in file order.
+
+    Floating tensors are cast to ``dtype`` when given. Only one tensor in the file's dtype is held
+    at a time and the file is not memory-mapped, so reading a checkpoint into models costs the
+    models plus one tensor: no page-cache pages of the whole file counted in this process.
+    """
+    path = Path(path)
+    start, table = _tensor_table(path)
+    wanted = list(table) if keys is None else list(keys)
+    missing = [key for key in wanted if key not in table]
+    if missing:
+        raise CheckpointError(f"{path.name} has no tensor {missing[0]!r}")
+    order = sorted(wanted, key=lambda key: table[key][2])
+    with open(path, "rb", buffering=0) as handle:
+        for key in order:
+            name, shape, begin, end = table[key]
+            if name not in _TORCH_DTYPES:
+                raise CheckpointError(f"{path.name}: tensor {key!r} has dtype {name}, which is not a model weight type")
+            raw = torch.empty(end - begin, dtype=torch.uint8)
+            handle.seek(start + begin)
+            view = memoryview(raw.numpy())
+            done = 0
+            while done < len(view):
+                count = handle.readinto(view[done:])
+                if not count:
+                    raise CheckpointError(f"{path.name} is truncated inside tensor {key!r}; copy the file again")
+                done += count
+            tensor = raw.view(_TORCH_DTYPES[name]).reshape(shape)
+            if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+                tensor = tensor.to(dtype)
+            yield key, tensor
+            del raw, tensor
 
 
 # ---------------------------------------------------------------------------------------------
@@ -495,45 +553,76 @@ def model_config(model: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
+COMPONENTS = ("unet", "vae", "text_encoder")
+# One dtype for every part, or one per part ("unet", "vae", "text_encoder"; missing ones are fp32).
+Dtypes = torch.dtype | Mapping[str, torch.dtype]
+
+
+def component_dtypes(dtype: Dtypes) -> dict[str, torch.dtype]:
+    """The dtype each part is loaded in."""
+    if isinstance(dtype, torch.dtype):
+        return dict.fromkeys(COMPONENTS, dtype)
+    unknown = sorted(set(dtype) - set(COMPONENTS))
+    if unknown:
+        raise ValueError(f"unknown model part(s) {', '.join(unknown)}; parts: {', '.join(COMPONENTS)}")
+    return {name: dtype.get(name, torch.float32) for name in COMPONENTS}
+
+
+def _single_file_state(info: CheckpointInfo, name: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One part's weights with diffusers keys, streamed from the file in ``dtype``."""
+    parts, _, _ = convert.split_ldm_keys(_header_keys(info.path))
+    prefix = convert.COMPONENT_PREFIXES[name]
+    state = {key[len(prefix):]: tensor for key, tensor in stream_tensors(info.path, parts[name], dtype)}
+    config = {"unet": info.unet_config, "vae": info.vae_config, "text_encoder": info.text_encoder_config}[name]
+    try:
+        return convert.LDM_TO_DIFFUSERS[name](state, config)
+    except convert.ConversionError as error:
+        raise CheckpointError(f"{info.path.name}: {error}") from None
+
+
+def _single_file_part(info: CheckpointInfo, name: str, dtype: torch.dtype) -> Any:
+    config = {"unet": info.unet_config, "vae": info.vae_config, "text_encoder": info.text_encoder_config}[name]
+    builder = {"unet": build_unet, "vae": build_vae, "text_encoder": build_text_encoder}[name]
+    return builder(config, _single_file_state(info, name, dtype))
+
+
 def load_sd15_single_file(
-    path: str | os.PathLike, tokenizer_dir: str | os.PathLike, dtype: torch.dtype = torch.float32
+    path: str | os.PathLike, tokenizer_dir: str | os.PathLike, dtype: Dtypes = torch.float32
 ) -> SD15Components:
     """Load an SD1.5 single-file safetensors checkpoint into diffusers/transformers models.
 
     Offline and pickle-free: configs come from :mod:`trainers.sd15.architecture` (chosen by the tensor
-    shapes), the tokenizer from ``tokenizer_dir``. Models are returned on the CPU in eval mode.
+    shapes), the tokenizer from ``tokenizer_dir``. ``dtype`` is one dtype for all parts or one per
+    part. Weights are streamed tensor by tensor into the models: loading peaks at the models in
+    their dtypes plus one tensor. Models are returned on the CPU in eval mode.
     """
-    from safetensors import safe_open
-
     info = describe_checkpoint(path)
     tokenizer = load_tokenizer(tokenizer_dir)
-    parts, _, _ = convert.split_ldm_keys(_header_keys(info.path))
-    wanted = [key for keys in parts.values() for key in keys]
-    tensors: dict[str, torch.Tensor] = {}
-    with safe_open(str(info.path), framework="pt", device="cpu") as handle:
-        for key in wanted:
-            tensor = handle.get_tensor(key)
-            tensors[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
-    try:
-        converted = convert.ldm_to_diffusers(
-            tensors, info.unet_config, info.vae_config, info.text_encoder_config
-        )
-    except convert.ConversionError as error:
-        raise CheckpointError(f"{info.path.name}: {error}") from None
-    del tensors
-    unet = build_unet(info.unet_config, converted.pop("unet"))
-    vae = build_vae(info.vae_config, converted.pop("vae"))
-    text_encoder = build_text_encoder(info.text_encoder_config, converted.pop("text_encoder"))
-    logger.info("loaded %s (%s SD1.5 layout, %s)", info.path.name, info.size, dtype)
+    dtypes = component_dtypes(dtype)
+    models = {name: _single_file_part(info, name, dtypes[name]) for name in COMPONENTS}
+    logger.info("loaded %s (%s SD1.5 layout, %s)", info.path.name, info.size,
+                ", ".join(f"{name} {str(d).replace('torch.', '')}" for name, d in dtypes.items()))
     return SD15Components(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
+        unet=models["unet"],
+        vae=models["vae"],
+        text_encoder=models["text_encoder"],
         tokenizer=tokenizer,
         noise_scheduler=make_noise_scheduler(),
         size=info.size,
         source=str(info.path),
     )
+
+
+def load_part_state(source: str | os.PathLike, name: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One part's weights (diffusers keys, in ``dtype``) read again from the file or diffusers folder a
+    model was loaded from, streamed: for putting back a part that was freed while training."""
+    if name not in COMPONENTS:
+        raise ValueError(f"unknown model part {name!r}; parts: {', '.join(COMPONENTS)}")
+    source = Path(source)
+    if source.is_dir():
+        state = _read_tensors(_folder_weight_files(source / name, _FOLDER_WEIGHTS[name]), dtype)
+        return convert.normalize_text_encoder_keys(state) if name == "text_encoder" else state
+    return _single_file_state(describe_checkpoint(source), name, dtype)
 
 
 def _require_tokenizer(path: Path, tokenizer_dir: str | os.PathLike | None) -> None:
@@ -556,9 +645,10 @@ def check_sd15(path: str | os.PathLike, tokenizer_dir: str | os.PathLike | None)
 
 
 def load_sd15(
-    path: str | os.PathLike, tokenizer_dir: str | os.PathLike | None, dtype: torch.dtype = torch.float32
+    path: str | os.PathLike, tokenizer_dir: str | os.PathLike | None, dtype: Dtypes = torch.float32
 ) -> SD15Components:
-    """An SD1.5 single-file checkpoint or diffusers folder, whichever ``path`` is.
+    """An SD1.5 single-file checkpoint or diffusers folder, whichever ``path`` is, with each part in
+    ``dtype`` (one for all, or one per part).
 
     A folder's own ``tokenizer/`` is used when ``tokenizer_dir`` is None.
     """
@@ -651,22 +741,13 @@ def weight_shapes(path: str | os.PathLike) -> Shapes:
 
 
 def _read_tensors(files: list[Path], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    tensors: dict[str, torch.Tensor] = {}
-    for file in files:
-        read_safetensors_header(file)  # clear errors for damaged or truncated files
-        with safe_open(str(file), framework="pt", device="cpu") as handle:
-            for key in handle.keys():
-                tensor = handle.get_tensor(key)
-                tensors[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
-    return tensors
+    return {key: tensor for file in files for key, tensor in stream_tensors(file, dtype=dtype)}
 
 
 def load_sd15_diffusers_folder(
     path: str | os.PathLike,
     tokenizer_dir: str | os.PathLike | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: Dtypes = torch.float32,
 ) -> SD15Components:
     """Load a local SD1.5 diffusers folder (unet/, vae/, text_encoder/, tokenizer/), safetensors only.
 
@@ -683,6 +764,7 @@ def load_sd15_diffusers_folder(
     _check_diffusers_folder(folder)
     files = {name: _folder_weight_files(folder / name, stem) for name, stem in _FOLDER_WEIGHTS.items()}
     tokenizer = load_tokenizer(tokenizer_dir if tokenizer_dir is not None else folder / "tokenizer")
+    dtypes = component_dtypes(dtype)
 
     def diffusers_config(name: str) -> dict[str, Any]:
         config = _read_json(folder / name / "config.json")
@@ -692,15 +774,15 @@ def load_sd15_diffusers_folder(
     text_config = CLIPTextConfig.from_dict(_read_json(folder / "text_encoder" / "config.json"))
     unet = _build(
         lambda: UNet2DConditionModel.from_config(unet_config),
-        _read_tensors(files["unet"], dtype),
+        _read_tensors(files["unet"], dtypes["unet"]),
         f"UNet in {folder / 'unet'}",
     )
     vae = _build(
         lambda: AutoencoderKL.from_config(vae_config),
-        _read_tensors(files["vae"], dtype),
+        _read_tensors(files["vae"], dtypes["vae"]),
         f"VAE in {folder / 'vae'}",
     )
-    text_state = convert.normalize_text_encoder_keys(_read_tensors(files["text_encoder"], dtype))
+    text_state = convert.normalize_text_encoder_keys(_read_tensors(files["text_encoder"], dtypes["text_encoder"]))
     text_encoder = _build(
         lambda: CLIPTextModel(text_config), text_state, f"text encoder in {folder / 'text_encoder'}"
     )
@@ -720,12 +802,40 @@ def load_sd15_diffusers_folder(
     )
 
 
+class CastTensors(Mapping[str, torch.Tensor]):
+    """Tensors cast to ``dtype`` one at a time, when each is read (``dtype=None`` keeps each
+    tensor's dtype): writing a checkpoint never holds a cast copy of the whole model."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> None:
+        self._tensors, self._dtype = tensors, dtype
+
+    def dtype_of(self, key: str) -> torch.dtype:
+        tensor = self._tensors[key]
+        return self._dtype if self._dtype is not None and tensor.is_floating_point() else tensor.dtype
+
+    def shape_of(self, key: str) -> tuple[int, ...]:
+        return tuple(self._tensors[key].shape)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        tensor = self._tensors[key].detach().to("cpu")
+        if self._dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(self._dtype)
+        return tensor.contiguous()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+
 def sd15_state_dict(
     unet: Any, vae: Any, text_encoder: Any, dtype: torch.dtype | None = torch.float16
-) -> dict[str, torch.Tensor]:
+) -> Mapping[str, torch.Tensor]:
     """The single-file (LDM) state dict of three models, floating tensors cast to ``dtype``.
 
-    ``dtype=None`` keeps each tensor's dtype. Tensors are detached CPU copies or views.
+    ``dtype=None`` keeps each tensor's dtype. Each tensor is a detached CPU copy or view, made when
+    it is read (see :class:`CastTensors`).
     """
     state = convert.diffusers_to_ldm(
         unet.state_dict(),
@@ -735,13 +845,7 @@ def sd15_state_dict(
         model_config(vae),
         model_config(text_encoder),
     )
-    out = {}
-    for key, tensor in state.items():
-        tensor = tensor.detach().to("cpu")
-        if dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(dtype)
-        out[key] = tensor.contiguous()
-    return out
+    return CastTensors(state, dtype)
 
 
 def save_sd15_single_file(

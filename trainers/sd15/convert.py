@@ -530,7 +530,15 @@ def split_ldm_keys(keys: Iterable[str]) -> tuple[dict[str, list[str]], list[str]
     return parts, ignored, unknown
 
 
-_PREFIXES = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": TEXT_ENCODER_PREFIX}
+COMPONENT_PREFIXES = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": TEXT_ENCODER_PREFIX}
+
+
+# Each part's LDM keys (without its prefix) -> diffusers/transformers keys, checked against its config.
+LDM_TO_DIFFUSERS = {
+    "unet": unet_ldm_to_diffusers,
+    "vae": vae_ldm_to_diffusers,
+    "text_encoder": text_encoder_ldm_to_diffusers,
+}
 
 
 def ldm_to_diffusers(
@@ -552,14 +560,11 @@ def ldm_to_diffusers(
         )
     if ignored:
         logger.debug("skipping %d non-weight entries: %s", len(ignored), _format_keys(ignored))
-    converters = {
-        "unet": (unet_ldm_to_diffusers, unet_config),
-        "vae": (vae_ldm_to_diffusers, vae_config),
-        "text_encoder": (text_encoder_ldm_to_diffusers, text_encoder_config),
-    }
+    configs = {"unet": unet_config, "vae": vae_config, "text_encoder": text_encoder_config}
     out = {}
-    for name, (convert, config) in converters.items():
-        prefix = _PREFIXES[name]
+    for name, config in configs.items():
+        convert = LDM_TO_DIFFUSERS[name]
+        prefix = COMPONENT_PREFIXES[name]
         out[name] = convert({key[len(prefix) :]: state_dict[key] for key in parts[name]}, config)
     return out
 
