@@ -25,9 +25,9 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import re
 import shutil
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,7 @@ from .training.config import DreamBoothTrainConfig, LoRATrainConfig
 from .training.dreambooth import save_dreambooth, train_dreambooth
 from .training.loop import SAVE_DTYPES, LoopState
 from .training.lora import save_lora, train_lora
+from .training.memory import check_memory, load_dtypes, lora_target_shapes
 from .training.record import (
     Provenance,
     TrainConfig,
@@ -59,6 +60,7 @@ from .training.record import (
     history_from_metadata,
     read_metadata,
 )
+from .training.residency import Residency
 from .training.savepoints import SavePoints
 from .training.saving import (
     FileIdentity,
@@ -190,8 +192,6 @@ def check_output(path: Path, inputs: tuple[Path | None, ...] = ()) -> None:
                 "over what it trains from; choose another output name")
 
 
-_LORA_TARGET = re.compile(r"transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)\.weight$")
-_TEXT_LORA_TARGET = re.compile(r"encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)\.weight$")
 _BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 _HEADER_ROOM = 1024 * 1024  # header, metadata, alignment
 
@@ -201,11 +201,8 @@ def estimated_file_bytes(base_model: Path, config: TrainConfig) -> int:
     shapes = checkpoint.weight_shapes(base_model)
     width = _BYTES[config.save_precision]
     if config.method == "lora":
-        total = 0
-        for key, shape in shapes.items():
-            if len(shape) == 2 and (_LORA_TARGET.search(key) or (config.train_text_encoder
-                                                                  and _TEXT_LORA_TARGET.search(key))):
-                total += config.rank * (shape[0] + shape[1]) * width + 4
+        total = sum(config.rank * (n_in + n_out) * width + 4 for n_in, n_out, part in lora_target_shapes(shapes)
+                    if part == "unet" or config.train_text_encoder)
         return total + _HEADER_ROOM
     count = sum(_numel(shape) for key, shape in shapes.items() if not key.startswith("model_ema."))
     return count * width + _HEADER_ROOM
@@ -289,25 +286,36 @@ class Durability:
 
 
 def _train_lora(base: SD15Components, subject: SubjectData, config: LoRATrainConfig, callbacks: TrainingCallbacks,
-                class_data: SubjectData | None, resume: LoopState | None, save_every: int, **watch: Any) -> Any:
+                class_data: SubjectData | None, resume: LoopState | None, save_every: int, **options: Any) -> Any:
     return train_lora(base, subject, config, callbacks, class_subject=class_data, resume=resume,
-                      save_every=save_every, **watch)
+                      save_every=save_every, **options)
 
 
 def _train_dreambooth(base: SD15Components, subject: SubjectData, config: DreamBoothTrainConfig,
                       callbacks: TrainingCallbacks, class_data: SubjectData | None, resume: LoopState | None,
-                      save_every: int, **watch: Any) -> Any:
+                      save_every: int, **options: Any) -> Any:
     return train_dreambooth(base, subject, config, callbacks, class_subject=class_data, resume=resume,
-                            save_every=save_every, **watch)
+                            save_every=save_every, **options)
 
 
-def _writer(method: str, base: SD15Components, provenance: Provenance) -> Callable[[Any, Path, str, bool], Path]:
-    """How a result of ``method`` is written as a model file: write(result, path, precision, overwrite)."""
+def _writer(method: str, base: SD15Components, provenance: Provenance,
+            residency: Residency) -> Callable[[Any, Path, str, bool], Path]:
+    """How a result of ``method`` is written as a model file: write(result, path, precision, overwrite).
+    A checkpoint holds the VAE and text encoder too: frozen ones are read back from the base model
+    for the write (exact, also when they trained in bf16 or were freed) and freed again after."""
     if method == "lora":
         return lambda result, path, precision, overwrite: save_lora(
             result, path, overwrite=overwrite, dtype=SAVE_DTYPES[precision], provenance=provenance)
-    return lambda result, path, precision, overwrite: save_dreambooth(
-        base, result, path, precision, overwrite=overwrite, provenance=provenance)
+
+    def write_checkpoint(result: Any, path: Path, precision: str, overwrite: bool) -> Path:
+        with ExitStack() as parts:
+            for name in ("vae", "text_encoder"):
+                # frozen parts are written with the base file's own values, whatever dtype they trained in
+                parts.enter_context(residency.borrowed(name) if name in result.trained
+                                    else residency.as_in_source(name))
+            return save_dreambooth(base, result, path, precision, overwrite=overwrite, provenance=provenance)
+
+    return write_checkpoint
 
 
 _METHODS = {"lora": _train_lora, "dreambooth": _train_dreambooth}
@@ -441,17 +449,22 @@ def train_file(base_model: str | os.PathLike, subject: SubjectData, config: Trai
     check_free_space(needs, shown)
     if before_load is not None:
         before_load()
+    # the memory it will need at its peak, against what is free (after before_load freed the host's models)
+    check_memory(config, base_model, subject.resolution, device,
+                 samples=bool(watch is not None and watch.sample_every))
     callbacks = callbacks or TrainingCallbacks()
-    base = checkpoint.load_sd15(base_model, tokenizer_dir)
+    base = checkpoint.load_sd15(base_model, tokenizer_dir, load_dtypes(config, device))
     callbacks.on_base_loaded()
     try:
         if device is not None:
             for model in (base.unet, base.vae, base.text_encoder):
                 model.to(device)
         class_data = realize_prior(plan, base, class_cache_dir, callbacks.on_generate_step, tokenizer_dir)
-        write_result = _writer(config.method, base, provenance)
+        # frozen parts leave memory once their outputs are cached (read back from base_model when needed)
+        residency = Residency(base, base_model)
+        write_result = _writer(config.method, base, provenance, residency)
         # step files carry no reusable fingerprint: never taken for the finished run
-        write_step = _writer(config.method, base, replace(provenance, fingerprint=""))
+        write_step = _writer(config.method, base, replace(provenance, fingerprint=""), residency)
         points = SavePoints(callbacks, output=output, write=write_step, precision=config.save_precision,
                             fingerprint=provenance.fingerprint, state_dir=state_dir, keep_last=durability.keep_last,
                             save_on_cancel=durability.save_on_cancel, job={"config": config.to_dict()},
@@ -460,7 +473,7 @@ def train_file(base_model: str | os.PathLike, subject: SubjectData, config: Trai
                             shown=shown)
         try:
             result = train(base, subject, config, points, class_data, resume, durability.save_every, watch=watch,
-                           sample_dir=samples_to, run=provenance.fingerprint)
+                           sample_dir=samples_to, run=provenance.fingerprint, residency=residency)
         except NonFiniteLossError as exc:
             if points.last_point is not None:
                 exc.args = (str(exc).replace(" Nothing was saved.", "") + f" The step-{points.last_point} file "

@@ -51,6 +51,7 @@ from .loop import (
     run_training_loop,
 )
 from .record import Provenance, training_metadata
+from .residency import Residency, release_frozen
 from .saving import PrecisionOverflow
 from .watch import WatchConfig, WatchOutcome, watcher_for
 
@@ -94,6 +95,7 @@ def train_dreambooth(
     watch: WatchConfig | None = None,
     sample_dir: str | os.PathLike | None = None,
     run: str = "",
+    residency: Residency | None = None,
 ) -> DreamBoothResult:
     """Fine-tune ``base.unet`` (and ``base.text_encoder`` if its lr > 0) IN PLACE on ``subject``.
 
@@ -167,7 +169,9 @@ def train_dreambooth(
             models = LoopModels(unet, vae, text_encoder, base.noise_scheduler)
             settings = replace(LoopSettings.of(config, autocast_dtype), save_every=save_every)
             watcher = watcher_for(watch, models=models, tokenizer=base.tokenizer, instance=instance, prior=prior,
-                                  settings=settings, subject=subject, sample_dir=sample_dir, run=run)
+                                  settings=settings, subject=subject, sample_dir=sample_dir, run=run,
+                                  residency=residency)
+            release_frozen(residency, cached_latents=instance.cached_latents, frozen_text=not train_text)
             loop = run_training_loop(models, instance, optimization, settings, callbacks, prior=prior, resume=resume,
                                      snapshot=result_so_far, watch=watcher)
     finally:

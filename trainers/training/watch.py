@@ -35,7 +35,7 @@ import os
 import re
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +62,7 @@ from .loop import (
     tokenize,
     training_target,
 )
+from .residency import Residency
 
 log = logging.getLogger(__name__)
 
@@ -437,8 +438,9 @@ class Watcher(LoopWatch):
 
     def __init__(self, config: WatchConfig, *, models: LoopModels, tokenizer: Any, instance: TrainingSet,
                  prior: TrainingSet | None, settings: LoopSettings, instance_prompt: str, resolution: int,
-                 sample_dir: str | os.PathLike | None = None, run: str = "") -> None:
+                 sample_dir: str | os.PathLike | None = None, run: str = "", residency: Residency | None = None) -> None:
         self.config, self.models, self.tokenizer, self.settings = config, models, tokenizer, settings
+        self.residency = residency
         self.sets = [instance] if prior is None else [instance, prior]
         self.prompts = config.prompt_list(instance_prompt)
         self.size = config.image_size(resolution)
@@ -456,6 +458,17 @@ class Watcher(LoopWatch):
     @property
     def total(self) -> int:
         return self.settings.steps
+
+    def prepare(self) -> None:
+        """Encode now what needs the VAE or a frozen text encoder (the validation images and the
+        sample prompts), so both may leave memory while training; only decoding a sample needs the
+        VAE back."""
+        models = self.models
+        with _evaluating(models.text_encoder, models.vae):
+            if self.config.validate_every and self._validation is None:
+                self._validation = [self._validation_set(s) for s in self.sets]
+            if self.config.sample_every and not any(p.requires_grad for p in models.text_encoder.parameters()):
+                self._text_embeddings()
 
     # -- the loop's hooks --------------------------------------------------------------------
     def before_training(self, step: int, history: LossHistory, callbacks: TrainingCallbacks) -> None:
@@ -575,6 +588,10 @@ class Watcher(LoopWatch):
             self._prompt_embeddings = embeddings
         return embeddings
 
+    def _vae(self) -> Any:
+        """The VAE for decoding, brought back for the moment when it left memory."""
+        return self.residency.borrowed("vae") if self.residency is not None else nullcontext(self.models.vae)
+
     def render(self, callbacks: TrainingCallbacks | None = None) -> list[Any]:
         """One image per sample prompt with the weights as they are now (PIL images)."""
         from diffusers import DDIMScheduler
@@ -612,7 +629,7 @@ class Watcher(LoopWatch):
                     latents = scheduler.step(prediction, timestep, latents, eta=0.0).prev_sample
                     done += 1
                     callbacks.on_sample_step(done, total)
-                with autocast_context(device, self.settings.autocast_dtype):
+                with self._vae() as vae, autocast_context(device, self.settings.autocast_dtype):
                     decoded = vae.decode((latents / float(vae.config.scaling_factor)).to(model_dtype(vae))).sample
                 pixels = ((decoded[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
                 images.append(Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy()))
@@ -621,12 +638,14 @@ class Watcher(LoopWatch):
 
 def watcher_for(config: WatchConfig | None, *, models: LoopModels, tokenizer: Any, instance: TrainingSet,
                 prior: TrainingSet | None, settings: LoopSettings, subject: SubjectData,
-                sample_dir: str | os.PathLike | None, run: str) -> Watcher | None:
+                sample_dir: str | os.PathLike | None, run: str, residency: Residency | None = None) -> Watcher | None:
     """The run's watcher, or None when ``config`` asks for nothing (the loop then trains alone)."""
     if config is None or not config.active:
         return None
     if not isinstance(config, WatchConfig):
         raise TypeError(f"watch must be a WatchConfig, got {type(config).__name__}")
-    return Watcher(config, models=models, tokenizer=tokenizer, instance=instance, prior=prior, settings=settings,
-                   instance_prompt=subject.instance_prompt, resolution=subject.resolution, sample_dir=sample_dir,
-                   run=run)
+    watcher = Watcher(config, models=models, tokenizer=tokenizer, instance=instance, prior=prior, settings=settings,
+                      instance_prompt=subject.instance_prompt, resolution=subject.resolution, sample_dir=sample_dir,
+                      run=run, residency=residency)
+    watcher.prepare()
+    return watcher

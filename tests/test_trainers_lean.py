@@ -1,0 +1,159 @@
+"""Lean runs (tiny models): checkpoints stream into the models in each part's dtype, and the frozen
+VAE and text encoder leave memory once their outputs are cached, coming back only to decode a
+sample or to be written into a checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.support.paths import tokenizer_dir
+from tests.test_trainers_lora import make_subject
+from trainers import jobs
+from trainers.jobs import train_file
+from trainers.sd15 import checkpoint, placeholder
+from trainers.sd15.checkpoint import CheckpointError, load_sd15, stream_tensors
+from trainers.training.callbacks import TrainingCallbacks
+from trainers.training.config import DreamBoothTrainConfig, LoRATrainConfig
+from trainers.training.residency import Residency, parameters_freed
+from trainers.training.watch import WatchConfig
+
+pytestmark = pytest.mark.trainers
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def base_file(tmp_path_factory) -> Path:
+    return placeholder.write_random_sd15_checkpoint(tmp_path_factory.mktemp("base") / "tiny.safetensors",
+                                                     size="tiny")
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming loads
+# ---------------------------------------------------------------------------------------------
+
+
+def test_streamed_tensors_are_the_files_tensors_and_a_cut_file_names_the_tensor(base_file, tmp_path):
+    expected = load_file(str(base_file))
+    streamed = dict(stream_tensors(base_file))
+    assert streamed.keys() == expected.keys()
+    assert all(torch.equal(streamed[key], expected[key]) and streamed[key].dtype == expected[key].dtype
+               for key in expected)
+    as_bf16 = dict(stream_tensors(base_file, list(expected)[:3], torch.bfloat16))
+    assert {t.dtype for t in as_bf16.values() if t.is_floating_point()} == {torch.bfloat16}
+
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(base_file.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError, match="truncated"):
+        list(stream_tensors(cut))
+
+
+def test_each_part_loads_in_its_own_dtype_with_the_files_values(base_file):
+    dtypes = {"unet": torch.bfloat16, "vae": torch.float32, "text_encoder": torch.float16}
+    mixed = load_sd15(base_file, tokenizer_dir(), dtypes)
+    plain = load_sd15(base_file, tokenizer_dir())
+    for name, dtype in dtypes.items():
+        ours, reference = getattr(mixed, name).state_dict(), getattr(plain, name).state_dict()
+        assert {t.dtype for t in ours.values() if t.is_floating_point()} == {dtype}
+        assert all(torch.equal(ours[key].float(), reference[key].to(dtype).float()) for key in reference)
+    with pytest.raises(ValueError, match="unknown model part"):
+        load_sd15(base_file, tokenizer_dir(), {"unet": torch.float32, "clip": torch.float32})
+
+
+# ---------------------------------------------------------------------------------------------
+# What stays resident while training
+# ---------------------------------------------------------------------------------------------
+
+
+class Resident(TrainingCallbacks):
+    """Records, at every step and every sample round, whether the VAE / text encoder hold memory."""
+
+    def __init__(self, base_box: list) -> None:
+        self.base_box = base_box
+        self.steps: list[tuple[bool, bool]] = []
+
+    def on_step_end(self, state) -> None:
+        base = self.base_box[0]
+        self.steps.append((parameters_freed(base.vae), parameters_freed(base.text_encoder)))
+
+
+@pytest.fixture
+def loaded(monkeypatch) -> list:
+    """The job's base models, caught as train_file loads them."""
+    box: list = []
+    original = checkpoint.load_sd15
+
+    def catching(*args, **kwargs):
+        box.append(original(*args, **kwargs))
+        return box[-1]
+
+    monkeypatch.setattr(jobs.checkpoint, "load_sd15", catching)
+    return box
+
+
+def test_a_checkpoint_run_frees_vae_and_text_encoder_while_training_and_writes_them_intact(base_file, tmp_path,
+                                                                                           loaded):
+    # bf16: the VAE and text encoder train in bf16, yet the file gets the base model's own values
+    config = DreamBoothTrainConfig(steps=4, unet_lr=1e-4, class_images=0, precision="bf16")
+    callbacks = Resident(loaded)
+    watch = WatchConfig(sample_every=2, validate_every=2, sample_steps=2)
+    result = train_file(base_file, make_subject(count=3), config, tmp_path / "db.safetensors", tokenizer_dir(),
+                        callbacks=callbacks, watch=watch, sample_dir=tmp_path / "samples")
+    # gone from memory at every step, also after each sample round brought the VAE back to decode
+    assert callbacks.steps == [(True, True)] * 4
+    assert [r.step for r in result.samples] == [0, 2, 4]
+    assert all(image.getextrema() != ((0, 0), (0, 0), (0, 0)) for r in result.samples for image in r.images)
+    assert len(result.history.validation) == 3
+    # the written checkpoint holds the base file's VAE and text encoder exactly, and a trained UNet
+    written, base = load_file(str(result.path)), load_file(str(base_file))
+    frozen = [key for key in base if key.startswith(("first_stage_model.", "cond_stage_model."))
+              and key in written]
+    assert len(frozen) > 50 and all(torch.equal(written[key], base[key]) for key in frozen)
+    unet = [key for key in base if key.startswith("model.diffusion_model.") and key.endswith(".weight")]
+    assert any(not torch.equal(written[key], base[key]) for key in unet)
+
+
+@pytest.mark.parametrize(("config", "stays"), [
+    (LoRATrainConfig(steps=2, rank=2, text_encoder_lr=1e-4), (True, False)),  # the text encoder trains
+    (LoRATrainConfig(steps=2, rank=2, cache_latents=False), (False, True)),  # the VAE encodes every step
+], ids=["trained-text-encoder", "latents-not-cached"])
+def test_a_part_still_needed_stays(base_file, tmp_path, loaded, config, stays):
+    callbacks = Resident(loaded)
+    train_file(base_file, make_subject(count=2), config, tmp_path / "l.safetensors", tokenizer_dir(),
+               callbacks=callbacks)
+    assert callbacks.steps == [stays] * 2
+
+
+def test_a_released_part_comes_back_with_the_same_weights_and_without_a_file_it_stays(base_file):
+    base = load_sd15(base_file, tokenizer_dir(), {"text_encoder": torch.bfloat16})
+    for model in (base.unet, base.vae, base.text_encoder):
+        model.requires_grad_(False)
+    before = {key: tensor.clone() for key, tensor in base.text_encoder.state_dict().items()}
+    residency = Residency(base)
+    assert residency.release("text_encoder") and parameters_freed(base.text_encoder)
+    with residency.borrowed("text_encoder") as text_encoder:
+        assert not parameters_freed(text_encoder)
+        after = text_encoder.state_dict()
+        assert all(torch.equal(after[key], before[key]) for key in before)
+    assert parameters_freed(base.text_encoder)
+    residency.restore_all()
+    assert all(torch.equal(base.text_encoder.state_dict()[key], before[key]) for key in before)
+
+    built = checkpoint.SD15Components(unet=base.unet, vae=base.vae, text_encoder=base.text_encoder,
+                                      tokenizer=None, noise_scheduler=None, source="")
+    assert not Residency(built).release("vae") and not parameters_freed(base.vae)  # nothing to read it back from
+    with pytest.raises(ValueError, match="only the VAE and the text encoder"):
+        Residency(base).release("unet")
+    base.vae.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="vae is being trained"):
+        Residency(base).release("vae")

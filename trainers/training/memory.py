@@ -1,0 +1,283 @@
+"""A memory plan before loading: how much a run will need at its peak, and whether it fits.
+
+:func:`plan_memory` estimates, from the base model's header alone (no weights read), the peak of
+each phase of a run on a device:
+
+- ``load``: every part in the dtype it is loaded in, plus the largest tensor being read;
+- ``train``: the UNet (and what else stays resident after caching, see ``training.residency``),
+  the trained weights' gradients (only the largest with ``fused_backward``), the optimizer states,
+  the activations kept for the backward pass, and a sample round's VAE when samples are on;
+- ``save`` (a checkpoint): every part, plus one tensor being written.
+
+The activation term is fitted to peak RSS measured on the CPU at 64, 128 and 256 px
+(``bench/memory_plan.py`` checks the whole estimate against measurements); on a GPU the same
+terms are an estimate that no GPU here has measured. :func:`check_memory` refuses a run that will
+not fit the free memory, before the base model loads, and names settings that would fit.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..sd15 import checkpoint, convert
+
+log = logging.getLogger(__name__)
+
+GB = 1024**3
+_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+# What the process holds besides the models: Python, torch, diffusers and transformers, the
+# tokenizer and the cached latents (measured on the CPU); a CUDA context on a GPU.
+RUNTIME_BYTES = {"cpu": int(0.62 * GB), "cuda": int(0.45 * GB)}
+# Activations kept for the backward pass per latent pixel of the batch (a 64 px image has 8x8),
+# for fp32 compute; bf16/fp16 halve them. Gradient checkpointing keeps about a fifth.
+ACTIVATION_BYTES_PER_LATENT_PIXEL = 1.6e6
+CHECKPOINTING_SHARE = 0.2
+SKIP_ENV = "DBS_SKIP_MEMORY_CHECK"
+
+
+class MemoryPlanError(MemoryError):
+    """The run will not fit; the message says how much it needs, what is free and what would fit."""
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    device: str  # "cpu" or "cuda"
+    phases: dict[str, int]  # peak bytes of each phase
+    parts: list[tuple[str, int]] = field(default_factory=list)  # what the training peak is made of
+
+    @property
+    def peak(self) -> int:
+        return max(self.phases.values())
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=self.phases.__getitem__)
+
+    def describe(self) -> str:
+        inside = ", ".join(f"{name} {human(size)}" for name, size in self.parts if size >= 0.05 * GB)
+        return f"about {human(self.peak)} at its peak ({self.peak_phase}; training: {inside})"
+
+
+def human(size: float) -> str:
+    return f"{size / GB:.1f} GB"
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    """Element counts of the base model's parts and the largest tensor, from the header."""
+
+    numel: dict[str, int]
+    largest: int  # elements of the largest tensor
+    unet_tensors: list[tuple[int, ...]]  # shapes of the UNet's tensors (for Adafactor's factored states)
+    text_tensors: list[tuple[int, ...]]
+    lora_pairs: list[tuple[int, int, str]]  # (in, out, part) of every LoRA target
+
+
+# The weights a LoRA adapts, as named in a single file (LDM) or a diffusers folder.
+LORA_UNET_TARGET = re.compile(r"transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)\.weight$")
+LORA_TEXT_TARGET = re.compile(r"encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)\.weight$")
+
+
+def lora_target_shapes(shapes: dict[str, tuple[int, ...]]) -> list[tuple[int, int, str]]:
+    """(in, out, "unet" or "text_encoder") of every weight a LoRA adapts."""
+    found = []
+    for key, shape in shapes.items():
+        if len(shape) != 2:
+            continue
+        if LORA_UNET_TARGET.search(key):
+            found.append((shape[1], shape[0], "unet"))
+        elif LORA_TEXT_TARGET.search(key):
+            found.append((shape[1], shape[0], "text_encoder"))
+    return found
+
+
+def _sizes(base_model: Path) -> _Sizes:
+    shapes = checkpoint.weight_shapes(base_model)
+    numel = dict.fromkeys(checkpoint.COMPONENTS, 0)
+    unet, text = [], []
+    if base_model.is_dir():
+        owners = {key: key.split(".", 1)[0] for key in shapes}
+    else:
+        parts, _, _ = convert.split_ldm_keys(shapes)
+        owners = {key: name for name, keys in parts.items() for key in keys}
+    for key, owner in owners.items():
+        if owner not in numel:
+            continue
+        numel[owner] += math.prod(shapes[key])
+        (unet if owner == "unet" else text if owner == "text_encoder" else []).append(shapes[key])
+    largest = max((math.prod(shape) for key, shape in shapes.items() if key in owners), default=0)
+    return _Sizes(numel, largest, unet, text, lora_target_shapes(shapes))
+
+
+def _adafactor_states(shapes: Iterable[tuple[int, ...]]) -> int:
+    """Elements of Adafactor's states (factored rows and columns for matrices, no momentum)."""
+    total = 0
+    for shape in shapes:
+        if len(shape) >= 2:
+            total += shape[0] + math.prod(shape[1:])
+        else:
+            total += math.prod(shape)
+    return total
+
+
+def load_dtypes(config: Any, device: torch.device | str | None = None) -> dict[str, torch.dtype]:
+    """The dtype each part is loaded and kept in for ``config`` on ``device``: frozen parts in the
+    compute precision, trained weights in fp32 (or bf16 with ``weight_precision`` bf16)."""
+    compute = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
+        config.compute_precision(device)]
+    trained = torch.bfloat16 if getattr(config, "weight_precision", "fp32") == "bf16" else torch.float32
+    if config.method == "lora":  # base weights stay frozen; the LoRA weights are fp32
+        return {"unet": compute, "vae": compute, "text_encoder": compute}
+    return {"unet": trained, "vae": compute, "text_encoder": trained if config.train_text_encoder else compute}
+
+
+def activation_bytes(config: Any, resolution: int, batch: int, compute: str) -> int:
+    latent_pixels = (resolution // 8) ** 2
+    share = CHECKPOINTING_SHARE if config.gradient_checkpointing else 1.0
+    width = _BYTES[compute] / 4
+    return int(ACTIVATION_BYTES_PER_LATENT_PIXEL * latent_pixels / 64 * batch * share * width)
+
+
+def plan_memory(config: Any, base_model: str | os.PathLike, resolution: int,
+                device: torch.device | str | None = None, *, samples: bool = False) -> MemoryPlan:
+    """The memory plan of training ``config`` on ``base_model`` at ``resolution`` px on ``device``."""
+    device = torch.device("cpu" if device is None else device)
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    sizes = _sizes(Path(base_model))
+    dtypes = load_dtypes(config, device)
+    width = {name: torch.empty((), dtype=dtype).element_size() for name, dtype in dtypes.items()}
+    weights = {name: sizes.numel[name] * width[name] for name in sizes.numel}
+    compute = config.compute_precision(device)
+    runtime = RUNTIME_BYTES[kind]
+    load = runtime + sum(weights.values()) + sizes.largest * 4
+
+    train_text = config.train_text_encoder
+    frozen_text = not train_text
+    resident = weights["unet"] + (0 if config.cache_latents else weights["vae"]) + (
+        0 if frozen_text else weights["text_encoder"])
+    parts: list[tuple[str, int]] = [("runtime", runtime), ("UNet", weights["unet"])]
+    if not config.cache_latents:
+        parts.append(("VAE", weights["vae"]))
+    if train_text:
+        parts.append(("text encoder", weights["text_encoder"]))
+    if config.method == "lora":
+        lora = sum(config.rank * (n_in + n_out) for n_in, n_out, part in sizes.lora_pairs
+                   if part == "unet" or train_text)
+        trained, grads = lora * 4, lora * 4
+        states = 2 * lora * 4
+        parts += [("LoRA weights", trained), ("gradients", grads), ("AdamW states", states)]
+    else:
+        count = sizes.numel["unet"] + (sizes.numel["text_encoder"] if train_text else 0)
+        trained_width = 2 if getattr(config, "weight_precision", "fp32") == "bf16" else 4
+        grads = sizes.largest * trained_width if getattr(config, "fused_backward", False) else count * trained_width
+        if config.optimizer == "adafactor":
+            shapes = sizes.unet_tensors + (sizes.text_tensors if train_text else [])
+            states = _adafactor_states(shapes) * 4
+        elif config.optimizer == "adamw8bit":
+            states = 2 * count
+        else:
+            states = 2 * count * 4
+        parts += [("gradients", grads), (f"{config.optimizer} states", states)]
+        trained = 0
+    batch = config.batch_size * (2 if config.with_prior else 1)
+    activations = activation_bytes(config, resolution, batch, compute)
+    parts.append(("activations", activations))
+    train = runtime + resident + sum(size for name, size in parts if name in (
+        "LoRA weights", "gradients", "activations") or name.endswith("states"))
+    if samples and config.cache_latents:  # the VAE comes back to decode each sample
+        train += weights["vae"]
+        parts.append(("VAE for samples", weights["vae"]))
+    phases = {"load": load, "train": train}
+    if config.method == "dreambooth":
+        phases["save"] = runtime + sum(weights.values()) + sizes.largest * 4
+    return MemoryPlan(kind, phases, parts)
+
+
+def available_memory(device: torch.device | str | None = None) -> int | None:
+    """Free memory on ``device`` in bytes (RAM available to this process on the CPU), or None if unknown."""
+    device = torch.device("cpu" if device is None else device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+# Settings tried, in order, when a run does not fit: each applies to the config it can.
+_LEANER: list[tuple[str, dict[str, Any]]] = [
+    ("gradient_checkpointing on", {"gradient_checkpointing": True}),
+    ("optimizer adafactor", {"optimizer": "adafactor"}),
+    ("fused_backward on", {"fused_backward": True}),
+    ("weight_precision bf16", {"weight_precision": "bf16", "precision": "bf16"}),
+    ("precision bf16", {"precision": "bf16"}),
+    ("batch_size 1", {"batch_size": 1}),
+]
+
+
+def leaner_settings(config: Any, base_model: str | os.PathLike, resolution: int, device: Any, budget: int,
+                    samples: bool = False) -> list[tuple[str, MemoryPlan]]:
+    """Changes (cumulative, leanest last) that bring the plan under ``budget``: the first that fits,
+    or all of them when none does."""
+    found: list[tuple[str, MemoryPlan]] = []
+    names: list[str] = []
+    current = config
+    for name, change in _LEANER:
+        usable = {key: value for key, value in change.items() if hasattr(current, key)}
+        if len(usable) != len(change) or all(getattr(current, key) == value for key, value in usable.items()):
+            continue
+        try:
+            candidate = replace(current, **usable)
+            from .config import check_device
+
+            check_device(candidate, device)
+        except ValueError:
+            continue
+        current = candidate
+        names.append(name)
+        plan = plan_memory(current, base_model, resolution, device, samples=samples)
+        found.append((" + ".join(names), plan))
+        if plan.peak <= budget:
+            return found[-1:]
+    return found[-1:]
+
+
+def check_memory(config: Any, base_model: str | os.PathLike, resolution: int,
+                 device: torch.device | str | None = None, *, samples: bool = False,
+                 available: int | None = None) -> MemoryPlan:
+    """The run's plan; raises MemoryPlanError, before any model loads, when it will not fit in the
+    free memory of ``device`` (``available`` overrides what the system reports). Setting the
+    environment variable DBS_SKIP_MEMORY_CHECK=1 skips the refusal (the plan is still logged)."""
+    plan = plan_memory(config, base_model, resolution, device, samples=samples)
+    free = available if available is not None else available_memory(device)
+    log.info("memory plan: %s%s", plan.describe(), f", {human(free)} free" if free is not None else "")
+    if free is None or plan.peak <= free or os.environ.get(SKIP_ENV, "") not in ("", "0"):
+        return plan
+    where = "on the GPU" if plan.device == "cuda" else "of RAM"
+    message = (f"this run needs {plan.describe()}, but only {human(free)} {where} is free. ")
+    leaner = leaner_settings(config, base_model, resolution, device, free, samples)
+    if leaner and leaner[0][1].peak <= free:
+        message += f"With {leaner[0][0]} it needs about {human(leaner[0][1].peak)}, which fits. "
+    elif leaner:
+        message += (f"Even with {leaner[0][0]} it needs about {human(leaner[0][1].peak)}: train a LoRA or at "
+                    f"a lower resolution, or free memory. ")
+    else:
+        message += "Train at a lower resolution or free memory. "
+    message += f"(If the estimate is wrong for your system, set {SKIP_ENV}=1 to train anyway.)"
+    raise MemoryPlanError(message)
