@@ -60,6 +60,7 @@ def worker(args: argparse.Namespace) -> int:
         train_file(args.checkpoint, subject, config, Path(out) / "bench.safetensors", args.tokenizer,
                    callbacks=clock, before_load=clock.before_load)
     measured = {phase: rss.peaks.get(phase, 0) / GB for phase in ("load", "prepare", "train", "release", "save")}
+    measured["cache"] = measured.pop("prepare")
     print(json.dumps({
         "case": args.case, "size": size,
         "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB,
@@ -103,7 +104,7 @@ def main() -> int:
             rows.append(row)
             error = (row["plan"] - row["peak"]) / row["peak"]
             phases = "  ".join(f"{name} {row['measured'].get(name, 0):.2f}/{row['plan_phases'].get(name, 0):.2f}"
-                               for name in ("load", "train", "save") if name in row["plan_phases"])
+                               for name in ("load", "cache", "train", "save") if name in row["plan_phases"])
             print(f"{case:<10} {size:>4} {row['plan']:>6.2f} {row['peak']:>9.2f} {error:>+7.1%}   {phases}",
                   flush=True)
     if args.json is not None:

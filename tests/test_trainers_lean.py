@@ -4,6 +4,7 @@ sample or to be written into a checkpoint."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from trainers import jobs
 from trainers.jobs import train_file
 from trainers.sd15 import checkpoint, placeholder
 from trainers.sd15.checkpoint import CheckpointError, load_sd15, stream_tensors
+from trainers.training import memory
 from trainers.training.callbacks import TrainingCallbacks
 from trainers.training.config import DreamBoothTrainConfig, LoRATrainConfig
 from trainers.training.residency import Residency, parameters_freed
@@ -157,3 +159,62 @@ def test_a_released_part_comes_back_with_the_same_weights_and_without_a_file_it_
     base.vae.requires_grad_(True)
     with pytest.raises(RuntimeError, match="vae is being trained"):
         Residency(base).release("vae")
+
+
+# ---------------------------------------------------------------------------------------------
+# The memory plan
+# ---------------------------------------------------------------------------------------------
+
+GB = 1024**3
+LEAN = {"optimizer": "adafactor", "fused_backward": True, "weight_precision": "bf16", "precision": "bf16",
+        "gradient_checkpointing": True}
+
+
+@pytest.fixture(scope="module")
+def full_size() -> Path:
+    from tests.support.models import ensure_test_models
+
+    return ensure_test_models()["checkpoint"]  # only its header is read here
+
+
+def test_the_plan_grows_with_what_a_run_keeps_and_the_leanest_full_fine_tune_fits_8_gb_at_512_px(full_size):
+    def peak(config, resolution=512, device="cuda"):
+        return memory.plan_memory(config, full_size, resolution, device).peak
+
+    adamw = DreamBoothTrainConfig(class_images=0, precision="bf16")
+    assert peak(adamw) > 12.8 * GB  # fp32 weights, gradients and two AdamW states: 16 bytes x 860M weights
+    fused = replace(adamw, fused_backward=True)
+    assert 3.0 * GB < peak(adamw) - peak(fused) < 3.5 * GB  # the UNet's fp32 gradients are never all held
+    assert peak(replace(adamw, optimizer="adafactor")) < peak(adamw) - 4.5 * GB  # factored states
+    assert peak(DreamBoothTrainConfig(class_images=0, **LEAN)) < 8 * GB
+    lora = LoRATrainConfig(rank=4, precision="bf16")
+    assert peak(lora) < 4.5 * GB and peak(replace(lora, precision="fp32")) > peak(lora) + 1.5 * GB  # a 6 GB card
+    def train(config, resolution):
+        return memory.plan_memory(config, full_size, resolution, "cuda").phases["train"]
+
+    assert train(lora, 1024) > train(lora, 512) > train(lora, 256)
+    assert train(replace(lora, gradient_checkpointing=True), 1024) < train(lora, 1024)
+    with_prior = DreamBoothTrainConfig(class_images=10, precision="bf16")  # class images double the batch
+    assert peak(with_prior) > peak(adamw)
+
+
+def test_a_run_that_cannot_fit_is_refused_before_loading_with_settings_that_would(full_size, base_file, tmp_path,
+                                                                                  monkeypatch):
+    with pytest.raises(memory.MemoryPlanError) as refused:
+        memory.check_memory(DreamBoothTrainConfig(class_images=0), full_size, 512, available=8 * GB)
+    message = str(refused.value)
+    assert "needs about" in message and "only 8.0 GB of RAM is free" in message
+    assert "which fits" in message and "optimizer adafactor" in message and memory.SKIP_ENV in message
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the base model was loaded")
+
+    monkeypatch.setattr(jobs.checkpoint, "load_sd15", no_loading)
+    monkeypatch.setattr(memory, "available_memory", lambda device=None: 100 * 1024**2)
+    output = tmp_path / "lora.safetensors"
+    with pytest.raises(memory.MemoryPlanError, match="only 0.1 GB of RAM is free"):
+        train_file(base_file, make_subject(count=2), LoRATrainConfig(steps=2, rank=2), output, tokenizer_dir())
+    assert not output.exists()
+    monkeypatch.setenv(memory.SKIP_ENV, "1")  # the user's way past a wrong estimate
+    with pytest.raises(AssertionError, match="was loaded"):
+        train_file(base_file, make_subject(count=2), LoRATrainConfig(steps=2, rank=2), output, tokenizer_dir())

@@ -450,7 +450,7 @@ def train_file(base_model: str | os.PathLike, subject: SubjectData, config: Trai
     if before_load is not None:
         before_load()
     # the memory it will need at its peak, against what is free (after before_load freed the host's models)
-    check_memory(config, base_model, subject.resolution, device,
+    check_memory(config, base_model, subject.resolution, device, images=len(subject),
                  samples=bool(watch is not None and watch.sample_every))
     callbacks = callbacks or TrainingCallbacks()
     base = checkpoint.load_sd15(base_model, tokenizer_dir, load_dtypes(config, device))

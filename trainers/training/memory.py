@@ -4,6 +4,7 @@
 each phase of a run on a device:
 
 - ``load``: every part in the dtype it is loaded in, plus the largest tensor being read;
+- ``cache``: every part, plus the VAE encoding the photos for the latent cache;
 - ``train``: the UNet (and what else stays resident after caching, see ``training.residency``),
   the trained weights' gradients (only the largest with ``fused_backward``), the optimizer states,
   the activations kept for the backward pass, and a sample round's VAE when samples are on;
@@ -17,6 +18,7 @@ not fit the free memory, before the base model loads, and names settings that wo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -35,12 +37,18 @@ log = logging.getLogger(__name__)
 GB = 1024**3
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # What the process holds besides the models: Python, torch, diffusers and transformers, the
-# tokenizer and the cached latents (measured on the CPU); a CUDA context on a GPU.
-RUNTIME_BYTES = {"cpu": int(0.62 * GB), "cuda": int(0.45 * GB)}
-# Activations kept for the backward pass per latent pixel of the batch (a 64 px image has 8x8),
-# for fp32 compute; bf16/fp16 halve them. Gradient checkpointing keeps about a fifth.
-ACTIVATION_BYTES_PER_LATENT_PIXEL = 1.6e6
+# tokenizer, the cached latents and what the allocator keeps of freed memory (measured on the
+# CPU); a CUDA context on a GPU.
+RUNTIME_BYTES = {"cpu": int(0.85 * GB), "cuda": int(0.6 * GB)}
+# Activations kept for the backward pass of a batch of one in fp32 (bf16/fp16 halve them): a part
+# that does not grow with the image, and a part per latent pixel (a 64 px image has 8 x 8).
+# Fitted to peak RSS at 64, 128 and 256 px (bench/memory_plan.py). Gradient checkpointing keeps
+# about a fifth of the growing part.
+ACTIVATION_BASE_BYTES = int(0.35 * GB)
+ACTIVATION_BYTES_PER_LATENT_PIXEL = 0.6 * 1024**2
 CHECKPOINTING_SHARE = 0.2
+# Encoding images for the latent cache (up to 4 at a time): bytes per image pixel in fp32.
+ENCODE_BYTES_PER_PIXEL = 2500
 SKIP_ENV = "DBS_SKIP_MEMORY_CHECK"
 
 
@@ -119,11 +127,13 @@ def _sizes(base_model: Path) -> _Sizes:
 
 
 def _adafactor_states(shapes: Iterable[tuple[int, ...]]) -> int:
-    """Elements of Adafactor's states (factored rows and columns for matrices, no momentum)."""
+    """Elements of Adafactor's states without momentum: a tensor of 2+ dimensions keeps the mean
+    square over its last dimension and over its second-to-last (a 3x3 convolution's states are
+    2/3 of its size, a linear layer's one row and one column); a vector keeps one per element."""
     total = 0
     for shape in shapes:
         if len(shape) >= 2:
-            total += shape[0] + math.prod(shape[1:])
+            total += math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1]
         else:
             total += math.prod(shape)
     return total
@@ -144,12 +154,18 @@ def activation_bytes(config: Any, resolution: int, batch: int, compute: str) -> 
     latent_pixels = (resolution // 8) ** 2
     share = CHECKPOINTING_SHARE if config.gradient_checkpointing else 1.0
     width = _BYTES[compute] / 4
-    return int(ACTIVATION_BYTES_PER_LATENT_PIXEL * latent_pixels / 64 * batch * share * width)
+    return int((ACTIVATION_BASE_BYTES + ACTIVATION_BYTES_PER_LATENT_PIXEL * latent_pixels * batch * share) * width)
+
+
+def encode_bytes(resolution: int, images: int, compute: str) -> int:
+    """What encoding the images for the latent cache adds (the VAE encodes up to 4 at a time)."""
+    return int(ENCODE_BYTES_PER_PIXEL * resolution**2 * min(images, 4) * _BYTES[compute] / 4)
 
 
 def plan_memory(config: Any, base_model: str | os.PathLike, resolution: int,
-                device: torch.device | str | None = None, *, samples: bool = False) -> MemoryPlan:
-    """The memory plan of training ``config`` on ``base_model`` at ``resolution`` px on ``device``."""
+                device: torch.device | str | None = None, *, samples: bool = False, images: int = 4) -> MemoryPlan:
+    """The memory plan of training ``config`` on ``base_model`` at ``resolution`` px on ``device``
+    (``images``: how many photos are encoded for the cache; ``samples``: sample rounds are on)."""
     device = torch.device("cpu" if device is None else device)
     kind = "cuda" if device.type == "cuda" else "cpu"
     sizes = _sizes(Path(base_model))
@@ -159,6 +175,7 @@ def plan_memory(config: Any, base_model: str | os.PathLike, resolution: int,
     compute = config.compute_precision(device)
     runtime = RUNTIME_BYTES[kind]
     load = runtime + sum(weights.values()) + sizes.largest * 4
+    cache = runtime + sum(weights.values()) + encode_bytes(resolution, images, compute)
 
     train_text = config.train_text_encoder
     frozen_text = not train_text
@@ -190,13 +207,15 @@ def plan_memory(config: Any, base_model: str | os.PathLike, resolution: int,
         trained = 0
     batch = config.batch_size * (2 if config.with_prior else 1)
     activations = activation_bytes(config, resolution, batch, compute)
+    if not config.cache_latents:  # the VAE encodes the batch every step
+        activations += encode_bytes(resolution, batch, compute)
     parts.append(("activations", activations))
     train = runtime + resident + sum(size for name, size in parts if name in (
         "LoRA weights", "gradients", "activations") or name.endswith("states"))
     if samples and config.cache_latents:  # the VAE comes back to decode each sample
         train += weights["vae"]
         parts.append(("VAE for samples", weights["vae"]))
-    phases = {"load": load, "train": train}
+    phases = {"load": load, "cache": cache, "train": train}
     if config.method == "dreambooth":
         phases["save"] = runtime + sum(weights.values()) + sizes.largest * 4
     return MemoryPlan(kind, phases, parts)
@@ -232,14 +251,15 @@ _LEANER: list[tuple[str, dict[str, Any]]] = [
 
 
 def leaner_settings(config: Any, base_model: str | os.PathLike, resolution: int, device: Any, budget: int,
-                    samples: bool = False) -> list[tuple[str, MemoryPlan]]:
+                    samples: bool = False, images: int = 4) -> list[tuple[str, MemoryPlan]]:
     """Changes (cumulative, leanest last) that bring the plan under ``budget``: the first that fits,
     or all of them when none does."""
     found: list[tuple[str, MemoryPlan]] = []
     names: list[str] = []
     current = config
     for name, change in _LEANER:
-        usable = {key: value for key, value in change.items() if hasattr(current, key)}
+        fields = {item.name for item in dataclasses.fields(current)}
+        usable = {key: value for key, value in change.items() if key in fields}
         if len(usable) != len(change) or all(getattr(current, key) == value for key, value in usable.items()):
             continue
         try:
@@ -251,7 +271,7 @@ def leaner_settings(config: Any, base_model: str | os.PathLike, resolution: int,
             continue
         current = candidate
         names.append(name)
-        plan = plan_memory(current, base_model, resolution, device, samples=samples)
+        plan = plan_memory(current, base_model, resolution, device, samples=samples, images=images)
         found.append((" + ".join(names), plan))
         if plan.peak <= budget:
             return found[-1:]
@@ -259,19 +279,19 @@ def leaner_settings(config: Any, base_model: str | os.PathLike, resolution: int,
 
 
 def check_memory(config: Any, base_model: str | os.PathLike, resolution: int,
-                 device: torch.device | str | None = None, *, samples: bool = False,
+                 device: torch.device | str | None = None, *, samples: bool = False, images: int = 4,
                  available: int | None = None) -> MemoryPlan:
     """The run's plan; raises MemoryPlanError, before any model loads, when it will not fit in the
     free memory of ``device`` (``available`` overrides what the system reports). Setting the
     environment variable DBS_SKIP_MEMORY_CHECK=1 skips the refusal (the plan is still logged)."""
-    plan = plan_memory(config, base_model, resolution, device, samples=samples)
+    plan = plan_memory(config, base_model, resolution, device, samples=samples, images=images)
     free = available if available is not None else available_memory(device)
     log.info("memory plan: %s%s", plan.describe(), f", {human(free)} free" if free is not None else "")
     if free is None or plan.peak <= free or os.environ.get(SKIP_ENV, "") not in ("", "0"):
         return plan
     where = "on the GPU" if plan.device == "cuda" else "of RAM"
     message = (f"this run needs {plan.describe()}, but only {human(free)} {where} is free. ")
-    leaner = leaner_settings(config, base_model, resolution, device, free, samples)
+    leaner = leaner_settings(config, base_model, resolution, device, free, samples, images)
     if leaner and leaner[0][1].peak <= free:
         message += f"With {leaner[0][0]} it needs about {human(leaner[0][1].peak)}, which fits. "
     elif leaner:
