@@ -755,10 +755,9 @@ class WeightSteps:
 
     def end(self) -> float:
         """After the backward pass: the norm of all gradients before clipping."""
-        missing = [i for i, p in enumerate(self.parameters) if p.grad is not None]
-        if missing:  # a weight whose hook did not run (cannot happen with autograd's leaves): step it now
-            for i in missing:
-                self._on_gradient(self.parameters[i])
+        for parameter in self.parameters:
+            if parameter.grad is not None:  # its hook did not run (not expected of autograd's leaves): step it now
+                self._on_gradient(parameter)
         return math.sqrt(float(self._squares)) if self._squares is not None else 0.0
 
     def step_all(self) -> None:
