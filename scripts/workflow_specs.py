@@ -72,7 +72,7 @@ def lora_train(g: Graph, subj: str, title: str, output_name: str, rank=16, steps
     return g.add("LoRATrain", title, subject=out(subj), ckpt_name=CHECKPOINT, output_name=output_name,
                  overwrite=False, rank=rank, alpha=0.0, steps=steps, unet_lr=unet_lr,
                  text_encoder_lr=text_encoder_lr, lr_scheduler=lr_scheduler, lr_warmup_steps=0, batch_size=1,
-                 seed=seed, precision="bf16", gradient_checkpointing=False, cache_latents=True, class_images=0,
+                 seed=seed, precision="auto", gradient_checkpointing=False, cache_latents=True, class_images=0,
                  prior_loss_weight=1.0, class_steps=25, class_guidance=7.5, class_seed=0, class_folder=GENERATE,
                  **watch(steps))
 
@@ -88,7 +88,7 @@ def dreambooth_train(g: Graph, subj: str, title: str, output_name: str, steps=18
                      class_images=200) -> str:
     return g.add("DreamBoothTrain", title, subject=out(subj), ckpt_name=CHECKPOINT, output_name=output_name,
                  overwrite=False, steps=steps, unet_lr=unet_lr, text_encoder_lr=0.0, lr_scheduler="constant",
-                 lr_warmup_steps=0, batch_size=1, seed=0, optimizer="adamw", precision="bf16",
+                 lr_warmup_steps=0, batch_size=1, seed=0, optimizer="adamw", precision="auto",
                  gradient_checkpointing=True, cache_latents=True, class_images=class_images, prior_loss_weight=1.0,
                  class_steps=25, class_guidance=7.5, class_seed=0, save_precision="fp16", class_folder=GENERATE,
                  **watch(steps))
@@ -142,7 +142,8 @@ run and reused by the others. Headless:
 
 **What to look for:** 2e-6 keeps the scenes but may not look like the subject yet; 2e-5
 overfits: artefacts, the training photos' backgrounds, and several copies of the face per image.
-~100 steps per photo (1800 for 18). Needs a GPU with 16 GB+ (adamw) or use optimizer adafactor.
+~100 steps per photo (1800 for 18). Needs a GPU with 16 GB+ with adamw; on a smaller card use
+optimizer adafactor (or adamw8bit), fused_backward on and weight_precision bf16.
 """, g.nodes)
 
 
