@@ -6,6 +6,7 @@ trainers.jobs.train_file (as the nodes and the CLI do) in a fresh process, sampl
 for the whole run, with the error of the peak. Usage::
 
     .venv/bin/python bench/memory_plan.py [--sizes 64,128,256] [--cases lora,full,lean] [--steps 2]
+    .venv/bin/python bench/memory_plan.py --table 512   # the plan's GPU estimates, for the README
 
 Cases: ``lora`` (rank 4, fp32), ``lora-bf16`` (rank 4, bf16 compute and frozen weights), ``full``
 (full fine-tune, AdamW, fp32), ``lean`` (full fine-tune, Adafactor, fused_backward, bf16 weights,
@@ -70,6 +71,52 @@ def worker(args: argparse.Namespace) -> int:
     return 0
 
 
+TABLE = [
+    ("LoRA rank 16", "lora", {"precision": "fp32"}, "fp32"),
+    ("LoRA rank 16", "lora", {"precision": "bf16"}, "bf16 (auto on a recent GPU)"),
+    ("LoRA rank 16", "lora", {"precision": "bf16", "gradient_checkpointing": True}, "bf16 + gradient checkpointing"),
+    ("LoRA rank 16", "lora", {"precision": "bf16", "text_encoder_lr": 5e-5}, "bf16 + text encoder LoRA"),
+    ("full fine-tune", "dreambooth", {"precision": "fp32"}, "AdamW, fp32"),
+    ("full fine-tune", "dreambooth", {"precision": "bf16"}, "AdamW, bf16 autocast (fp32 weights)"),
+    ("full fine-tune", "dreambooth", {"precision": "bf16", "gradient_checkpointing": True}, "+ gradient checkpointing"),
+    ("full fine-tune", "dreambooth", {"precision": "bf16", "gradient_checkpointing": True, "fused_backward": True},
+     "+ fused_backward"),
+    ("full fine-tune", "dreambooth", {"precision": "bf16", "gradient_checkpointing": True, "optimizer": "adafactor"},
+     "Adafactor + gradient checkpointing"),
+    ("full fine-tune", "dreambooth", {"precision": "bf16", "gradient_checkpointing": True, "optimizer": "adafactor",
+                                      "fused_backward": True}, "Adafactor + checkpointing + fused_backward"),
+    ("full fine-tune", "dreambooth", {"precision": "bf16", "gradient_checkpointing": True, "optimizer": "adamw8bit",
+                                      "fused_backward": True}, "8-bit AdamW + checkpointing + fused_backward"),
+    ("full fine-tune", "dreambooth", {"precision": "bf16", "gradient_checkpointing": True, "optimizer": "adafactor",
+                                      "fused_backward": True, "weight_precision": "bf16"},
+     "Adafactor + checkpointing + fused_backward + bf16 weights"),
+    ("full fine-tune", "dreambooth", {"precision": "bf16", "gradient_checkpointing": True, "optimizer": "adamw8bit",
+                                      "fused_backward": True, "weight_precision": "bf16"},
+     "8-bit AdamW + checkpointing + fused_backward + bf16 weights"),
+    ("full fine-tune", "dreambooth", {"precision": "bf16", "class_images": 100}, "AdamW bf16 + prior preservation"),
+]
+
+
+def table(args: argparse.Namespace) -> int:
+    """The plan's estimates on a GPU for common settings (batch 1, 4 photos, no samples)."""
+    sys.path.insert(0, str(REPO))
+    from bench.harness import GB, default_inputs
+    from trainers.training.config import DreamBoothTrainConfig, LoRATrainConfig
+    from trainers.training.memory import plan_memory
+
+    default_inputs(args)
+    print(f"| method | settings | peak at {args.table} px (GB) | largest phase |")
+    print("|---|---|---|---|")
+    for method, kind, options, label in TABLE:
+        cls = LoRATrainConfig if kind == "lora" else DreamBoothTrainConfig
+        values = dict(options)
+        if kind == "dreambooth":
+            values.setdefault("class_images", 0)
+        plan = plan_memory(cls(**values), args.checkpoint, args.table, "cuda")
+        print(f"| {method} | {label} | {plan.peak / GB:.1f} | {plan.peak_phase} |")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="64,128,256")
@@ -78,12 +125,16 @@ def main() -> int:
     parser.add_argument("--checkpoint", type=Path, default=None)
     parser.add_argument("--tokenizer", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None, help="also write every result to this file")
+    parser.add_argument("--table", type=int, default=0, metavar="PX",
+                        help="print the plan's GPU estimates at PX pixels as a Markdown table (no training)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--case", default="lora", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, default=64, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
+    if args.table:
+        return table(args)
     (REPO / ".cache").mkdir(exist_ok=True)
     rows = []
     print(f"{'case':<10} {'px':>4} {'plan':>6} {'measured':>9} {'error':>7}   phases measured / plan (GB)")

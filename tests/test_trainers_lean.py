@@ -184,8 +184,8 @@ def test_the_plan_grows_with_what_a_run_keeps_and_the_leanest_full_fine_tune_fit
     adamw = DreamBoothTrainConfig(class_images=0, precision="bf16")
     assert peak(adamw) > 12.8 * GB  # fp32 weights, gradients and two AdamW states: 16 bytes x 860M weights
     fused = replace(adamw, fused_backward=True)
-    assert 3.0 * GB < peak(adamw) - peak(fused) < 3.5 * GB  # the UNet's fp32 gradients are never all held
-    assert peak(replace(adamw, optimizer="adafactor")) < peak(adamw) - 4.5 * GB  # factored states
+    assert 2.2 * GB < peak(adamw) - peak(fused) < 3.3 * GB  # the UNet's fp32 gradients (3.2 GB) are never all held
+    assert peak(replace(adamw, optimizer="adafactor")) < peak(adamw) - 3.5 * GB  # factored states
     assert peak(DreamBoothTrainConfig(class_images=0, **LEAN)) < 8 * GB
     lora = LoRATrainConfig(rank=4, precision="bf16")
     assert peak(lora) < 4.5 * GB and peak(replace(lora, precision="fp32")) > peak(lora) + 1.5 * GB  # a 6 GB card

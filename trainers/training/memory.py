@@ -47,6 +47,9 @@ RUNTIME_BYTES = {"cpu": int(0.85 * GB), "cuda": int(0.6 * GB)}
 ACTIVATION_BASE_BYTES = int(0.35 * GB)
 ACTIVATION_BYTES_PER_LATENT_PIXEL = 0.6 * 1024**2
 CHECKPOINTING_SHARE = 0.2
+# Weight-by-weight optimizer steps (fused_backward, bf16 weights, Adafactor) hold about this many
+# fp32 temporaries of the largest weight at once.
+UPDATE_BUFFERS = 4.5
 # Encoding images for the latent cache (up to 4 at a time): bytes per image pixel in fp32.
 ENCODE_BYTES_PER_PIXEL = 2500
 SKIP_ENV = "DBS_SKIP_MEMORY_CHECK"
@@ -204,6 +207,11 @@ def plan_memory(config: Any, base_model: str | os.PathLike, resolution: int,
         else:
             states = 2 * count * 4
         parts += [("gradients", grads), (f"{config.optimizer} states", states)]
+        if (getattr(config, "fused_backward", False) or getattr(config, "weight_precision", "fp32") == "bf16"
+                or config.optimizer != "adamw"):
+            # stepped weight by weight: fp32 copies of one weight and its gradient, the optimizer's
+            # and the rounding's temporaries (about 4 fp32 tensors of the largest weight, measured)
+            parts.append(("update buffers", UPDATE_BUFFERS * sizes.largest * 4))
         trained = 0
     batch = config.batch_size * (2 if config.with_prior else 1)
     activations = activation_bytes(config, resolution, batch, compute)
@@ -211,7 +219,7 @@ def plan_memory(config: Any, base_model: str | os.PathLike, resolution: int,
         activations += encode_bytes(resolution, batch, compute)
     parts.append(("activations", activations))
     train = runtime + resident + sum(size for name, size in parts if name in (
-        "LoRA weights", "gradients", "activations") or name.endswith("states"))
+        "LoRA weights", "gradients", "activations", "update buffers") or name.endswith("states"))
     if samples and config.cache_latents:  # the VAE comes back to decode each sample
         train += weights["vae"]
         parts.append(("VAE for samples", weights["vae"]))
@@ -290,7 +298,7 @@ def check_memory(config: Any, base_model: str | os.PathLike, resolution: int,
     if free is None or plan.peak <= free or os.environ.get(SKIP_ENV, "") not in ("", "0"):
         return plan
     where = "on the GPU" if plan.device == "cuda" else "of RAM"
-    message = (f"this run needs {plan.describe()}, but only {human(free)} {where} is free. ")
+    message = (f"This run needs {plan.describe()}, but only {human(free)} {where} is free. ")
     leaner = leaner_settings(config, base_model, resolution, device, free, samples, images)
     if leaner and leaner[0][1].peak <= free:
         message += f"With {leaner[0][0]} it needs about {human(leaner[0][1].peak)}, which fits. "
