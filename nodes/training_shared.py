@@ -236,7 +236,7 @@ def run_training_node(node_cls, config_cls, subject, ckpt_name: str, output_name
                              callbacks=progress, before_load=free_comfy_models, class_cache_dir=class_image_cache(),
                              class_folder=folder, rescue_dir=rescue_dir(), keep_unsaved=True, shown=shown,
                              durability=durability, is_cancel=is_cancel, watch=watch,
-                             sample_dir=sample_dir)
+                             sample_dir=sample_dir, device=comfy.model_management.get_torch_device())
     except BaseException as error:
         progress.finish("cancelled" if is_cancel(error) else "failed")
         raise

@@ -19,7 +19,7 @@ from trainers.sd15 import checkpoint, placeholder
 from trainers.sd15.checkpoint import CheckpointError, load_sd15, stream_tensors
 from trainers.training import memory
 from trainers.training.callbacks import TrainingCallbacks
-from trainers.training.config import DreamBoothTrainConfig, LoRATrainConfig
+from trainers.training.config import ConfigError, DreamBoothTrainConfig, LoRATrainConfig
 from trainers.training.residency import Residency, parameters_freed
 from trainers.training.watch import WatchConfig
 
@@ -210,8 +210,12 @@ def test_a_run_that_cannot_fit_is_refused_before_loading_with_settings_that_woul
         raise AssertionError("the base model was loaded")
 
     monkeypatch.setattr(jobs.checkpoint, "load_sd15", no_loading)
-    monkeypatch.setattr(memory, "available_memory", lambda device=None: 100 * 1024**2)
     output = tmp_path / "lora.safetensors"
+    with pytest.raises(ConfigError, match="adamw8bit.*CUDA GPUs only"):  # what the device cannot run, too
+        train_file(base_file, make_subject(count=2), DreamBoothTrainConfig(steps=2, class_images=0,
+                                                                           optimizer="adamw8bit"),
+                   tmp_path / "db.safetensors", tokenizer_dir())
+    monkeypatch.setattr(memory, "available_memory", lambda device=None: 100 * 1024**2)
     with pytest.raises(memory.MemoryPlanError, match="only 0.1 GB of RAM is free"):
         train_file(base_file, make_subject(count=2), LoRATrainConfig(steps=2, rank=2), output, tokenizer_dir())
     assert not output.exists()

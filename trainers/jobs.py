@@ -48,7 +48,7 @@ from .training.callbacks import (
     TrainingStopped,
     WithLossHistory,
 )
-from .training.config import DreamBoothTrainConfig, LoRATrainConfig
+from .training.config import DreamBoothTrainConfig, LoRATrainConfig, check_device
 from .training.dreambooth import save_dreambooth, train_dreambooth
 from .training.loop import SAVE_DTYPES, LoopState
 from .training.lora import save_lora, train_lora
@@ -397,10 +397,12 @@ def train_file(base_model: str | os.PathLike, subject: SubjectData, config: Trai
     samples_to = Path(sample_dir) if sample_dir is not None and watch is not None and watch.sample_every else None
     if samples_to is not None:
         check_sample_dir(samples_to, (base_model, Path(class_folder) if class_folder is not None else None))
+    check_device(config, device)  # settings this device cannot run (adamw8bit on a CPU, bf16 on an old GPU)
     checkpoint.check_sd15(base_model, tokenizer_dir)  # headers and configs only: not SD1.5 is a clear error
     base_fingerprint = content_sha256(base_model)
     plan = plan_prior(config.prior_request, subject, base_fingerprint, class_cache_dir, class_folder, tokenizer_dir)
-    provenance = Provenance.of_run(base_model.name, base_fingerprint, subject, config, plan.source, plan.info())
+    provenance = Provenance.of_run(base_model.name, base_fingerprint, subject, config, plan.source, plan.info(),
+                                   device=device)
     existing = vet_existing(output, provenance.fingerprint, overwrite, shown)
 
     def earlier_samples() -> list[SampleRound]:
