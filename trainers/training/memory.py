@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from ..sd15 import checkpoint, convert
+from .config import check_device
 
 log = logging.getLogger(__name__)
 
@@ -272,8 +273,6 @@ def leaner_settings(config: Any, base_model: str | os.PathLike, resolution: int,
             continue
         try:
             candidate = replace(current, **usable)
-            from .config import check_device
-
             check_device(candidate, device)
         except ValueError:
             continue
