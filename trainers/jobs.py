@@ -452,18 +452,25 @@ def train_file(base_model: str | os.PathLike, subject: SubjectData, config: Trai
     if before_load is not None:
         before_load()
     # the memory it will need at its peak, against what is free (after before_load freed the host's models)
-    check_memory(config, base_model, subject.resolution, device, images=len(subject),
+    # Without class images to generate, the UNet is read only after the VAE and text encoder have
+    # done their caching and left memory: the three parts are never in memory together.
+    late_unet = not plan.enabled or plan.folder_subject is not None
+    check_memory(config, base_model, subject.resolution, device, images=len(subject), unet_last=late_unet,
                  samples=bool(watch is not None and watch.sample_every))
     callbacks = callbacks or TrainingCallbacks()
-    base = checkpoint.load_sd15(base_model, tokenizer_dir, load_dtypes(config, device))
+    dtypes = load_dtypes(config, device)
+    parts = ("vae", "text_encoder") if late_unet else checkpoint.COMPONENTS
+    base = checkpoint.load_sd15(base_model, tokenizer_dir, dtypes, parts)
     callbacks.on_base_loaded()
     try:
         if device is not None:
             for model in (base.unet, base.vae, base.text_encoder):
                 model.to(device)
-        class_data = realize_prior(plan, base, class_cache_dir, callbacks.on_generate_step, tokenizer_dir)
         # frozen parts leave memory once their outputs are cached (read back from base_model when needed)
         residency = Residency(base, base_model)
+        if late_unet:
+            residency.not_loaded("unet", device or "cpu", dtypes["unet"])
+        class_data = realize_prior(plan, base, class_cache_dir, callbacks.on_generate_step, tokenizer_dir)
         write_result = _writer(config.method, base, provenance, residency)
         # step files carry no reusable fingerprint: never taken for the finished run
         write_step = _writer(config.method, base, replace(provenance, fingerprint=""), residency)

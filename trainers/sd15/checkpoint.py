@@ -580,26 +580,40 @@ def _single_file_state(info: CheckpointInfo, name: str, dtype: torch.dtype) -> d
         raise CheckpointError(f"{info.path.name}: {error}") from None
 
 
-def _single_file_part(info: CheckpointInfo, name: str, dtype: torch.dtype) -> Any:
+def _single_file_part(info: CheckpointInfo, name: str, dtype: torch.dtype, load: bool = True) -> Any:
     config = {"unet": info.unet_config, "vae": info.vae_config, "text_encoder": info.text_encoder_config}[name]
     builder = {"unet": build_unet, "vae": build_vae, "text_encoder": build_text_encoder}[name]
+    if not load:
+        return empty_part(builder, config, dtype)
     return builder(config, _single_file_state(info, name, dtype))
 
 
+def empty_part(builder: Any, config: Mapping[str, Any], dtype: torch.dtype) -> Any:
+    """A part whose parameters hold no memory yet (meta tensors of ``dtype``): filled later with
+    ``load_state_dict(load_part_state(...), assign=True)``."""
+    with convert.parameters_on_meta():
+        model = builder(config)
+    for parameter in model.parameters():
+        parameter.data = parameter.data.to(dtype)
+    return model.eval()
+
+
 def load_sd15_single_file(
-    path: str | os.PathLike, tokenizer_dir: str | os.PathLike, dtype: Dtypes = torch.float32
+    path: str | os.PathLike, tokenizer_dir: str | os.PathLike, dtype: Dtypes = torch.float32,
+    parts: tuple[str, ...] = COMPONENTS,
 ) -> SD15Components:
     """Load an SD1.5 single-file safetensors checkpoint into diffusers/transformers models.
 
     Offline and pickle-free: configs come from :mod:`trainers.sd15.architecture` (chosen by the tensor
     shapes), the tokenizer from ``tokenizer_dir``. ``dtype`` is one dtype for all parts or one per
     part. Weights are streamed tensor by tensor into the models: loading peaks at the models in
-    their dtypes plus one tensor. Models are returned on the CPU in eval mode.
+    their dtypes plus one tensor. Parts left out of ``parts`` are built without weights (meta
+    tensors), to be read later (``training.residency``). Models are returned on the CPU in eval mode.
     """
     info = describe_checkpoint(path)
     tokenizer = load_tokenizer(tokenizer_dir)
     dtypes = component_dtypes(dtype)
-    models = {name: _single_file_part(info, name, dtypes[name]) for name in COMPONENTS}
+    models = {name: _single_file_part(info, name, dtypes[name], name in parts) for name in COMPONENTS}
     logger.info("loaded %s (%s SD1.5 layout, %s)", info.path.name, info.size,
                 ", ".join(f"{name} {str(d).replace('torch.', '')}" for name, d in dtypes.items()))
     return SD15Components(
@@ -645,7 +659,8 @@ def check_sd15(path: str | os.PathLike, tokenizer_dir: str | os.PathLike | None)
 
 
 def load_sd15(
-    path: str | os.PathLike, tokenizer_dir: str | os.PathLike | None, dtype: Dtypes = torch.float32
+    path: str | os.PathLike, tokenizer_dir: str | os.PathLike | None, dtype: Dtypes = torch.float32,
+    parts: tuple[str, ...] = COMPONENTS,
 ) -> SD15Components:
     """An SD1.5 single-file checkpoint or diffusers folder, whichever ``path`` is, with each part in
     ``dtype`` (one for all, or one per part).
@@ -653,9 +668,9 @@ def load_sd15(
     A folder's own ``tokenizer/`` is used when ``tokenizer_dir`` is None.
     """
     if Path(path).is_dir():
-        return load_sd15_diffusers_folder(path, tokenizer_dir, dtype)
+        return load_sd15_diffusers_folder(path, tokenizer_dir, dtype, parts)
     _require_tokenizer(Path(path), tokenizer_dir)
-    return load_sd15_single_file(path, tokenizer_dir, dtype)
+    return load_sd15_single_file(path, tokenizer_dir, dtype, parts)
 
 
 def _header_keys(path: Path) -> list[str]:
@@ -748,6 +763,7 @@ def load_sd15_diffusers_folder(
     path: str | os.PathLike,
     tokenizer_dir: str | os.PathLike | None = None,
     dtype: Dtypes = torch.float32,
+    parts: tuple[str, ...] = COMPONENTS,
 ) -> SD15Components:
     """Load a local SD1.5 diffusers folder (unet/, vae/, text_encoder/, tokenizer/), safetensors only.
 
@@ -776,7 +792,8 @@ def load_sd15_diffusers_folder(
         lambda: UNet2DConditionModel.from_config(unet_config),
         _read_tensors(files["unet"], dtypes["unet"]),
         f"UNet in {folder / 'unet'}",
-    )
+    ) if "unet" in parts else empty_part(lambda config: UNet2DConditionModel.from_config(config), unet_config,
+                                          dtypes["unet"])
     vae = _build(
         lambda: AutoencoderKL.from_config(vae_config),
         _read_tensors(files["vae"], dtypes["vae"]),

@@ -113,7 +113,7 @@ def train_dreambooth(
         class_subject = None
     callbacks = callbacks or TrainingCallbacks()
     unet, vae, text_encoder = base.unet, base.vae, base.text_encoder
-    device = model_device(unet)
+    device = residency.device_of("unet") if residency is not None else model_device(unet)
     autocast_dtype = autocast_dtype_for(config, device)
     frozen_dtype = autocast_dtype or torch.float32
     weight_dtype = torch.bfloat16 if config.weight_precision == "bf16" else torch.float32
@@ -149,6 +149,14 @@ def train_dreambooth(
                 cast_frozen(text_encoder, frozen_dtype)
             instance, prior = prepare_training_sets(base, subject, class_subject, cache_latents=config.cache_latents,
                                                     cache_text=not train_text)
+            models = LoopModels(unet, vae, text_encoder, base.noise_scheduler)
+            settings = replace(LoopSettings.of(config, autocast_dtype), save_every=save_every)
+            watcher = watcher_for(watch, models=models, tokenizer=base.tokenizer, instance=instance, prior=prior,
+                                  settings=settings, subject=subject, sample_dir=sample_dir, run=run,
+                                  residency=residency, text_trained=train_text)
+            release_frozen(residency, cached_latents=instance.cached_latents, frozen_text=not train_text)
+            if residency is not None:  # a UNet read only now, after the VAE and text encoder left
+                residency.restore("unet")
             unet_params = list(unet.parameters())
             text_params = list(text_encoder.parameters()) if train_text else []
             for parameter in unet_params + text_params:
@@ -166,12 +174,6 @@ def train_dreambooth(
             # Zero gradients in place: the 3.4 GB of UNet gradients are not re-allocated every step.
             optimization = build_optimization(config, unet_params, text_params, autocast_dtype,
                                               keep_grad_buffers=True)
-            models = LoopModels(unet, vae, text_encoder, base.noise_scheduler)
-            settings = replace(LoopSettings.of(config, autocast_dtype), save_every=save_every)
-            watcher = watcher_for(watch, models=models, tokenizer=base.tokenizer, instance=instance, prior=prior,
-                                  settings=settings, subject=subject, sample_dir=sample_dir, run=run,
-                                  residency=residency)
-            release_frozen(residency, cached_latents=instance.cached_latents, frozen_text=not train_text)
             loop = run_training_loop(models, instance, optimization, settings, callbacks, prior=prior, resume=resume,
                                      snapshot=result_so_far, watch=watcher)
     finally:

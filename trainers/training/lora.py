@@ -357,7 +357,7 @@ def train_lora(
         class_subject = None
     callbacks = callbacks or TrainingCallbacks()
     unet, vae, text_encoder = base.unet, base.vae, base.text_encoder
-    device = model_device(unet)
+    device = residency.device_of("unet") if residency is not None else model_device(unet)
     autocast_dtype = autocast_dtype_for(config, device)
     frozen_dtype = autocast_dtype or torch.float32
     train_text = config.train_text_encoder
@@ -383,6 +383,14 @@ def train_lora(
                 cast_frozen(text_encoder, frozen_dtype)
             instance, prior = prepare_training_sets(base, subject, class_subject, cache_latents=config.cache_latents,
                                                     cache_text=not train_text)
+            models = LoopModels(unet, vae, text_encoder, base.noise_scheduler)
+            settings = replace(LoopSettings.of(config, autocast_dtype), save_every=save_every)
+            watcher = watcher_for(watch, models=models, tokenizer=base.tokenizer, instance=instance, prior=prior,
+                                  settings=settings, subject=subject, sample_dir=sample_dir, run=run,
+                                  residency=residency, text_trained=train_text)
+            release_frozen(residency, cached_latents=instance.cached_latents, frozen_text=not train_text)
+            if residency is not None:  # a UNet read only now, after the VAE and text encoder left
+                residency.restore("unet")
             try:
                 tuners.append(
                     inject_lora(unet, unet_lora_targets(unet), config.rank, alpha, derive_seed(config.seed, "unet"))
@@ -416,12 +424,6 @@ def train_lora(
                     state = kohya_state_dict(unet, text_encoder if train_text else None, config.rank, alpha)
                     return _lora_result(state, config, subject, history, device, autocast_dtype, class_count, seconds)
 
-                models = LoopModels(unet, vae, text_encoder, base.noise_scheduler)
-                settings = replace(LoopSettings.of(config, autocast_dtype), save_every=save_every)
-                watcher = watcher_for(watch, models=models, tokenizer=base.tokenizer, instance=instance, prior=prior,
-                                      settings=settings, subject=subject, sample_dir=sample_dir, run=run,
-                                      residency=residency)
-                release_frozen(residency, cached_latents=instance.cached_latents, frozen_text=not train_text)
                 loop = run_training_loop(models, instance, optimization, settings, callbacks, prior=prior,
                                          resume=resume, snapshot=result_so_far, watch=watcher)
                 result = result_so_far(loop.history, loop.seconds)

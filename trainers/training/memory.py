@@ -3,8 +3,9 @@
 :func:`plan_memory` estimates, from the base model's header alone (no weights read), the peak of
 each phase of a run on a device:
 
-- ``load``: every part in the dtype it is loaded in, plus the largest tensor being read;
-- ``cache``: every part, plus the VAE encoding the photos for the latent cache;
+- ``load``: the VAE and text encoder in the dtype they are loaded in (and the UNet, when class
+  images are generated first), plus the largest tensor being read;
+- ``cache``: the same, plus the VAE encoding the photos for the latent cache;
 - ``train``: the UNet (and what else stays resident after caching, see ``training.residency``),
   the trained weights' gradients (only the largest with ``fused_backward``), the optimizer states,
   the activations kept for the backward pass, and a sample round's VAE when samples are on;
@@ -167,9 +168,12 @@ def encode_bytes(resolution: int, images: int, compute: str) -> int:
 
 
 def plan_memory(config: Any, base_model: str | os.PathLike, resolution: int,
-                device: torch.device | str | None = None, *, samples: bool = False, images: int = 4) -> MemoryPlan:
+                device: torch.device | str | None = None, *, samples: bool = False, images: int = 4,
+                unet_last: bool | None = None) -> MemoryPlan:
     """The memory plan of training ``config`` on ``base_model`` at ``resolution`` px on ``device``
-    (``images``: how many photos are encoded for the cache; ``samples``: sample rounds are on)."""
+    (``images``: how many photos are encoded for the cache; ``samples``: sample rounds are on;
+    ``unet_last``: the UNet is read after caching, as a job does without class images to
+    generate; None: when prior preservation is off)."""
     device = torch.device("cpu" if device is None else device)
     kind = "cuda" if device.type == "cuda" else "cpu"
     sizes = _sizes(Path(base_model))
@@ -178,8 +182,12 @@ def plan_memory(config: Any, base_model: str | os.PathLike, resolution: int,
     weights = {name: sizes.numel[name] * width[name] for name in sizes.numel}
     compute = config.compute_precision(device)
     runtime = RUNTIME_BYTES[kind]
-    load = runtime + sum(weights.values()) + sizes.largest * 4
-    cache = runtime + sum(weights.values()) + encode_bytes(resolution, images, compute)
+    if unet_last is None:
+        unet_last = not config.with_prior
+    # the UNet is read after caching (no class images to generate), or with the other two parts
+    first = sum(weights.values()) - (weights["unet"] if unet_last else 0)
+    load = runtime + first + sizes.largest * 4
+    cache = runtime + first + encode_bytes(resolution, images, compute)
 
     train_text = config.train_text_encoder
     frozen_text = not train_text
@@ -260,7 +268,8 @@ _LEANER: list[tuple[str, dict[str, Any]]] = [
 
 
 def leaner_settings(config: Any, base_model: str | os.PathLike, resolution: int, device: Any, budget: int,
-                    samples: bool = False, images: int = 4) -> list[tuple[str, MemoryPlan]]:
+                    samples: bool = False, images: int = 4,
+                    unet_last: bool | None = None) -> list[tuple[str, MemoryPlan]]:
     """Changes (cumulative, leanest last) that bring the plan under ``budget``: the first that fits,
     or all of them when none does."""
     found: list[tuple[str, MemoryPlan]] = []
@@ -278,7 +287,8 @@ def leaner_settings(config: Any, base_model: str | os.PathLike, resolution: int,
             continue
         current = candidate
         names.append(name)
-        plan = plan_memory(current, base_model, resolution, device, samples=samples, images=images)
+        plan = plan_memory(current, base_model, resolution, device, samples=samples, images=images,
+                           unet_last=unet_last)
         found.append((" + ".join(names), plan))
         if plan.peak <= budget:
             return found[-1:]
@@ -287,18 +297,18 @@ def leaner_settings(config: Any, base_model: str | os.PathLike, resolution: int,
 
 def check_memory(config: Any, base_model: str | os.PathLike, resolution: int,
                  device: torch.device | str | None = None, *, samples: bool = False, images: int = 4,
-                 available: int | None = None) -> MemoryPlan:
+                 unet_last: bool | None = None, available: int | None = None) -> MemoryPlan:
     """The run's plan; raises MemoryPlanError, before any model loads, when it will not fit in the
     free memory of ``device`` (``available`` overrides what the system reports). Setting the
     environment variable DBS_SKIP_MEMORY_CHECK=1 skips the refusal (the plan is still logged)."""
-    plan = plan_memory(config, base_model, resolution, device, samples=samples, images=images)
+    plan = plan_memory(config, base_model, resolution, device, samples=samples, images=images, unet_last=unet_last)
     free = available if available is not None else available_memory(device)
     log.info("memory plan: %s%s", plan.describe(), f", {human(free)} free" if free is not None else "")
     if free is None or plan.peak <= free or os.environ.get(SKIP_ENV, "") not in ("", "0"):
         return plan
     where = "on the GPU" if plan.device == "cuda" else "of RAM"
     message = (f"This run needs {plan.describe()}, but only {human(free)} {where} is free. ")
-    leaner = leaner_settings(config, base_model, resolution, device, free, samples, images)
+    leaner = leaner_settings(config, base_model, resolution, device, free, samples, images, unet_last)
     if leaner and leaner[0][1].peak <= free:
         message += f"With {leaner[0][0]} it needs about {human(leaner[0][1].peak)}, which fits. "
     elif leaner:

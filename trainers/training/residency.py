@@ -6,7 +6,8 @@ prompts are encoded up front). :class:`Residency` frees such a part's weights (i
 become meta tensors: no memory) and puts them back when asked: read again from the checkpoint the
 models were loaded from, streamed tensor by tensor, in the dtype they had. Without a source file
 a part on a GPU is moved to the CPU instead, and a part on the CPU stays (nothing to read it
-back from).
+back from). The UNet of a run can start unloaded, read only once the VAE and text encoder have
+left (:meth:`Residency.not_loaded`), so the three never share memory.
 
 Buffers (CLIP's position ids) stay: they are tiny and not in the checkpoint.
 """
@@ -63,6 +64,18 @@ class Residency:
 
     def is_away(self, name: str) -> bool:
         return name in self._away
+
+    def not_loaded(self, name: str, device: torch.device | str, dtype: torch.dtype) -> None:
+        """Part ``name`` was built without its weights (``load_sd15(parts=...)``): :meth:`restore`
+        reads them from the source onto ``device`` in ``dtype`` when the run needs it."""
+        if self.source is None:
+            raise ValueError(f"the {name} can only be left unloaded when there is a file to read it from")
+        self._away[name] = _Away("freed", torch.device(device), dtype)
+
+    def device_of(self, name: str) -> torch.device:
+        """Where part ``name`` is, or will be once restored."""
+        away = self._away.get(name)
+        return away.device if away is not None else _first_parameter(getattr(self.base, name)).device
 
     def release(self, name: str) -> bool:
         """Free part ``name`` ("vae" or "text_encoder"); False when it must stay (no source, CPU)."""

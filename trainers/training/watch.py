@@ -438,9 +438,11 @@ class Watcher(LoopWatch):
 
     def __init__(self, config: WatchConfig, *, models: LoopModels, tokenizer: Any, instance: TrainingSet,
                  prior: TrainingSet | None, settings: LoopSettings, instance_prompt: str, resolution: int,
-                 sample_dir: str | os.PathLike | None = None, run: str = "", residency: Residency | None = None) -> None:
+                 sample_dir: str | os.PathLike | None = None, run: str = "", residency: Residency | None = None,
+                 text_trained: bool | None = None) -> None:
         self.config, self.models, self.tokenizer, self.settings = config, models, tokenizer, settings
         self.residency = residency
+        self.text_trained = text_trained  # None: whether the text encoder has weights that take gradients
         self.sets = [instance] if prior is None else [instance, prior]
         self.prompts = config.prompt_list(instance_prompt)
         self.size = config.image_size(resolution)
@@ -467,8 +469,13 @@ class Watcher(LoopWatch):
         with _evaluating(models.text_encoder, models.vae):
             if self.config.validate_every and self._validation is None:
                 self._validation = [self._validation_set(s) for s in self.sets]
-            if self.config.sample_every and not any(p.requires_grad for p in models.text_encoder.parameters()):
+            if self.config.sample_every and self._text_frozen():
                 self._text_embeddings()
+
+    def _text_frozen(self) -> bool:
+        if self.text_trained is not None:
+            return not self.text_trained
+        return not any(p.requires_grad for p in self.models.text_encoder.parameters())
 
     # -- the loop's hooks --------------------------------------------------------------------
     def before_training(self, step: int, history: LossHistory, callbacks: TrainingCallbacks) -> None:
@@ -584,7 +591,7 @@ class Watcher(LoopWatch):
         if self._prompt_ids is None:
             self._prompt_ids = tokenize(self.tokenizer, ["", *self.prompts])
         embeddings = self._encode(self._prompt_ids)
-        if not any(p.requires_grad for p in self.models.text_encoder.parameters()):
+        if self._text_frozen():
             self._prompt_embeddings = embeddings
         return embeddings
 
@@ -638,7 +645,8 @@ class Watcher(LoopWatch):
 
 def watcher_for(config: WatchConfig | None, *, models: LoopModels, tokenizer: Any, instance: TrainingSet,
                 prior: TrainingSet | None, settings: LoopSettings, subject: SubjectData,
-                sample_dir: str | os.PathLike | None, run: str, residency: Residency | None = None) -> Watcher | None:
+                sample_dir: str | os.PathLike | None, run: str, residency: Residency | None = None,
+                text_trained: bool | None = None) -> Watcher | None:
     """The run's watcher, or None when ``config`` asks for nothing (the loop then trains alone)."""
     if config is None or not config.active:
         return None
@@ -646,6 +654,6 @@ def watcher_for(config: WatchConfig | None, *, models: LoopModels, tokenizer: An
         raise TypeError(f"watch must be a WatchConfig, got {type(config).__name__}")
     watcher = Watcher(config, models=models, tokenizer=tokenizer, instance=instance, prior=prior, settings=settings,
                       instance_prompt=subject.instance_prompt, resolution=subject.resolution, sample_dir=sample_dir,
-                      run=run, residency=residency)
+                      run=run, residency=residency, text_trained=text_trained)
     watcher.prepare()
     return watcher
