@@ -111,7 +111,7 @@ def test_a_checkpoint_run_frees_vae_and_text_encoder_while_training_and_writes_t
     callbacks = Resident(loaded)
     watch = WatchConfig(sample_every=2, validate_every=2, sample_steps=2)
     result = train_file(base_file, make_subject(count=3), config, tmp_path / "db.safetensors", tokenizer_dir(),
-                        callbacks=callbacks, watch=watch, sample_dir=tmp_path / "samples")
+                        callbacks=callbacks, watch=watch, sample_dir=tmp_path / "samples", device="cpu")
     # the UNet is read only after the VAE and text encoder cached and left: never all three at once
     assert loaded[0].extra["unet_loaded_with_the_others"] is False
     # gone from memory at every step, also after each sample round brought the VAE back to decode

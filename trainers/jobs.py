@@ -465,7 +465,8 @@ def train_file(base_model: str | os.PathLike, subject: SubjectData, config: Trai
     try:
         if device is not None:
             for model in (base.unet, base.vae, base.text_encoder):
-                model.to(device)
+                if not any(parameter.is_meta for parameter in model.parameters()):  # a part read later goes there then
+                    model.to(device)
         # frozen parts leave memory once their outputs are cached (read back from base_model when needed)
         residency = Residency(base, base_model)
         if late_unet:
