@@ -51,7 +51,7 @@ from .loop import (
     run_training_loop,
 )
 from .record import Provenance, training_metadata
-from .residency import Residency, release_frozen
+from .residency import Residency, after_caching
 from .saving import PrecisionOverflow
 from .watch import WatchConfig, WatchOutcome, watcher_for
 
@@ -154,9 +154,7 @@ def train_dreambooth(
             watcher = watcher_for(watch, models=models, tokenizer=base.tokenizer, instance=instance, prior=prior,
                                   settings=settings, subject=subject, sample_dir=sample_dir, run=run,
                                   residency=residency, text_trained=train_text)
-            release_frozen(residency, cached_latents=instance.cached_latents, frozen_text=not train_text)
-            if residency is not None:  # a UNet read only now, after the VAE and text encoder left
-                residency.restore("unet")
+            after_caching(residency, cached_latents=instance.cached_latents, frozen_text=not train_text)
             unet_params = list(unet.parameters())
             text_params = list(text_encoder.parameters()) if train_text else []
             for parameter in unet_params + text_params:

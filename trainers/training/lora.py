@@ -65,7 +65,7 @@ from .loop import (
     run_training_loop,
 )
 from .record import Provenance, training_metadata
-from .residency import Residency, release_frozen
+from .residency import Residency, after_caching
 from .saving import PrecisionOverflow
 from .watch import WatchConfig, WatchOutcome, watcher_for
 
@@ -388,9 +388,7 @@ def train_lora(
             watcher = watcher_for(watch, models=models, tokenizer=base.tokenizer, instance=instance, prior=prior,
                                   settings=settings, subject=subject, sample_dir=sample_dir, run=run,
                                   residency=residency, text_trained=train_text)
-            release_frozen(residency, cached_latents=instance.cached_latents, frozen_text=not train_text)
-            if residency is not None:  # a UNet read only now, after the VAE and text encoder left
-                residency.restore("unet")
+            after_caching(residency, cached_latents=instance.cached_latents, frozen_text=not train_text)
             try:
                 tuners.append(
                     inject_lora(unet, unet_lora_targets(unet), config.rank, alpha, derive_seed(config.seed, "unet"))

@@ -190,9 +190,7 @@ def plan_memory(config: Any, base_model: str | os.PathLike, resolution: int,
     cache = runtime + first + encode_bytes(resolution, images, compute)
 
     train_text = config.train_text_encoder
-    frozen_text = not train_text
-    resident = weights["unet"] + (0 if config.cache_latents else weights["vae"]) + (
-        0 if frozen_text else weights["text_encoder"])
+    # training holds the runtime, what stays resident after caching and what training adds
     parts: list[tuple[str, int]] = [("runtime", runtime), ("UNet", weights["unet"])]
     if not config.cache_latents:
         parts.append(("VAE", weights["vae"]))
@@ -221,14 +219,12 @@ def plan_memory(config: Any, base_model: str | os.PathLike, resolution: int,
             # stepped weight by weight: fp32 copies of one weight and its gradient, the optimizer's
             # and the rounding's temporaries (about 4 fp32 tensors of the largest weight, measured)
             parts.append(("update buffers", UPDATE_BUFFERS * sizes.largest * 4))
-        trained = 0
     batch = config.batch_size * (2 if config.with_prior else 1)
     activations = activation_bytes(config, resolution, batch, compute)
     if not config.cache_latents:  # the VAE encodes the batch every step
         activations += encode_bytes(resolution, batch, compute)
     parts.append(("activations", activations))
-    train = runtime + resident + sum(size for name, size in parts if name in (
-        "LoRA weights", "gradients", "activations", "update buffers") or name.endswith("states"))
+    train = sum(size for _, size in parts)
     if samples and config.cache_latents:  # the VAE comes back to decode each sample
         train += weights["vae"]
         parts.append(("VAE for samples", weights["vae"]))

@@ -161,13 +161,14 @@ class Residency:
                 self.release(name)
 
 
-def release_frozen(residency: Residency | None, *, cached_latents: bool, frozen_text: bool) -> None:
-    """After caching: free the VAE when the latents are cached and the text encoder when it is
-    frozen (its embeddings are cached). Nothing happens without a residency (a caller that keeps
-    its models as they came)."""
+def after_caching(residency: Residency | None, *, cached_latents: bool, frozen_text: bool) -> None:
+    """Once the latents and text embeddings are cached: free the VAE when the latents are cached and
+    the text encoder when it is frozen, then read a UNet that waited for them to leave. Nothing
+    happens without a residency (a caller that keeps its models as they came)."""
     if residency is None:
         return
     if cached_latents:
         residency.release("vae")
     if frozen_text:
         residency.release("text_encoder")
+    residency.restore("unet")
