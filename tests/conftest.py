@@ -66,6 +66,27 @@ def write_user_settings(base: Path, settings: dict | None = None) -> None:
     path.write_text(json.dumps({"Comfy.TutorialCompleted": True, **(settings or {})}))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-model tests (``pytest.mark.usefixtures("one_thread")``):
+    tiny models gain nothing from a second thread, two threads wait on each other on a 2-core
+    machine shared with another busy process, and child processes get the same bytes."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def base_file(tmp_path_factory) -> Path:
+    """A tiny random SD1.5 single-file checkpoint in fp16 (the layout users' files have), in its own folder."""
+    from trainers.sd15 import placeholder
+
+    return placeholder.write_random_sd15_checkpoint(tmp_path_factory.mktemp("base") / "tiny.safetensors", size="tiny")
+
+
 @pytest.fixture(scope="session")
 def artifacts_dir() -> Path:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)

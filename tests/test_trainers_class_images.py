@@ -38,23 +38,13 @@ from trainers.jobs import train_file
 from trainers.sd15 import placeholder
 from trainers.training.config import DreamBoothTrainConfig
 
-pytestmark = pytest.mark.trainers
+pytestmark = [pytest.mark.trainers, pytest.mark.usefixtures("one_thread")]
 
 # 6 images in batches of 4 (0-3 and 4-5), 2 sampling steps each: two batches to interrupt between.
 SPEC = ClassImageSpec(base_fingerprint="tiny-sd15-seed-0", prompt="a photo of toy", count=6, resolution=64,
                       steps=2)
 SMALL = ClassImageSpec(base_fingerprint="tiny-sd15-seed-0", prompt="a photo of toy", count=2, resolution=64,
                        steps=2)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread, as in the child processes below: the same bytes everywhere, and no two
-    threads waiting on each other on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

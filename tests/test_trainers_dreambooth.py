@@ -33,7 +33,7 @@ from trainers.training.config import ConfigError, DreamBoothTrainConfig, LoRATra
 from trainers.training.dreambooth import DreamBoothResult, save_dreambooth, train_dreambooth
 from trainers.training.record import history_from_metadata
 
-pytestmark = pytest.mark.trainers
+pytestmark = [pytest.mark.trainers, pytest.mark.usefixtures("one_thread")]
 
 UNET, VAE, TEXT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model."
 # A few steps with 2 class images of 2 sampling steps: about a second per job on the tiny models.
@@ -44,22 +44,6 @@ PRIOR = {"steps": 2, "unet_lr": 1e-4, "class_images": 2, "class_steps": 2}
 # ---------------------------------------------------------------------------------------------
 # Fixtures and helpers
 # ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second CPU thread, and on a 2-core machine shared with
-    another busy process two torch threads wait on each other (this file took 5 min instead of 30 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def base_file(tmp_path_factory) -> Path:
-    """A tiny random SD1.5 checkpoint in fp16 (the layout users' files have), in its own folder."""
-    return placeholder.write_random_sd15_checkpoint(tmp_path_factory.mktemp("base") / "tiny.safetensors", size="tiny")
 
 
 @pytest.fixture(scope="module")

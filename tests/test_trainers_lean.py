@@ -15,7 +15,7 @@ from tests.support.paths import tokenizer_dir
 from tests.test_trainers_lora import make_subject
 from trainers import jobs
 from trainers.jobs import train_file
-from trainers.sd15 import checkpoint, placeholder
+from trainers.sd15 import checkpoint
 from trainers.sd15.checkpoint import CheckpointError, load_sd15, stream_tensors
 from trainers.training import memory
 from trainers.training.callbacks import TrainingCallbacks
@@ -23,21 +23,7 @@ from trainers.training.config import ConfigError, DreamBoothTrainConfig, LoRATra
 from trainers.training.residency import Residency, parameters_freed
 from trainers.training.watch import WatchConfig
 
-pytestmark = pytest.mark.trainers
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def base_file(tmp_path_factory) -> Path:
-    return placeholder.write_random_sd15_checkpoint(tmp_path_factory.mktemp("base") / "tiny.safetensors",
-                                                     size="tiny")
+pytestmark = [pytest.mark.trainers, pytest.mark.usefixtures("one_thread")]
 
 
 # ---------------------------------------------------------------------------------------------

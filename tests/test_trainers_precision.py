@@ -30,21 +30,13 @@ from trainers.training.lora import apply_lora, lora_parameters, train_lora
 from trainers.training.record import run_fingerprint
 from trainers.training.state import newest_state
 
-pytestmark = pytest.mark.trainers
+pytestmark = [pytest.mark.trainers, pytest.mark.usefixtures("one_thread")]
 
 TIMESTEPS = [50, 150, 300, 500, 700, 900]
 # Fingerprints of make_subject() with base "base" and precision "fp32", computed by the engine
 # before precision "auto" existed: the files of those runs must stay reusable.
 OLD_LORA_FP32 = "47bf79d5986983b555749e883b84cc69d8581c9193e1b8f018995f2476674b56"
 OLD_DREAMBOOTH_FP32 = "acd5dc784a9b4075584f6c88ab90b46d0b06368be140b3c4d2d43425bdf6dd9b"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -31,27 +31,12 @@ from trainers.training.watch import (
     sample_grid,
 )
 
-pytestmark = pytest.mark.trainers
+pytestmark = [pytest.mark.trainers, pytest.mark.usefixtures("one_thread")]
 logger = logging.getLogger(__name__)
 
 BEACH = f"{PROMPT} on the beach"
 # Cheap samples: 2 denoising steps per image at the training resolution (64 px).
 QUICK_SAMPLES = {"sample_steps": 2}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second CPU thread on a 2-core machine shared with others."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def base_file(tmp_path_factory) -> Path:
-    return placeholder.write_random_sd15_checkpoint(tmp_path_factory.mktemp("base") / "tiny.safetensors",
-                                                     size="tiny")
 
 
 def split_file(path: Path) -> tuple[dict, bytes]:
