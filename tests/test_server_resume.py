@@ -56,6 +56,9 @@ def test_an_interrupted_run_resumes_to_the_bytes_of_an_uninterrupted_one(comfy_s
     assert again[0] == done_steps[-1] + 1 and again[-1] == STEPS  # continued, not restarted
     assert f"resumed from step {done_steps[-1]}" in comfy_server.log_text()
     assert (loras / "resume_run.safetensors").read_bytes() == whole
+    # the pack asked MKL for reproducible sums before ComfyUI's first matrix product (without it,
+    # two threads summed in varying order and the bytes differed)
+    assert "MKL started before this pack" not in comfy_server.log_text()
     assert not any(states.iterdir())  # finished: its states are removed
     # the node's chart of the resumed run starts with the steps trained before the interrupt
     chart = resumed.outputs["train"]["dreambooth_studio"][0]

@@ -12,7 +12,7 @@ import dataclasses
 import pytest
 import torch
 
-from tests.support.paths import tokenizer_dir
+from tests.support.paths import repo_root, tokenizer_dir
 from tests.test_trainers_lora import Recorder, make_subject
 from tests.test_trainers_resume import FINGERPRINT, SavePoints
 from trainers.sd15 import placeholder
@@ -257,3 +257,43 @@ def test_stochastic_rounding_is_unbiased_where_round_to_nearest_loses_small_upda
         stochastic = loop.stochastic_round_to_bf16(stochastic.float() + 1e-4, generator)
     assert bool((nearest == 1).all())
     assert float(stochastic.float().mean()) == pytest.approx(1.02, abs=2e-3)
+
+
+# -- reproducible sums with two threads -------------------------------------------------------------
+
+def _mkl_mode_in_a_fresh_process(code: str, env: dict[str, str]) -> str:
+    import os
+    import subprocess
+    import sys
+
+    environment = {key: value for key, value in os.environ.items() if key != "MKL_CBWR"} | env
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=environment, cwd=repo_root())
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip().splitlines()[-1]
+
+
+ASK = ("from trainers.training.determinism import blas_reproducible, request_reproducible_blas\n"
+       "import torch\n")
+PRODUCT = "torch.ones(64, 64) @ torch.ones(64, 64)\n"
+
+
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="torch has no MKL here")
+def test_the_engine_asks_mkl_for_reproducible_sums_before_its_first_product():
+    # asked first (what the CLI and the pack's entry point do): MKL sums reproducibly
+    asked = _mkl_mode_in_a_fresh_process(ASK + "request_reproducible_blas()\n" + PRODUCT + "print(blas_reproducible())",
+                                         {})
+    assert asked == "True"
+    # MKL started before the request: too late, and the check says so (train_file then warns)
+    late = _mkl_mode_in_a_fresh_process(ASK + PRODUCT + "request_reproducible_blas()\nprint(blas_reproducible())", {})
+    assert late == "False"
+    # what a user set is kept
+    kept = _mkl_mode_in_a_fresh_process(
+        ASK + "request_reproducible_blas()\nimport os\nprint(os.environ['MKL_CBWR'])", {"MKL_CBWR": "COMPATIBLE"})
+    assert kept == "COMPATIBLE"
+    # the command line asks before anything it imports could start MKL
+    cli = _mkl_mode_in_a_fresh_process(
+        "import runpy, sys\nsys.argv = ['trainers']\ntry:\n    runpy.run_module('trainers', run_name='__main__')\n"
+        "except SystemExit:\n    pass\n"
+        "from trainers.training.determinism import blas_reproducible\nprint(blas_reproducible())", {})
+    assert cli == "True"

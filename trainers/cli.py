@@ -40,6 +40,7 @@ from .training.config import (
     add_config_arguments,
     config_from_args,
 )
+from .training.determinism import request_reproducible_blas
 from .training.plot import loss_curve_image
 from .training.savepoints import SaveStopped
 from .training.saving import NotEnoughSpace, SaveFailed
@@ -315,6 +316,7 @@ def _write_grid(job: JobResult, path: Path) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    request_reproducible_blas()
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:

@@ -49,6 +49,7 @@ from .training.callbacks import (
     WithLossHistory,
 )
 from .training.config import DreamBoothTrainConfig, LoRATrainConfig, check_device
+from .training.determinism import blas_reproducible, request_reproducible_blas
 from .training.dreambooth import save_dreambooth, train_dreambooth
 from .training.loop import SAVE_DTYPES, LoopState
 from .training.lora import save_lora, train_lora
@@ -398,6 +399,11 @@ def train_file(base_model: str | os.PathLike, subject: SubjectData, config: Trai
     if samples_to is not None:
         check_sample_dir(samples_to, (base_model, Path(class_folder) if class_folder is not None else None))
     check_device(config, device)  # settings this device cannot run (adamw8bit on a CPU, bf16 on an old GPU)
+    request_reproducible_blas()
+    if blas_reproducible() is False and torch.get_num_threads() > 1:
+        log.warning("MKL started before this pack could ask it for reproducible sums (set MKL_CBWR=AUTO,STRICT "
+                    "in the environment that starts ComfyUI): the same seed may give files that differ in "
+                    "their last bits, and a resumed run may not end in the bytes of an uninterrupted one")
     checkpoint.check_sd15(base_model, tokenizer_dir)  # headers and configs only: not SD1.5 is a clear error
     base_fingerprint = content_sha256(base_model)
     plan = plan_prior(config.prior_request, subject, base_fingerprint, class_cache_dir, class_folder, tokenizer_dir)
