@@ -1,11 +1,14 @@
-"""The optimizer step alone on the full-size SD1.5 UNet's weights: which AdamW implementation.
+"""The optimizer step alone on the full-size SD1.5 UNet's weights: which AdamW implementation, and
+the engine's Adafactor against transformers'.
 
     .venv/bin/python bench/optimizer_step.py [--steps 3] [--only fused,default,...] [--tiny-check]
 
 Makes fp32 weights and gradients of the UNet's 686 tensor shapes (859.5M parameters, read from
 the cached random full-size test checkpoint's header), then times ``optimizer.step()`` of torch
 AdamW (the trainers' settings) as the default for-loop, foreach (multi-tensor) and the fused
-kernel, and the fused kernel stepped one tensor at a time as ``fused_backward`` does. The first
+kernel, and the fused kernel stepped one tensor at a time as ``fused_backward`` does; then
+Adafactor with the trainers' settings, transformers' class (``adafactor-transformers``) and the
+engine's (``adafactor``, trainers/training/adafactor.py). The first
 step (which allocates the states) is not timed; the median of the next ``--steps`` is shown. Each
 variant holds weights, gradients and two states: ~14 GB; they run one after the other.
 
@@ -35,6 +38,8 @@ VARIANTS = {
     "foreach": {"foreach": True, "fused": False},
     "fused": {"fused": True},
     "fused-per-tensor": {"fused": True},
+    "adafactor-transformers": {},
+    "adafactor": {},
 }
 
 
@@ -51,13 +56,25 @@ def time_variant(name: str, shapes: list[tuple[int, ...]], steps: int) -> list[f
     params = [torch.nn.Parameter(torch.randn(shape, generator=generator) * 0.02) for shape in shapes]
     for param in params:
         param.grad = torch.randn(param.shape, generator=generator) * 1e-3
-    optimizers = [torch.optim.AdamW(params, lr=2e-6, betas=ADAMW_BETAS, weight_decay=ADAMW_WEIGHT_DECAY,
-                                    eps=ADAMW_EPS, **VARIANTS[name])]
+    if name == "adafactor-transformers":
+        from transformers.optimization import Adafactor as Reference
+
+        optimizers = [Reference(params, lr=2e-6, scale_parameter=False, relative_step=False, warmup_init=False)]
+    elif name == "adafactor":
+        from trainers.training.adafactor import Adafactor
+
+        optimizers = [Adafactor(params, lr=2e-6)]
+    else:
+        optimizers = [torch.optim.AdamW(params, lr=2e-6, betas=ADAMW_BETAS, weight_decay=ADAMW_WEIGHT_DECAY,
+                                        eps=ADAMW_EPS, **VARIANTS[name])]
     if name == "fused-per-tensor":
         optimizers = [torch.optim.AdamW([p], lr=2e-6, betas=ADAMW_BETAS, weight_decay=ADAMW_WEIGHT_DECAY,
                                         eps=ADAMW_EPS, fused=True) for p in params]
     times = []
     for step in range(steps + 1):
+        if name.startswith("adafactor"):  # the engine's Adafactor consumes the gradient: give each step new ones
+            for param in params:
+                param.grad = torch.randn(param.shape, generator=generator) * 1e-3
         started = time.perf_counter()
         for optimizer in optimizers:
             optimizer.step()

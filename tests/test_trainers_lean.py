@@ -4,6 +4,7 @@ sample or to be written into a checkpoint."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from pathlib import Path
 
@@ -211,3 +212,78 @@ def test_a_run_that_cannot_fit_is_refused_before_loading_with_settings_that_woul
     monkeypatch.setenv(memory.SKIP_ENV, "1")  # the user's way past a wrong estimate
     with pytest.raises(AssertionError, match="was loaded"):
         train_file(base_file, make_subject(count=2), LoRATrainConfig(steps=2, rank=2), output, tokenizer_dir())
+
+
+# ---------------------------------------------------------------------------------------------
+# Adafactor: transformers' arithmetic, with a lean step
+# ---------------------------------------------------------------------------------------------
+
+ADAFACTOR_SHAPES = [(7,), (6, 5), (12, 10), (4, 3, 3, 3), (2, 3, 8)]  # a bias, two linears, a conv, a 3-D tensor
+
+
+def _adafactor_pair(weight_decay: float, dtype: torch.dtype = torch.float32):
+    from transformers.optimization import Adafactor as Reference
+
+    from trainers.training.adafactor import Adafactor
+
+    generator = torch.Generator().manual_seed(0)
+    start = [torch.randn(shape, generator=generator).to(dtype) for shape in ADAFACTOR_SHAPES]
+    ours = [torch.nn.Parameter(t.clone()) for t in start]
+    theirs = [torch.nn.Parameter(t.clone()) for t in start]
+    return (Adafactor(ours, lr=1e-2, weight_decay=weight_decay),
+            Reference(theirs, lr=1e-2, scale_parameter=False, relative_step=False, warmup_init=False,
+                      weight_decay=weight_decay), ours, theirs, generator)
+
+
+def _step_both(pair, steps: int, generator: torch.Generator, scale: float = 1.0) -> None:
+    ours, theirs = pair[0], pair[1]
+    for _ in range(steps):
+        for mine, reference in zip(ours.param_groups[0]["params"], theirs.param_groups[0]["params"], strict=True):
+            grad = (torch.randn(mine.shape, generator=generator) * scale).to(mine.dtype)
+            mine.grad, reference.grad = grad.clone(), grad.clone()
+        ours.step()
+        theirs.step()
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_adafactor_steps_like_transformers_adafactor(weight_decay):
+    pair = _adafactor_pair(weight_decay)
+    ours, theirs, mine, reference, generator = pair
+    starts = [p.detach().clone() for p in mine]
+    # small gradients (the update's RMS clip scales them up) and large ones, over 6 steps
+    _step_both(pair, 3, generator, scale=1e-3)
+    _step_both(pair, 3, generator, scale=10.0)
+    for a, b, start in zip(mine, reference, starts, strict=True):
+        moved = float((b.detach() - start).abs().max())
+        assert moved > 1e-3  # the weights really moved
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=3e-7, atol=1e-5 * moved)  # a few ulp of the weight
+    for a, b in zip(mine, reference, strict=True):
+        for key in ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq"):
+            if key in theirs.state[b]:
+                torch.testing.assert_close(ours.state[a][key], theirs.state[b][key], rtol=1e-5, atol=0)
+        assert ours.state[a]["step"] == theirs.state[b]["step"] == 6
+
+
+def test_adafactor_resumes_from_a_state_saved_by_transformers_adafactor():
+    pair = _adafactor_pair(0.0)
+    ours, theirs, mine, reference, generator = pair
+    _step_both(pair, 2, generator, scale=1e-3)
+    with torch.no_grad():
+        for a, b in zip(mine, reference, strict=True):
+            a.copy_(b)
+    # a training state written to disk before this class existed
+    ours.load_state_dict(copy.deepcopy(theirs.state_dict()))
+    _step_both(pair, 2, generator, scale=1e-3)
+    for a, b in zip(mine, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert ours.state[mine[0]]["step"] == 4
+
+
+def test_adafactor_steps_bf16_weights_in_fp32():
+    pair = _adafactor_pair(0.0, torch.bfloat16)
+    ours, theirs, mine, reference, generator = pair
+    _step_both(pair, 2, generator, scale=1e-3)
+    for a, b in zip(mine, reference, strict=True):
+        assert a.dtype == torch.bfloat16
+        assert float((a - b).detach().float().abs().max()) <= float(b.detach().float().abs().max()) * 2**-7  # one bf16 step
+    assert all(s["exp_avg_sq_row"].dtype == torch.float32 for s in ours.state.values() if "exp_avg_sq_row" in s)

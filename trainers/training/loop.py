@@ -46,6 +46,7 @@ import torch
 
 from ..data.subject import SubjectData
 from ..sd15.checkpoint import SD15Components
+from .adafactor import Adafactor
 from .callbacks import LossHistory, NonFiniteLossError, StepState, TrainingCallbacks, WithLossHistory
 from .config import ConfigError, DreamBoothTrainConfig, LoRATrainConfig, check_device
 
@@ -675,9 +676,7 @@ def make_optimizer(groups: list[dict[str, Any]], name: str) -> torch.optim.Optim
         return torch.optim.AdamW(groups, betas=ADAMW_BETAS, weight_decay=ADAMW_WEIGHT_DECAY, eps=ADAMW_EPS,
                                  fused=_fused_adamw_fits(groups) or None)
     if name == "adafactor":
-        from transformers.optimization import Adafactor
-
-        return Adafactor(groups, scale_parameter=False, relative_step=False, warmup_init=False, weight_decay=0.0)
+        return Adafactor(groups, lr=groups[0]["lr"], weight_decay=0.0)
     if name == "adamw8bit":
         import bitsandbytes
 
