@@ -401,7 +401,7 @@ def train_file(base_model: str | os.PathLike, subject: SubjectData, config: Trai
     check_device(config, device)  # settings this device cannot run (adamw8bit on a CPU, bf16 on an old GPU)
     request_reproducible_blas()
     if blas_reproducible() is False and torch.get_num_threads() > 1:
-        log.warning("MKL started before this pack could ask it for reproducible sums (set MKL_CBWR=AUTO,STRICT "
+        log.warning("MKL started before this pack could ask it for reproducible sums (set MKL_CBWR=AUTO "
                     "in the environment that starts ComfyUI): the same seed may give files that differ in "
                     "their last bits, and a resumed run may not end in the bytes of an uninterrupted one")
     checkpoint.check_sd15(base_model, tokenizer_dir)  # headers and configs only: not SD1.5 is a clear error
