@@ -6,7 +6,7 @@ and their shares. Options that may speed a step up can be switched on to compare
 per setting::
 
     .venv/bin/python bench/step_profile.py --method lora --size 64 [--precision bf16] \
-        [--channels-last] [--steps 4]
+        [--channels-last] [--compile] [--steps 4]
     .venv/bin/python bench/step_profile.py --method full --size 64 [--fused-backward]
 
 Parts: ``batch`` (draw latents, noise and timesteps), ``forward`` (UNet and loss), ``backward``,
@@ -32,6 +32,7 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--channels-last", action="store_true", help="UNet in channels-last memory format")
+    parser.add_argument("--compile", action="store_true", help="UNet compiled with torch.compile (inductor)")
     parser.add_argument("--fused-backward", action="store_true", help="full fine-tune: optimizer in the backward")
     parser.add_argument("--optimizer", choices=("adamw", "adafactor"), default="adamw")
     parser.add_argument("--steps", type=int, default=4)
@@ -76,6 +77,8 @@ def main() -> int:
     if args.channels_last:
         base.unet.to(memory_format=torch.channels_last)
     base.unet.train()
+    if args.compile:
+        base.unet.compile()
     autocast = torch.bfloat16 if args.precision == "bf16" else None
     optimization = loop.build_optimization(config, params, [], autocast, keep_grad_buffers=args.method == "full")
     settings = loop.LoopSettings.of(config, autocast)
@@ -104,6 +107,7 @@ def main() -> int:
                 times[name].append(end - start)
     total = sum(statistics.mean(values) for values in times.values())
     label = (f"{args.method} {size}px {args.precision}" + (" channels-last" if args.channels_last else "")
+             + (" compiled" if args.compile else "")
              + (f" {args.optimizer}" if args.method == "full" else ""))
     print(f"{label}: {total:.3f} s/step, " + ", ".join(
         f"{name} {statistics.mean(values):.3f} s ({100 * statistics.mean(values) / total:.0f}%)"
