@@ -22,7 +22,6 @@ train through :func:`train_file`, so every rule below holds everywhere:
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import shutil
@@ -53,7 +52,7 @@ from .training.determinism import blas_reproducible, request_reproducible_blas
 from .training.dreambooth import save_dreambooth, train_dreambooth
 from .training.loop import SAVE_DTYPES, LoopState
 from .training.lora import save_lora, train_lora
-from .training.memory import check_memory, load_dtypes, lora_target_shapes
+from .training.memory import check_memory, load_dtypes, lora_target_shapes, release_freed_memory
 from .training.record import (
     Provenance,
     TrainConfig,
@@ -457,6 +456,7 @@ def train_file(base_model: str | os.PathLike, subject: SubjectData, config: Trai
     check_free_space(needs, shown)
     if before_load is not None:
         before_load()
+    release_freed_memory()  # what earlier runs freed counts as free
     # the memory it will need at its peak, against what is free (after before_load freed the host's models)
     # Without class images to generate, the UNet is read only after the VAE and text encoder have
     # done their caching and left memory: the three parts are never in memory together.
@@ -517,7 +517,7 @@ def train_file(base_model: str | os.PathLike, subject: SubjectData, config: Trai
                                         "the same prompt again to save them without training.") from None
     finally:
         del base
-        gc.collect()
+        release_freed_memory()
     if state_dir is not None:  # finished and saved: its training states are no longer needed
         shutil.rmtree(state_dir, ignore_errors=True)
     watched = result.watched

@@ -19,7 +19,9 @@ not fit the free memory, before the base model loads, and names settings that wo
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import gc
 import logging
 import math
 import os
@@ -232,6 +234,21 @@ def plan_memory(config: Any, base_model: str | os.PathLike, resolution: int,
     if config.method == "dreambooth":
         phases["save"] = runtime + sum(weights.values()) + sizes.largest * 4
     return MemoryPlan(kind, phases, parts)
+
+
+def release_freed_memory() -> None:
+    """Give memory this process freed back to the system: collect garbage, then (glibc) trim the
+    C heap. Freed tensors of a run otherwise stay in the process's heap (2.7 GB of 5.2 GB after
+    loading and freeing the full-size model here, 0.9 GB after the trim): the next run's memory
+    plan would see them as used, and other programs could not have them."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to trim
+        return
+    trim(0)
 
 
 def available_memory(device: torch.device | str | None = None) -> int | None:
