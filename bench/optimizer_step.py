@@ -72,9 +72,6 @@ def time_variant(name: str, shapes: list[tuple[int, ...]], steps: int) -> list[f
                                         eps=ADAMW_EPS, fused=True) for p in params]
     times = []
     for step in range(steps + 1):
-        if name.startswith("adafactor"):  # the engine's Adafactor consumes the gradient: give each step new ones
-            for param in params:
-                param.grad = torch.randn(param.shape, generator=generator) * 1e-3
         started = time.perf_counter()
         for optimizer in optimizers:
             optimizer.step()

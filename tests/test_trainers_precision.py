@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -262,10 +265,6 @@ def test_stochastic_rounding_is_unbiased_where_round_to_nearest_loses_small_upda
 # -- reproducible sums with two threads -------------------------------------------------------------
 
 def _mkl_mode_in_a_fresh_process(code: str, env: dict[str, str]) -> str:
-    import os
-    import subprocess
-    import sys
-
     environment = {key: value for key, value in os.environ.items() if key != "MKL_CBWR"} | env
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env=environment, cwd=repo_root())

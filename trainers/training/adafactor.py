@@ -94,21 +94,21 @@ class Adafactor(torch.optim.Optimizer):
         with the factored estimate's inverse square root (transformers' ``_approx_sq_grad``)."""
         rows, columns = squares.shape[-2], squares.shape[-1]
         row, column = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-        weight = 1.0 - beta
+        share = 1.0 - beta  # of the new means in the moving averages
         if rows * columns <= _SMALL_TAIL:  # e.g. a 3x3 kernel: matrix products instead of 3-wide reductions
             to_means, from_logs = _tail_matrices(rows, columns, squares.device)
             flat = squares.view(-1, rows * columns)
             means = flat @ to_means  # every row mean, then every column mean
-            row.lerp_(means[:, :rows].reshape(row.shape), weight).add_(weight * tiny)
-            column.lerp_(means[:, rows:].reshape(column.shape), weight).add_(weight * tiny)
+            row.lerp_(means[:, :rows].reshape(row.shape), share).add_(share * tiny)
+            column.lerp_(means[:, rows:].reshape(column.shape), share).add_(share * tiny)
             del means
             # r_i * c_j = exp(-(log(row_i / mean(row)) + log(col_j)) / 2): two products and one exp
             row_logs = (row / row.mean(dim=-1, keepdim=True)).log_().view(-1, rows)
             torch.mm(row_logs, from_logs[:rows], out=flat)
             flat.addmm_(column.log().view(-1, columns), from_logs[rows:]).exp_()
         else:
-            row.lerp_(squares.mean(dim=-1), weight).add_(weight * tiny)
-            column.lerp_(squares.mean(dim=-2), weight).add_(weight * tiny)
+            row.lerp_(squares.mean(dim=-1), share).add_(share * tiny)
+            column.lerp_(squares.mean(dim=-2), share).add_(share * tiny)
             row_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_()
             torch.mul(row_factor.unsqueeze(-1), column.rsqrt().unsqueeze(-2), out=squares)
 
