@@ -102,6 +102,25 @@ def test_models() -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny random SD1.5 single file (the engine trains it like the full size, in seconds; ComfyUI's
+    own loaders do not take it): for server and browser tests of what the training nodes do and
+    show, where model size changes nothing but the time."""
+    from trainers.sd15 import placeholder
+
+    path = tmp_path_factory.mktemp("tiny-model") / placeholder.TINY_CHECKPOINT_NAME
+    return placeholder.write_random_sd15_checkpoint(path, size="tiny")
+
+
+def install_checkpoint(server, path: Path) -> str:
+    """Link a checkpoint into a running server's models/checkpoints/ (listed on the next request)."""
+    dest = server.models_dir / "checkpoints" / path.name
+    if not dest.exists():
+        dest.symlink_to(path.resolve())
+    return path.name
+
+
+@pytest.fixture(scope="session")
 def comfy_server(tmp_path_factory, test_models, artifacts_dir):
     """A real ComfyUI on a free loopback port, with private folders and the test models."""
     base = prepare_base_dir(

@@ -638,23 +638,25 @@ function forNode(detail, action) {
     for (const chart of charts) if (chart.attached && chart.id === id) action(chart);
 }
 
+// Registered as soon as this module loads, before the frontend opens its socket: a page loaded
+// while a run goes on receives step events at once (the newest frontend logs an error for any
+// message type nobody listens to yet). The nodes' charts that the events are for come later and
+// catch up through the route.
+listen(`${PACK}.step`, ({ detail }) => forNode(detail, (chart) => chart.onStep(detail)));
+listen(`${PACK}.samples`, ({ detail }) => forNode(detail, (chart) => chart.onSamples(detail)));
+listen(`${PACK}.status`, ({ detail }) => forNode(detail, (chart) => chart.onStatus(detail)));
+// Events sent while the socket was down are lost: runs still going catch up.
+listen("reconnected", () => {
+    for (const chart of charts) if (chart.attached && chart.run.status === "running") chart.scheduleCatchUp();
+});
+window.__dreamboothStudioLive = {
+    charts: () => [...charts].map((chart) => chart.summary()),
+    chartCount: () => charts.size,
+    pageListeners: () => pageListeners.map(([type]) => type),
+};
+
 app.registerExtension({
     name: `${PACK}.live_chart`,
-
-    setup() {
-        listen(`${PACK}.step`, ({ detail }) => forNode(detail, (chart) => chart.onStep(detail)));
-        listen(`${PACK}.samples`, ({ detail }) => forNode(detail, (chart) => chart.onSamples(detail)));
-        listen(`${PACK}.status`, ({ detail }) => forNode(detail, (chart) => chart.onStatus(detail)));
-        // Events sent while the socket was down are lost: runs still going catch up.
-        listen("reconnected", () => {
-            for (const chart of charts) if (chart.attached && chart.run.status === "running") chart.scheduleCatchUp();
-        });
-        window.__dreamboothStudioLive = {
-            charts: () => [...charts].map((chart) => chart.summary()),
-            chartCount: () => charts.size,
-            pageListeners: () => pageListeners.map(([type]) => type),
-        };
-    },
 
     async beforeRegisterNodeDef(nodeType, nodeData) {
         if (!TRAINING_NODES.has(nodeData?.name)) return;
