@@ -12,6 +12,7 @@ import pytest
 
 from scripts import graphs
 from scripts.demo import draw_sample_subject
+from tests.conftest import install_checkpoint
 
 pytestmark = pytest.mark.server
 
@@ -50,11 +51,17 @@ def get(url: str) -> tuple[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def watched_run(comfy_server, subject_folder, test_models):
+def tiny_name(comfy_server, tiny_checkpoint):
+    """What watching shows does not depend on the model's size: the tiny model trains in seconds."""
+    return install_checkpoint(comfy_server, tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def watched_run(comfy_server, subject_folder, tiny_name):
     from scripts.comfyclient import ComfyClient
 
     client = ComfyClient(comfy_server.url)
-    return client.run(train_alone(test_models["checkpoint"].name, "live_lora"), timeout=900).raise_for_status()
+    return client.run(train_alone(tiny_name, "live_lora"), timeout=900).raise_for_status()
 
 
 def test_a_training_node_alone_queues_runs_and_writes_its_file(comfy_server, watched_run):
@@ -120,10 +127,10 @@ def test_the_catch_up_route_returns_the_newest_run_of_a_node(comfy_server, watch
         assert status == 400 and "node id" in answer["error"], hostile
 
 
-def test_changing_only_sample_settings_reuses_the_file(comfy_server, comfy_client, watched_run, test_models):
+def test_changing_only_sample_settings_reuses_the_file(comfy_server, comfy_client, watched_run, tiny_name):
     path = comfy_server.models_dir / "loras" / "live_lora.safetensors"
     before = path.read_bytes()
-    again = comfy_client.run(train_alone(test_models["checkpoint"].name, "live_lora", sample_seed=8),
+    again = comfy_client.run(train_alone(tiny_name, "live_lora", sample_seed=8),
                              timeout=900).raise_for_status()
     assert events_of(again, "step") == []  # nothing trained
     assert [e["status"] for e in events_of(again, "status")] == ["running", "reused"]
