@@ -336,7 +336,9 @@ SMALL = {
                         "precision": "fp32", "gradient_checkpointing": False, "sample_every": 0, "validate_every": 0},
     "KSampler": {"steps": 1},
     "EmptyLatentImage": {"width": 64, "height": 64},
-    "LoRAScaleGrid": {"steps": 1, "width": 64, "height": 64},
+    # two values per axis: every cell patches the full UNet again; two show the layout as well as three
+    "LoRAScaleGrid": {"steps": 1, "width": 64, "height": 64, "unet_scales": "0, 1", "text_encoder_scales": "0, 1",
+                      "cfg_values": "5, 10"},
 }
 
 
