@@ -6,7 +6,7 @@ and their shares. Options that may speed a step up can be switched on to compare
 per setting::
 
     .venv/bin/python bench/step_profile.py --method lora --size 64 [--precision bf16] \
-        [--channels-last] [--compile] [--steps 4]
+        [--channels-last] [--compile] [--steps 4] [--profile 25]
     .venv/bin/python bench/step_profile.py --method full --size 64 [--fused-backward]
 
 Parts: ``batch`` (draw latents, noise and timesteps), ``forward`` (UNet and loss), ``backward``,
@@ -36,6 +36,8 @@ def main() -> int:
     parser.add_argument("--fused-backward", action="store_true", help="full fine-tune: optimizer in the backward")
     parser.add_argument("--optimizer", choices=("adamw", "adafactor"), default="adamw")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after the timed steps, one more step under torch.profiler: its N costliest ops")
     parser.add_argument("--checkpoint", type=Path, default=None)
     parser.add_argument("--tokenizer", type=Path, default=None)
     args = parser.parse_args()
@@ -105,6 +107,14 @@ def main() -> int:
         if step:  # the first step warms up
             for name, start, end in zip(times, marks, marks[1:], strict=False):
                 times[name].append(end - start)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as trace:
+            loss, _ = loop.compute_step_loss(models, [instance], streams, settings, generator)
+            optimizer.zero_grad(set_to_none=not optimization.keep_grad_buffers)
+            loss.backward()
+        print(trace.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile), flush=True)
     total = sum(statistics.mean(values) for values in times.values())
     label = (f"{args.method} {size}px {args.precision}" + (" channels-last" if args.channels_last else "")
              + (" compiled" if args.compile else "")
