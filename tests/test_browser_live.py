@@ -10,8 +10,13 @@ import pytest
 
 from scripts.demo import draw_sample_subject
 from scripts.frontend import NEWEST_FRONTEND_VERSION, VISIBLE_ALERTS_JS
-from tests.conftest import (APP_READY_JS, CORE_CONSOLE_NOISE, NEWEST_CORE_CONSOLE_NOISE, install_checkpoint,
-                            open_canvas)
+from tests.conftest import (
+    APP_READY_JS,
+    CORE_CONSOLE_NOISE,
+    NEWEST_CORE_CONSOLE_NOISE,
+    install_checkpoint,
+    open_canvas,
+)
 
 pytestmark = pytest.mark.browser
 
