@@ -122,7 +122,9 @@ def train_dreambooth(
     logger.info(
         "DreamBooth: %d images at %dpx, %d steps, unet lr %g, text encoder %s, %s, prior %s, on %s",
         len(subject), subject.resolution, config.steps, config.unet_lr,
-        f"lr {config.text_encoder_lr:g}" if train_text else "frozen", config.optimizer,
+        f"lr {config.text_encoder_lr:g}" if train_text else "frozen",
+        config.optimizer + (", weights bf16" if config.weight_precision == "bf16" else "")
+        + (", optimizer step in the backward pass" if config.fused_backward else ""),
         f"{len(class_subject)} class images x {config.prior_loss_weight:g}" if class_subject else "off", device,
     )  # fmt: skip
     trained = ("unet", "text_encoder") if train_text else ("unet",)
