@@ -25,9 +25,9 @@ SUBJECT = "live_chart_subject"
 # The tiny model (what the chart shows does not depend on the model's size) trains 6-8 steps a
 # second here with the page watching; a reloaded page was back by step 8-12: enough steps that
 # the run is still going then.
-STEPS = 80
-SAMPLE_EVERY = 40
-VALIDATE_EVERY = 40
+STEPS = 50
+SAMPLE_EVERY = 25
+VALIDATE_EVERY = 25
 # the default sample prompts: the subject's instance prompt, and the same on the beach
 INSTANCE_PROMPT = "a photo of sks robot"
 PROMPTS = [INSTANCE_PROMPT, f"{INSTANCE_PROMPT} on the beach"]
