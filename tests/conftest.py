@@ -114,9 +114,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 def install_checkpoint(server, path: Path) -> str:
     """Link a checkpoint into a running server's models/checkpoints/ (listed on the next request)."""
-    dest = server.models_dir / "checkpoints" / path.name
-    if not dest.exists():
-        dest.symlink_to(path.resolve())
+    prepare_base_dir(server.base_dir, models={"checkpoints": [path]})
     return path.name
 
 

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.browser
 PINNED = "1.32.9"
 SUBJECT = "live_chart_subject"
 # The tiny model (what the chart shows does not depend on the model's size) trains 6-8 steps a
-# second here with the page watching; a reloaded page was back by step 8-12: enough steps that
+# second here with the page watching; a reloaded page was back by step 6-15: enough steps that
 # the run is still going then.
 STEPS = 50
 SAMPLE_EVERY = 25
