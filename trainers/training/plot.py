@@ -81,11 +81,12 @@ def _tick_labels(ticks: list[float]) -> list[str]:
             for t in ticks]
 
 
-def _font() -> Any:
+def text_font(size: int = _FONT_SIZE) -> Any:
+    """Pillow's default font at ``size`` pixels (the pack ships no font file)."""
     from PIL import ImageFont
 
     try:
-        return ImageFont.load_default(size=_FONT_SIZE)
+        return ImageFont.load_default(size=size)
     except TypeError:  # Pillow without FreeType: the small bitmap font
         return ImageFont.load_default()
 
@@ -131,7 +132,7 @@ def loss_curve_image(
 
     image = Image.new("RGB", (width, height), _BACKGROUND)
     draw = ImageDraw.Draw(image)
-    font = _font()
+    font = text_font()
     line = int(math.ceil(font.getbbox("Ag")[3])) + 2
     steps = max((len(values) for values in curves.values()), default=0)
     window = moving_average_window(steps)

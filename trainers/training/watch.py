@@ -62,6 +62,7 @@ from .loop import (
     tokenize,
     training_target,
 )
+from .plot import text_font
 from .residency import Residency
 
 log = logging.getLogger(__name__)
@@ -317,15 +318,6 @@ _GRID_BACKGROUND = (255, 255, 255)
 _GRID_TEXT = (30, 30, 30)
 
 
-def _font(size: int) -> Any:
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow without FreeType: the small bitmap font
-        return ImageFont.load_default()
-
-
 def _text_width(draw: Any, text: str, font: Any) -> float:
     return draw.textlength(text, font=font)
 
@@ -379,7 +371,7 @@ def sample_grid(rounds: Sequence[SampleRound], max_rows: int = MAX_GRID_ROWS,
     prompts = max((r.prompts for r in rounds), key=len)
     columns = max(len(r.images) for r in rounds)
     cell = min(max_cell, max(max(image.size) for r in rounds for image in r.images))
-    font = _font(max(11, min(18, cell // 12)))
+    font = text_font(max(11, min(18, cell // 12)))
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     line_height = int(math.ceil(font.getbbox("Ag")[3])) + 3
     pad = 6
