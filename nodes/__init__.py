@@ -12,10 +12,12 @@ class DreamBoothStudioExtension(ComfyExtension):
         # ComfyUI asks once, at start-up (it does not call on_load): the moment to remove what a
         # killed process of this pack left behind, before this process writes anything.
         from .bridge import sweep_stale_files
+        from .fidelity import register_model_folder
         from .live import register_routes
 
         sweep_stale_files()
         register_routes()
+        register_model_folder()
         return all_nodes()
 
 
@@ -23,9 +25,11 @@ def all_nodes() -> list[type[io.ComfyNode]]:
     # Imported here so that loading the extension object stays cheap.
     from .canny import CannyControl
     from .dreambooth_train import DreamBoothTrain
+    from .fidelity import LoadFidelityModels, SubjectFidelity
     from .lora_apply import ApplyLoRAScaled
     from .lora_train import LoRATrain
     from .subject import LoadSubjectImages
     from .sweep_grid import LoRAScaleGrid
 
-    return [LoadSubjectImages, LoRATrain, DreamBoothTrain, ApplyLoRAScaled, CannyControl, LoRAScaleGrid]
+    return [LoadSubjectImages, LoRATrain, DreamBoothTrain, ApplyLoRAScaled, CannyControl, LoRAScaleGrid,
+            LoadFidelityModels, SubjectFidelity]

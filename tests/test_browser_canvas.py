@@ -59,7 +59,8 @@ def test_canvas_opens_and_default_workflow_has_no_missing_nodes(canvas_page, art
 
 
 LIVE_CHART_WIDGETS = {"LoRATrain": {"live_chart"}, "DreamBoothTrain": {"live_chart"}}
-PACK_NODES = ["LoadSubjectImages", "LoRATrain", "DreamBoothTrain", "ApplyLoRAScaled", "CannyControl", "LoRAScaleGrid"]
+PACK_NODES = ["LoadSubjectImages", "LoRATrain", "DreamBoothTrain", "ApplyLoRAScaled", "CannyControl", "LoRAScaleGrid",
+              "LoadFidelityModels", "SubjectFidelity"]
 
 
 def test_pack_nodes_appear_in_the_canvas_with_tooltips(canvas_page, artifacts_dir):

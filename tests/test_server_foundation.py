@@ -15,7 +15,7 @@ pytestmark = pytest.mark.server
 
 # Node ids the pack registers (DESIGN.md 4); grows with each capability.
 PACK_NODES = {"LoadSubjectImages", "LoRATrain", "DreamBoothTrain", "ApplyLoRAScaled", "CannyControl",
-              "LoRAScaleGrid"}
+              "LoRAScaleGrid", "LoadFidelityModels", "SubjectFidelity"}
 
 
 def test_pack_imports_without_error(comfy_server, comfy_client):

@@ -1,0 +1,1 @@
+"""Scoring generated images against the subject: DINO, CLIP-I and CLIP-T (see fidelity.py)."""
