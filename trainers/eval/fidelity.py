@@ -28,6 +28,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..training.plot import text_font
+
 PAPER_SD = {"DINO": 0.668, "CLIP-I": 0.803, "CLIP-T": 0.305}
 PAPER_REAL = {"DINO": 0.774, "CLIP-I": 0.885}
 METRICS = ("DINO", "CLIP-I", "CLIP-T")
@@ -304,8 +306,6 @@ def table_lines(scores: FidelityScores, max_rows: int = 64) -> list[str]:
 def table_image(scores: FidelityScores, max_rows: int = 64):
     """The table as a PIL image: numbers in aligned columns, text lines as they are."""
     from PIL import Image, ImageDraw
-
-    from ..training.plot import text_font
 
     lines = table_lines(scores, max_rows)
     font = text_font(14)
