@@ -57,11 +57,12 @@ from .training.record import (
     Provenance,
     TrainConfig,
     check_metadata_size,
+    fidelity_json,
     history_from_metadata,
     read_metadata,
 )
 from .training.residency import Residency
-from .training.savepoints import SavePoints
+from .training.savepoints import SavePoints, step_file
 from .training.saving import (
     FileIdentity,
     Saved,
@@ -71,7 +72,7 @@ from .training.saving import (
     save_safely,
 )
 from .training.state import newest_state
-from .training.watch import WatchConfig, load_sample_rounds, sample_grid
+from .training.watch import WatchConfig, best_round, load_sample_rounds, sample_grid
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,25 @@ class JobResult(WithLossHistory):
         if self.validation_seconds:
             parts.append(f"validation took {share(self.validation_seconds)}")
         return ", ".join(parts)
+
+    def best_step(self) -> tuple[SampleRound, Path] | None:
+        """The best scored sample round (``watch.best_round``) among the steps that have a model
+        file (a step file of this run, or the final file for the last step), with that file; None
+        when the run scored no samples or none qualifies."""
+        last = len(self.history.losses)
+        final = read_metadata(self.path) if self.path.is_file() else None
+        run = (final or {}).get("dbs.fingerprint")
+
+        def file_of(step: int) -> Path | None:
+            if step == last:
+                return self.path
+            path = step_file(self.path, step)
+            metadata = read_metadata(path) if run and path.is_file() else None
+            # only a step file of this very run (an earlier run of the same name may have left others)
+            return path if metadata is not None and metadata.get("dbs.run_fingerprint") == run else None
+
+        best = best_round(self.samples, eligible=lambda step: file_of(step) is not None)
+        return (best, file_of(best.step)) if best is not None else None
 
     def sample_grid(self) -> Any:
         """The run's sample rounds as one labelled PIL image (rows = steps, columns = prompts),
@@ -486,7 +506,7 @@ def train_file(base_model: str | os.PathLike, subject: SubjectData, config: Trai
                             save_on_cancel=durability.save_on_cancel, job={"config": config.to_dict()},
                             state_bytes=_state_bytes(config, size), file_bytes=size,
                             is_cancel=is_cancel or (lambda error: isinstance(error, TrainingStopped)),
-                            shown=shown)
+                            shown=shown, earlier_rounds=earlier_samples)
         try:
             result = train(base, subject, config, points, class_data, resume, durability.save_every, watch=watch,
                            sample_dir=samples_to, run=provenance.fingerprint, residency=residency)
@@ -496,6 +516,9 @@ def train_file(base_model: str | os.PathLike, subject: SubjectData, config: Trai
                             "and training state (before it went wrong) are kept.",)
             raise
         history = result.history
+        scored = [(r.step, r.scores) for r in result.watched.samples if r.scores is not None]
+        if scored:  # the subject-fidelity curve of the sample rounds (runs that scored them)
+            result.metadata["dbs.fidelity"] = fidelity_json(scored)
         callbacks.on_save_begin()
 
         def write(path: Path, precision: str, overwrite: bool) -> Path:

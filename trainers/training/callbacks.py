@@ -73,6 +73,8 @@ class SampleRound:
     images: list[Any]  # PIL.Image.Image, one per prompt
     paths: list[Path] = field(default_factory=list)  # the PNGs written (empty without a sample folder)
     seconds: float = 0.0  # how long the round took
+    # {"dino", "clip_i", "clip_t"}: the round's subject-fidelity means, when the run scores its samples
+    scores: dict[str, float] | None = None
 
 
 class WithLossHistory:
@@ -124,6 +126,12 @@ class TrainingCallbacks:
     def on_sample_step(self, done: int, total: int) -> None:
         """Called after every denoising step of a sample round (``done`` of ``total`` for the
         whole round). Raise to stop at once: the round's images are not written."""
+
+    def score_samples(self, samples: SampleRound) -> dict[str, float] | None:
+        """Called when a sample round's images are made, before they are written: return the
+        round's scores (``{"dino", "clip_i", "clip_t"}``, see ``eval.fidelity``) to record them
+        with the round, or None (the default) for a run that does not score its samples."""
+        return None
 
     def on_samples(self, samples: SampleRound) -> None:
         """Called when a sample round is done (and written): step 0 right after

@@ -115,6 +115,17 @@ def _validation_json(points: list[tuple[int, float]]) -> str:
     return json.dumps([[int(step), float(f"{loss:.5g}")] for step, loss in points])
 
 
+def fidelity_json(points: list[tuple[int, dict[str, float]]]) -> str:
+    """``dbs.fidelity``: the scored sample rounds as ``[[step, DINO, CLIP-I, CLIP-T], ...]``, at
+    most MAX_VALIDATION_POINTS of them (the first, the last, evenly between)."""
+    if len(points) > MAX_VALIDATION_POINTS:
+        last = len(points) - 1
+        keep = sorted({round(i * last / (MAX_VALIDATION_POINTS - 1)) for i in range(MAX_VALIDATION_POINTS)})
+        points = [points[i] for i in keep]
+    return json.dumps([[int(step), *(float(f"{scores[k]:.6g}") for k in ("dino", "clip_i", "clip_t"))]
+                       for step, scores in points], separators=(",", ":"))
+
+
 def _source_metadata(subject: SubjectData, record_sources: bool) -> dict[str, str]:
     """Photo names and captions only when the user asked for them; otherwise their count and a
     hash (which tells whether two files were trained on the same data, and nothing else)."""
@@ -188,8 +199,10 @@ def check_metadata_size(config: TrainConfig, subject: SubjectData, provenance: P
     worst = [_WORST_LOSS] * config.steps
     validation = [(config.steps, _WORST_LOSS)] * min(config.steps + 1, MAX_VALIDATION_POINTS)
     history = LossHistory(worst, worst, worst if config.with_prior else [], validation)
+    fidelity = [(config.steps, {"dino": _WORST_LOSS, "clip_i": _WORST_LOSS, "clip_t": _WORST_LOSS})]
     metadata = training_metadata(config, subject, history, torch.device("cpu"), torch.bfloat16, class_count,
-                                 {"dbs.method_keys": "x" * 4096})  # room for each method's own keys
+                                 {"dbs.method_keys": "x" * 4096,  # room for each method's own keys
+                                  "dbs.fidelity": fidelity_json(fidelity * MAX_VALIDATION_POINTS)})
     metadata.update(provenance.metadata())
     size = len(json.dumps(metadata, ensure_ascii=False).encode("utf-8"))
     if size > METADATA_LIMIT:

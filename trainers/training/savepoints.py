@@ -5,7 +5,8 @@ training state to resume from.
   subfolder per run keeps ComfyUI's model lists tidy), written like the final file (atomic,
   through ``saving.save_safely``) and loading exactly like it. Their metadata names the step
   (``dbs.step_file``) and the run (``dbs.run_fingerprint``); they carry no reusable fingerprint,
-  so a step file is never taken for a finished run. ``keep_last`` bounds how many stay.
+  so a step file is never taken for a finished run. ``keep_last`` bounds how many stay, besides
+  the file of the best scored step (``watch.best_round``) when the run scores its samples.
 - **Training states** go to the job's state folder (``state.write_state``): only the newest
   complete one is kept.
 - A cancel keeps the last complete state (the identical job resumes from it); with
@@ -27,6 +28,7 @@ from .callbacks import LossHistory, SampleRound, StepState, TrainingCallbacks
 from .record import read_metadata
 from .saving import FileIdentity, SaveFailed, human_bytes, save_safely
 from .state import write_state
+from .watch import best_round
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +57,17 @@ class SavePoints(TrainingCallbacks):
     def __init__(self, inner: TrainingCallbacks, *, output: Path, write: ResultWriter, precision: str,
                  fingerprint: str, state_dir: Path | None, keep_last: int, save_on_cancel: bool,
                  job: dict[str, Any], state_bytes: int, file_bytes: int,
-                 is_cancel: Callable[[BaseException], bool], shown: Callable[[Path], str] = str):
+                 is_cancel: Callable[[BaseException], bool], shown: Callable[[Path], str] = str,
+                 earlier_rounds: Callable[[], list[SampleRound]] | None = None):
         super().__init__()
         self.inner, self.output, self.write, self.precision = inner, output, write, precision
         self.fingerprint, self.state_dir, self.keep_last = fingerprint, state_dir, keep_last
         self.save_on_cancel, self.job, self.is_cancel, self.shown = save_on_cancel, job, is_cancel, shown
         self.state_bytes, self.file_bytes = state_bytes, file_bytes
         self.last_point: int | None = None  # newest step with a complete state (this run)
+        # the run's scored sample rounds: the best step's file is kept however old it is
+        self.rounds: list[SampleRound] = []
+        self.earlier_rounds = earlier_rounds
 
     # -- passed through ----------------------------------------------------------------------
     def on_base_loaded(self) -> None:
@@ -71,6 +77,8 @@ class SavePoints(TrainingCallbacks):
         self.inner.on_generate_step(done, total)
 
     def on_resume(self, step: int, history: LossHistory) -> None:
+        if self.earlier_rounds is not None:  # rounds scored before the stop count for the best step
+            self.rounds = [r for r in self.earlier_rounds() if r.step <= step and r.scores is not None]
         self.inner.on_resume(step, history)
 
     def on_train_begin(self, total_steps: int) -> None:
@@ -85,7 +93,12 @@ class SavePoints(TrainingCallbacks):
     def on_sample_step(self, done: int, total: int) -> None:
         self.inner.on_sample_step(done, total)
 
+    def score_samples(self, samples: SampleRound) -> dict[str, float] | None:
+        return self.inner.score_samples(samples)
+
     def on_samples(self, samples: SampleRound) -> None:
+        if samples.scores is not None:
+            self.rounds = [r for r in self.rounds if r.step != samples.step] + [samples]
         self.inner.on_samples(samples)
 
     def on_train_end(self, losses: list[float]) -> None:
@@ -162,5 +175,8 @@ class SavePoints(TrainingCallbacks):
             metadata = read_metadata(path) if match else None
             if metadata is not None and metadata.get("dbs.run_fingerprint") == self.fingerprint:
                 mine.append((int(match.group(1)), path))
-        for _, path in sorted(mine)[:-self.keep_last]:
-            path.unlink(missing_ok=True)
+        on_disk = {step for step, _ in mine}
+        best = best_round(self.rounds, eligible=on_disk.__contains__)
+        for step, path in sorted(mine)[:-self.keep_last]:
+            if best is None or step != best.step:
+                path.unlink(missing_ok=True)

@@ -34,7 +34,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +80,10 @@ SLUG_CHARS = 40
 SAMPLE_NAME = re.compile(r"^step(\d{6,})-p(\d+)-([a-z0-9-]*)\.png$")
 # The settings that make two rounds comparable: a resumed run keeps earlier rounds only if they match.
 _SETTINGS = ("run", "prompts", "seed", "steps", "cfg", "size", "sampler")
+SCORE_KEYS = ("dino", "clip_i", "clip_t")
+# The best step: highest DINO among the scored rounds whose CLIP-T stays within this margin of the
+# first round's (the base model before training): identity gained without losing the prompt.
+CLIP_T_MARGIN = 0.02
 
 
 @dataclass(frozen=True)
@@ -212,8 +216,9 @@ def _read_record(folder: Path) -> dict[str, Any] | None:
     prompts = record.get("prompts")
     if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
         return None
-    if not isinstance(record.get("rounds"), dict):
-        record["rounds"] = {}
+    for key in ("rounds", "scores"):
+        if not isinstance(record.get(key), dict):
+            record[key] = {}
     return record
 
 
@@ -260,8 +265,41 @@ def load_sample_rounds(folder: str | os.PathLike, run: str | None = None) -> lis
         seconds = record["rounds"].get(str(step), 0.0)
         rounds.append(SampleRound(step=step, prompts=list(prompts), images=images,
                                   paths=[files[i] for i in range(len(prompts))],
-                                  seconds=float(seconds) if isinstance(seconds, (int, float)) else 0.0))
+                                  seconds=float(seconds) if isinstance(seconds, (int, float)) else 0.0,
+                                  scores=checked_scores(record["scores"].get(str(step)))))
     return rounds
+
+
+def checked_scores(scores: Any) -> dict[str, float] | None:
+    """``scores`` as ``{"dino", "clip_i", "clip_t"}`` floats, or None when it is not that (a
+    record written by hand, or by a run that did not score)."""
+    if not isinstance(scores, dict) or set(scores) != set(SCORE_KEYS):
+        return None
+    values = {}
+    for key in SCORE_KEYS:
+        value = scores[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return None
+        values[key] = float(value)
+    return values
+
+
+def best_round(rounds: Sequence[SampleRound], margin: float = CLIP_T_MARGIN,
+               eligible: Callable[[int], bool] | None = None) -> SampleRound | None:
+    """The round with the highest DINO among the scored rounds after step 0 whose CLIP-T is at
+    least the first scored round's minus ``margin`` (earliest on a tie), among the steps that
+    ``eligible`` accepts (e.g. those with a model file); None without such a round."""
+    scored = sorted((r for r in rounds if r.scores is not None), key=lambda r: r.step)
+    if not scored:
+        return None
+    floor = scored[0].scores["clip_t"] - margin
+    best = None
+    for round_ in scored:
+        if round_.step <= 0 or round_.scores["clip_t"] < floor or (eligible is not None and not eligible(round_.step)):
+            continue
+        if best is None or round_.scores["dino"] > best.scores["dino"]:
+            best = round_
+    return best
 
 
 class SampleFolder:
@@ -270,7 +308,7 @@ class SampleFolder:
 
     def __init__(self, folder: str | os.PathLike, settings: dict[str, Any]) -> None:
         self.folder = Path(folder)
-        self.record: dict[str, Any] = {"format": SAMPLES_FORMAT, **settings, "rounds": {}}
+        self.record: dict[str, Any] = {"format": SAMPLES_FORMAT, **settings, "rounds": {}, "scores": {}}
 
     def start(self, resume_step: int) -> list[SampleRound]:
         """Make the folder ready: a fresh run (``resume_step`` 0) removes every earlier sample;
@@ -286,6 +324,7 @@ class SampleFolder:
                 path.unlink(missing_ok=True)
         kept = load_sample_rounds(self.folder) if keep_up_to >= 0 else []
         self.record["rounds"] = {str(r.step): r.seconds for r in kept}
+        self.record["scores"] = {str(r.step): r.scores for r in kept if r.scores is not None}
         self._write_record()
         if earlier is not None and not same and resume_step > 0:
             log.info("sample settings changed since the run stopped: earlier samples in %s removed", self.folder.name)
@@ -300,6 +339,8 @@ class SampleFolder:
             atomic_write_bytes(path, buffer.getvalue())
             paths.append(path)
         self.record["rounds"][str(round_.step)] = round(round_.seconds, 3)
+        if round_.scores is not None:
+            self.record["scores"][str(round_.step)] = round_.scores
         self._write_record()
         return paths
 
@@ -556,6 +597,11 @@ class Watcher(LoopWatch):
         images = self.render(callbacks)
         round_ = SampleRound(step=step, prompts=list(self.prompts), images=images,
                              seconds=time.monotonic() - started)
+        scores = callbacks.score_samples(round_)
+        if scores is not None:
+            round_.scores = checked_scores(scores)
+            if round_.scores is None:
+                raise ValueError(f"sample scores must be finite numbers named {', '.join(SCORE_KEYS)}, got {scores!r}")
         if self.folder is not None:
             try:
                 round_.paths = self.folder.write(round_)
@@ -564,7 +610,9 @@ class Watcher(LoopWatch):
         round_.seconds = time.monotonic() - started
         self.outcome.sample_seconds += round_.seconds
         self.outcome.samples.append(round_)
-        log.info("sample images of step %d: %d prompts in %.1f s", step, len(images), round_.seconds)
+        log.info("sample images of step %d: %d prompts in %.1f s%s", step, len(images), round_.seconds,
+                 "" if round_.scores is None else " (DINO {dino:.3f}, CLIP-I {clip_i:.3f}, CLIP-T {clip_t:.3f})"
+                 .format(**round_.scores))
         callbacks.on_samples(round_)
         return round_
 
