@@ -12,8 +12,8 @@ class DreamBoothStudioExtension(ComfyExtension):
         # ComfyUI asks once, at start-up (it does not call on_load): the moment to remove what a
         # killed process of this pack left behind, before this process writes anything.
         from .bridge import sweep_stale_files
-        from .fidelity import register_model_folder
         from .live import register_routes
+        from .scoring import register_model_folder
 
         sweep_stale_files()
         register_routes()

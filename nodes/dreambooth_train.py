@@ -15,6 +15,7 @@ from .training_shared import (
     checkpoint_input,
     class_folder_input,
     durability_inputs,
+    fidelity_input,
     output_name_input,
     overwrite_input,
     run_training_node,
@@ -57,6 +58,7 @@ class DreamBoothTrain(io.ComfyNode):
                 config_input(DreamBoothTrainConfig, "record_sources", optional=True),
                 *durability_inputs(),
                 *watch_inputs(),
+                fidelity_input(),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The fine-tuned UNet, loaded from the saved file."),
@@ -72,6 +74,10 @@ class DreamBoothTrain(io.ComfyNode):
                 io.Image.Output(display_name="samples",
                                 tooltip="Sample images made while training: one row per sample round (step), one "
                                         "column per sample prompt."),
+                io.String.Output(display_name="best_ckpt_name",
+                                 tooltip="With fidelity_models: the checkpoint of the best scored step in "
+                                         "models/checkpoints (a step file, in the run's subfolder); without: the "
+                                         "final one."),
             ],
         )
 
@@ -94,4 +100,5 @@ class DreamBoothTrain(io.ComfyNode):
             model, clip, vae = comfy.sd.load_checkpoint_guess_config(
                 str(job.path), output_vae=True, output_clip=True,
                 embedding_directory=folder_paths.get_folder_paths("embeddings"))[:3]
-        return io.NodeOutput(model, clip, vae, job.path.name, run.curve, job.report(), run.samples, ui=run.ui)
+        return io.NodeOutput(model, clip, vae, job.path.name, run.curve, job.report(), run.samples, run.best_name,
+                             ui=run.ui)

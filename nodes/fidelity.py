@@ -3,70 +3,12 @@ generated images against the subject's photos, from evaluation models in models/
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
-import comfy.model_management
-import folder_paths
 from comfy_api.latest import io, ui
 
 from ..trainers.eval import fidelity
 from .bridge import CATEGORY, SUBJECT, shown, user_facing_errors
+from .scoring import FIDELITY_MODELS, options, resolve, score_on_device, scoring_inputs
 from .training_shared import to_image
-
-MODEL_FOLDER = "subject_eval"  # models/subject_eval/, movable with extra_model_paths.yaml
-FIDELITY_MODELS = io.Custom("FIDELITY_MODELS")
-NONE_FOUND = {"dino": "(none: put DINO ViT-S/16 in models/subject_eval)",
-              "clip": "(none: put a CLIP model in models/subject_eval)"}
-
-
-def register_model_folder() -> None:
-    """models/subject_eval/ as a ComfyUI model folder (a path that extra_model_paths.yaml gives under
-    ``subject_eval`` is kept, and searched first)."""
-    folder_paths.add_model_folder_path(MODEL_FOLDER, os.path.join(folder_paths.models_dir, MODEL_FOLDER))
-
-
-def model_folders(slot: str) -> dict[str, Path]:
-    """Model folders (one or two levels deep, holding a config.json) of the right kind for ``slot``
-    ("dino" or "clip"), by the name the combo shows."""
-    register_model_folder()
-    types = fidelity.DINO_TYPES if slot == "dino" else fidelity.CLIP_TYPES
-    found: dict[str, Path] = {}
-    for root in folder_paths.get_folder_paths(MODEL_FOLDER):
-        root = Path(root)
-        if not root.is_dir():
-            continue
-        candidates = [p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")]
-        candidates += [q for p in candidates for q in sorted(p.iterdir()) if q.is_dir() and not q.name.startswith(".")]
-        for folder in candidates:
-            try:
-                model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
-            except (OSError, ValueError, AttributeError):
-                continue
-            if model_type in types:
-                found.setdefault(folder.relative_to(root).as_posix(), folder)
-    return found
-
-
-def options(slot: str) -> list[str]:
-    return sorted(model_folders(slot)) or [NONE_FOUND[slot]]
-
-
-def resolve(slot: str, name: str) -> Path:
-    """The folder of a combo value, only among the folders the combo lists (a crafted name cannot
-    reach anything else), checked for everything loading needs."""
-    folders = model_folders(slot)
-    label = "DINO" if slot == "dino" else "CLIP"
-    if name not in folders:
-        if not folders:
-            raise ValueError(f"no {label} model in models/{MODEL_FOLDER}: put {fidelity.SUGGESTED[slot]} there "
-                             "(a transformers folder with config.json, model.safetensors and "
-                             "preprocessor_config.json) and refresh the page")
-        raise ValueError(f"{label} model {name!r} not found in models/{MODEL_FOLDER} (there: "
-                         f"{', '.join(sorted(folders))}): choose one of those and refresh the page")
-    fidelity.check_model_folder(folders[name], slot, shown)
-    return folders[name]
 
 
 class LoadFidelityModels(io.ComfyNode):
@@ -145,20 +87,11 @@ class SubjectFidelity(io.ComfyNode):
     @classmethod
     def execute(cls, images, fidelity_models, prompts, subject=None, real_images=None) -> io.NodeOutput:
         with user_facing_errors():
-            if subject is not None and real_images is not None:
-                raise ValueError("connect either subject or real_images, not both")
-            if subject is None and real_images is None:
-                raise ValueError("no real images: connect the subject (Load Subject Images) or real_images")
-            real = list(subject.images) if subject is not None else real_images
-            if not isinstance(fidelity_models, fidelity.FidelityModels):
-                raise ValueError("fidelity_models must come from Load Fidelity Models")
+            real = scoring_inputs(fidelity_models, subject, real_images)
+            if real is None:
+                raise ValueError("fidelity_models is not connected: connect Load Fidelity Models")
             fidelity.prompts_for(prompts, len(images))  # a wrong prompt count fails before any model runs
-            device = comfy.model_management.get_torch_device()
-            try:
-                scores = fidelity.score(fidelity_models.to(device), images, real, prompts)
-            finally:
-                fidelity_models.to("cpu")
-                comfy.model_management.soft_empty_cache()
+            scores = score_on_device(fidelity_models, images, real, prompts)
         lines = fidelity.table_lines(scores)
         table = to_image(fidelity.table_image(scores))
         previews = ui.PreviewImage(table, cls=cls).values

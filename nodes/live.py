@@ -7,7 +7,9 @@ node's unique id):
 - ``dreambooth_studio.status``: running / finished / failed / cancelled / reused;
 - ``dreambooth_studio.step``: one per optimizer step (losses, learning rate, elapsed seconds, and
   the validation points computed since the previous step event);
-- ``dreambooth_studio.samples``: one per sample round (image references for ``/view``).
+- ``dreambooth_studio.samples``: one per sample round (image references for ``/view``, and the
+  round's DINO / CLIP-I / CLIP-T when the node scores its samples);
+- ``dreambooth_studio.status`` at the end also names the best scored step and its file (``best``).
 
 ``GET /dreambooth_studio/runs/{node_id}`` returns the same data as one JSON document (the newest
 run of that node id in this server process, with the steps of an earlier process it resumed),
@@ -88,6 +90,7 @@ class RunLog:
     def __init__(self, node: str, prompt_id: str | None, method: str, total: int, output: str):
         self.node, self.prompt_id, self.method, self.total, self.output = node, prompt_id, method, total, output
         self.status = "running"
+        self.best: dict[str, Any] | None = None  # {"step", "file"}: the best scored step, once the run ended
         self.steps: list[dict[str, Any]] = []
         self.validation: list[list[float]] = []
         self.samples: list[dict[str, Any]] = []
@@ -102,7 +105,7 @@ class RunLog:
             steps = steps[::stride] + ([steps[-1]] if (len(steps) - 1) % stride else [])
         return {**self.header(), "status": self.status, "total": self.total, "method": self.method,
                 "output": self.output, "steps": list(steps), "validation": list(self.validation),
-                "samples": list(self.samples)}
+                "samples": list(self.samples), "best": self.best}
 
 
 def run_of(node_id: str) -> dict[str, Any] | None:
@@ -124,10 +127,11 @@ class LiveProgress(ComfyProgress):
     Without a node id (a node run outside a server) it only records."""
 
     def __init__(self, total: int, node: str | None, method: str, output: str, preview=None,
-                 sample_dir: Path | None = None):
+                 sample_dir: Path | None = None, scorer=None):
         super().__init__(total, preview=preview)
         self.node = str(node) if node is not None else None
         self.sample_dir = sample_dir
+        self.scorer = scorer  # round -> {"dino", "clip_i", "clip_t"} when the node scores its samples
         self.run = RunLog(self.node or "", _prompt_id(), method, total, output)
         self._new_validation: list[list[float]] = []
         if self.node is not None:
@@ -146,10 +150,13 @@ class LiveProgress(ComfyProgress):
 
     def _status(self) -> dict[str, Any]:
         return {"status": self.run.status, "total": self.run.total, "method": self.run.method,
-                "output": self.run.output}
+                "output": self.run.output, "best": self.run.best}
 
-    def finish(self, status: str, history: LossHistory | None = None, samples: list | None = None) -> None:
-        """The run ended (``status``); a reused file fills the chart from its recorded history."""
+    def finish(self, status: str, history: LossHistory | None = None, samples: list | None = None,
+               best: dict[str, Any] | None = None) -> None:
+        """The run ended (``status``); a reused file fills the chart from its recorded history.
+        ``best`` ({"step", "file"}) is the best scored step of a run that scored its samples."""
+        self.run.best = best
         if history is not None and not self.run.steps:
             self.run.steps = [{"step": i + 1, "loss": _number(loss)} for i, loss in enumerate(history.losses)]
             self.run.validation = [[int(s), _number(v)] for s, v in history.validation]
@@ -184,6 +191,9 @@ class LiveProgress(ComfyProgress):
 
         comfy.model_management.throw_exception_if_processing_interrupted()
 
+    def score_samples(self, round):
+        return self.scorer(round) if self.scorer is not None else None
+
     def on_samples(self, round) -> None:
         payload = self._samples_payload(round)
         self.run.samples.append(payload)
@@ -207,7 +217,10 @@ class LiveProgress(ComfyProgress):
             ref = image_ref(Path(path), prompt)
             if ref is not None:
                 images.append(ref)
-        return {"step": round.step, "seconds": _number(round.seconds), "images": images}
+        payload = {"step": round.step, "seconds": _number(round.seconds), "images": images}
+        if round.scores is not None:
+            payload["scores"] = {key: _number(value) for key, value in round.scores.items()}
+        return payload
 
 
 def register_routes() -> None:

@@ -12,6 +12,7 @@ from .training_shared import (
     checkpoint_input,
     class_folder_input,
     durability_inputs,
+    fidelity_input,
     output_name_input,
     overwrite_input,
     run_training_node,
@@ -48,6 +49,7 @@ class LoRATrain(io.ComfyNode):
                 config_input(LoRATrainConfig, "record_sources", optional=True),
                 *durability_inputs(),
                 *watch_inputs(),
+                fidelity_input(),
             ],
             outputs=[
                 io.LoraModel.Output(display_name="LORA_MODEL",
@@ -58,6 +60,11 @@ class LoRATrain(io.ComfyNode):
                 io.Image.Output(display_name="samples",
                                 tooltip="Sample images made while training: one row per sample round (step), one "
                                         "column per sample prompt."),
+                io.LoraModel.Output(display_name="best_lora",
+                                    tooltip="With fidelity_models: the LoRA of the best scored step (its step file); "
+                                            "without: the final LoRA."),
+                io.String.Output(display_name="best_lora_name",
+                                 tooltip="That file's name in models/loras (a step file is in the run's subfolder)."),
             ],
         )
 
@@ -72,4 +79,12 @@ class LoRATrain(io.ComfyNode):
     def execute(cls, subject, ckpt_name, output_name, overwrite, class_folder=None, **settings) -> io.NodeOutput:
         run = run_training_node(cls, LoRATrainConfig, subject, ckpt_name, output_name,
                                 overwrite, class_folder, settings)
-        return io.NodeOutput(run.job.tensors(), run.job.path.name, run.curve, run.samples, ui=run.ui)
+        final = run.job.tensors()
+        best = final if run.best_path == run.job.path else _load(run.best_path)
+        return io.NodeOutput(final, run.job.path.name, run.curve, run.samples, best, run.best_name, ui=run.ui)
+
+
+def _load(path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))

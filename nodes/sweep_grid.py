@@ -14,8 +14,10 @@ import numpy as np
 import torch
 from comfy_api.latest import io
 
-from .bridge import CATEGORY
+from ..trainers.eval import fidelity
+from .bridge import CATEGORY, SUBJECT, user_facing_errors
 from .lora_patch import FROM_INPUT, apply_lora, resolve_lora
+from .scoring import FIDELITY_MODELS, score_on_device, scoring_inputs
 
 MAX_CELLS = 64
 _SPLIT = re.compile(r"[,;\s]+")
@@ -52,24 +54,29 @@ def _cell_lines(unet: float, te: float, cfg: float) -> tuple[str, str]:
     return f"U{unet:g} TE{te:g}", f"CFG {cfg:g}"
 
 
-def label_metrics(cell_width: int) -> tuple[int, int, int]:
+def _score_line(scores: tuple[float, float, float]) -> str:
+    return "D{:.2f} I{:.2f} T{:.2f}".format(*scores)
+
+
+def label_metrics(cell_width: int, lines: int = 2) -> tuple[int, int, int]:
     """(font size, title band height, label strip height) for cells `cell_width` pixels wide:
-    two label lines under each cell, readable from 64 px cells up to 1024 px ones."""
+    `lines` label lines under each cell, readable from 64 px cells up to 1024 px ones."""
     font_px = max(10, cell_width // 20)
-    return font_px, font_px + 10, 2 * (font_px + 3) + 4
+    return font_px, font_px + 10, lines * (font_px + 3) + 4
 
 
 GRID_PAD = 4
 
 
 def draw_grid(images: torch.Tensor, cells: list[tuple[float, float, float]], columns: int,
-              title: str) -> torch.Tensor:
-    """Tile B x H x W x 3 images `columns` wide, each with its settings in a strip under it."""
+              title: str, scores: list[tuple[float, float, float]] | None = None) -> torch.Tensor:
+    """Tile B x H x W x 3 images `columns` wide, each with its settings (and its DINO, CLIP-I and
+    CLIP-T when `scores` are given) in a strip under it."""
     from PIL import Image, ImageDraw, ImageFont
 
     count, height, width = images.shape[0], images.shape[1], images.shape[2]
     rows = math.ceil(count / columns)
-    font_px, header, strip = label_metrics(width)
+    font_px, header, strip = label_metrics(width, 3 if scores else 2)
     font = ImageFont.load_default(size=font_px)
     pad = GRID_PAD
     canvas = Image.new("RGB", (columns * (width + pad) + pad, header + rows * (height + strip + pad) + pad),
@@ -82,7 +89,8 @@ def draw_grid(images: torch.Tensor, cells: list[tuple[float, float, float]], col
         x = pad + column * (width + pad)
         y = header + row * (height + strip + pad)
         canvas.paste(Image.fromarray(pixels[index]), (x, y))
-        for line_number, line in enumerate(_cell_lines(*cells[index])):
+        lines = _cell_lines(*cells[index]) + ((_score_line(scores[index]),) if scores else ())
+        for line_number, line in enumerate(lines):
             draw.text((x + 2, y + height + 3 + line_number * (font_px + 3)), line, fill=(0, 0, 0), font=font)
     array = torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0)
     return array.unsqueeze(0)
@@ -125,11 +133,25 @@ class LoRAScaleGrid(io.ComfyNode):
                                 tooltip="Guidance scales to try, separated by commas (0 to 100)."),
                 io.LoraModel.Input("lora", optional=True,
                                    tooltip=f"A LoRA from LoRA Train (used when lora_name is '{FROM_INPUT}')."),
+                FIDELITY_MODELS.Input("fidelity_models", optional=True,
+                                      tooltip="From Load Fidelity Models: score every cell (DINO, CLIP-I against "
+                                              "the subject's photos, CLIP-T against the prompt)."),
+                SUBJECT.Input("subject", optional=True,
+                              tooltip="The real subject photos to score against (or real_images)."),
+                io.Image.Input("real_images", optional=True,
+                               tooltip="The real subject photos as an IMAGE batch (instead of subject)."),
+                io.String.Input("fidelity_prompt", optional=True, default="",
+                                tooltip="The prompt CLIP-T scores each cell against; empty: the positive prompt. "
+                                        "Write the class noun where the prompt has the rare token, e.g. 'a photo "
+                                        "of a dog on the beach'."),
             ],
             outputs=[
                 io.Image.Output(display_name="grid", tooltip="All images, one labelled cell per combination."),
                 io.Image.Output(display_name="images", tooltip="The images as a batch, in grid order."),
                 io.String.Output(display_name="labels", tooltip="One line per image: its scales and CFG."),
+                io.String.Output(display_name="scores",
+                                 tooltip="With fidelity_models: DINO, CLIP-I and CLIP-T of every cell and their "
+                                         "means, as a table (empty without)."),
             ],
         )
 
@@ -152,11 +174,15 @@ class LoRAScaleGrid(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, lora_name, positive, negative, seed, steps, sampler_name, scheduler,
-                width, height, unet_scales, text_encoder_scales, cfg_values, lora=None) -> io.NodeOutput:
+                width, height, unet_scales, text_encoder_scales, cfg_values, lora=None, fidelity_models=None,
+                subject=None, real_images=None, fidelity_prompt="") -> io.NodeOutput:
         import nodes as comfy_nodes  # ComfyUI's nodes.py (common_ksampler)
 
         combos = cls.combinations(unet_scales, text_encoder_scales, cfg_values)
         lora, name = resolve_lora(lora_name, lora)
+        with user_facing_errors():  # wiring mistakes fail before the first cell is sampled
+            real = scoring_inputs(fidelity_models, subject, real_images)
+            score_prompt = str(fidelity_prompt or "").strip() or str(positive)
         cfg_count = len({c for _, _, c in combos})
         bar = comfy.utils.ProgressBar(len(combos))
         latent = {"samples": torch.zeros([1, 4, height // 8, width // 8])}
@@ -176,5 +202,12 @@ class LoRAScaleGrid(io.ComfyNode):
             bar.update_absolute(index + 1, len(combos))
         batch = torch.cat(images)
         title = f"{name}: seed {seed}, {steps} steps, {sampler_name}/{scheduler}"
-        grid = draw_grid(batch, combos, columns=cfg_count, title=title)
-        return io.NodeOutput(grid, batch, "\n".join(labels))
+        table, cell_scores = "", None
+        if real is not None:
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            scores = score_on_device(fidelity_models, batch, real, [score_prompt] * len(combos))
+            cell_scores = list(scores.per_image)
+            table = "\n".join(fidelity.table_lines(scores, row_labels=labels))
+            title += " | D: DINO, I: CLIP-I, T: CLIP-T"
+        grid = draw_grid(batch, combos, columns=cfg_count, title=title, scores=cell_scores)
+        return io.NodeOutput(grid, batch, "\n".join(labels), table)

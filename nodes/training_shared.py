@@ -5,6 +5,7 @@ curve, memory scope, the job, the loss-curve image). Not a node itself."""
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from .bridge import (
     without_server_paths,
 )
 from .live import LiveProgress
+from .scoring import FIDELITY_MODELS, sample_scorer, scoring_inputs
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +135,39 @@ def watch_inputs() -> list[io.Input]:
     return inputs
 
 
+def fidelity_input() -> io.Input:
+    return FIDELITY_MODELS.Input(
+        "fidelity_models", optional=True,
+        tooltip="From Load Fidelity Models: score every sample round (DINO and CLIP-I against the subject's photos, "
+                "CLIP-T against the sample prompt with the class prompt in place of the instance prompt), show the "
+                "scores on the live chart, and name the best step (highest DINO while CLIP-T stays within 0.02 of "
+                "the base model's). Needs sample_every; keep save_every a divisor of sample_every so the best step "
+                "has a file.")
+
+
+def scorer_of(settings: dict, subject, watch: WatchConfig):
+    """The sample scorer of a training node whose fidelity_models input is connected (popped from
+    ``settings``), or None; a wiring mistake is an error before anything loads."""
+    models = settings.pop("fidelity_models", None)
+    if scoring_inputs(models, subject, None) is None:
+        return None
+    if not watch.sample_every:
+        raise ValueError("fidelity_models scores the sample rounds: set sample_every above 0 (and save_every to "
+                         "a divisor of it, so that the best step has a file)")
+    return sample_scorer(models, subject)
+
+
+def best_of(job: JobResult) -> tuple[dict | None, str, Path]:
+    """The best scored step of a finished run: ({"step", "file", scores} or None, its file's name
+    as ComfyUI lists it in the run's models folder, its path). Without scores: the final file."""
+    found = job.best_step()
+    if found is None:
+        return None, job.path.name, job.path
+    round_, path = found
+    name = Path(os.path.relpath(path, job.path.parent)).as_posix()
+    return {"step": round_.step, "file": name, **round_.scores}, name, path
+
+
 def watch_of(settings: dict) -> WatchConfig:
     """The sample/validation inputs of a training node (popped from ``settings``), checked."""
     return WatchConfig(**{name: settings.pop(name) for name in WATCH_FIELDS if name in settings})
@@ -211,6 +246,8 @@ class TrainedRun:
     curve: torch.Tensor  # loss curve IMAGE
     samples: torch.Tensor  # labelled sample grid IMAGE (or a note saying why there is none)
     ui: dict  # the node's UI output: previews and the run for the live chart
+    best_name: str  # the best scored step's file as ComfyUI lists it (the final file without scores)
+    best_path: Path
 
 
 def run_training_node(node_cls, config_cls, subject, ckpt_name: str, output_name: str, overwrite: bool,
@@ -220,6 +257,7 @@ def run_training_node(node_cls, config_cls, subject, ckpt_name: str, output_name
         settings = dict(settings)
         durability = durability_of(settings)
         watch = watch_of(settings)
+        scorer = scorer_of(settings, subject, watch)
         config = config_cls(**config_kwargs(config_cls, settings))
         checkpoint = model_path("checkpoints", ckpt_name)
         stem = validate_output_name(output_name)
@@ -229,7 +267,8 @@ def run_training_node(node_cls, config_cls, subject, ckpt_name: str, output_name
     hidden = getattr(node_cls, "hidden", None)  # None when execute is called outside ComfyUI's executor
     sample_dir = samples_dir(config.method, stem)
     progress = LiveProgress(config.steps, getattr(hidden, "unique_id", None), config.method, output.name,
-                            preview=lambda history: to_pil(curve_image(history, title)), sample_dir=sample_dir)
+                            preview=lambda history: to_pil(curve_image(history, title)), sample_dir=sample_dir,
+                            scorer=scorer)
     try:
         with user_facing_errors(), training_scope():
             job = train_file(checkpoint, subject, config, output, tokenizer_dir(), overwrite=bool(overwrite),
@@ -246,7 +285,11 @@ def run_training_node(node_cls, config_cls, subject, ckpt_name: str, output_name
                              "moved into place without training.")
     if job.reused:
         progress.bar.update_absolute(config.steps, config.steps)
-    progress.finish("reused" if job.reused else "finished", history=job.history, samples=job.samples)
+    best, best_name, best_path = best_of(job)
+    if best is not None:
+        log.info("best scored step: %d (%s): DINO %.3f, CLIP-I %.3f, CLIP-T %.3f", best["step"], best_name,
+                 best["dino"], best["clip_i"], best["clip_t"])
+    progress.finish("reused" if job.reused else "finished", history=job.history, samples=job.samples, best=best)
     for note in job.notes:
         log.warning(note)
     log.info(job.report())
@@ -257,4 +300,5 @@ def run_training_node(node_cls, config_cls, subject, ckpt_name: str, output_name
     previews = ui.PreviewImage(curve, cls=node_cls).values
     if grid is not None:
         previews = previews + ui.PreviewImage(samples, cls=node_cls).values
-    return TrainedRun(job, curve, samples, {"images": previews, "dreambooth_studio": [progress.run.as_json()]})
+    return TrainedRun(job, curve, samples, {"images": previews, "dreambooth_studio": [progress.run.as_json()]},
+                      best_name, best_path)

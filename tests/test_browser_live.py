@@ -17,6 +17,10 @@ from tests.conftest import (
     install_checkpoint,
     open_canvas,
 )
+from tests.support.paths import tokenizer_dir
+from trainers.eval.placeholder import write_random_fidelity_models
+from trainers.training.callbacks import SampleRound
+from trainers.training.watch import best_round
 
 pytestmark = pytest.mark.browser
 
@@ -160,6 +164,17 @@ def screenshot(page, path) -> None:
     page.screenshot(path=str(path))
 
 
+# Load Fidelity Models wired into the training node built by BUILD_JS.
+ADD_SCORING_JS = """(a) => {
+    const train = app.graph.getNodeById(Number(a.train));
+    const scorer = LiteGraph.createNode("LoadFidelityModels");
+    app.graph.add(scorer);
+    scorer.pos = [60, train.pos[1] + 420];
+    scorer.widgets.find(w => w.name === "dino_model").value = a.dino;
+    scorer.widgets.find(w => w.name === "clip_model").value = a.clip;
+    scorer.connect(0, train, train.inputs.findIndex(i => i.name === "fidelity_models"));
+    app.canvas.setDirty(true, true);
+}"""
 @pytest.mark.parametrize("frontend,nodes_2", [(PINNED, False), (NEWEST_FRONTEND_VERSION, False),
                                               (NEWEST_FRONTEND_VERSION, True)],
                          ids=[f"{PINNED}-classic", f"{NEWEST_FRONTEND_VERSION}-classic",
@@ -169,6 +184,10 @@ def test_chart_follows_a_training_queued_from_the_ui(browser, servers, tiny_chec
     server = servers(frontend)
     tag = f"{frontend}-{'nodes2' if nodes_2 else 'classic'}"
     output_name = f"live_chart_{tag.replace('.', '_').replace('-', '_')}"
+    # the run on the pinned frontend's classic canvas also scores its sample rounds
+    scored = frontend == PINNED and not nodes_2
+    if scored:  # before the page opens: its combos list the folders
+        write_random_fidelity_models(server.base_dir / "models" / "subject_eval", tokenizer_dir())
     page = open_canvas(browser, server, FRONTENDS[frontend][1])
     try:
         set_nodes_2(page, nodes_2)
@@ -177,8 +196,11 @@ def test_chart_follows_a_training_queued_from_the_ui(browser, servers, tiny_chec
                         "resolution": 64, "crop_mode": "center"},
             "train": {"ckpt_name": tiny_checkpoint.name, "output_name": output_name, "steps": STEPS,
                       "rank": 4, "alpha": 4.0, "sample_every": SAMPLE_EVERY, "validate_every": VALIDATE_EVERY,
-                      "sample_prompts": "", "sample_steps": 1, "sample_size": 0},
+                      "sample_prompts": "", "sample_steps": 1, "sample_size": 0,
+                      "save_every": SAMPLE_EVERY if scored else 0},
         })
+        if scored:
+            page.evaluate(ADD_SCORING_JS, {"train": node_id, "dino": "dino-random-tiny", "clip": "clip-random-tiny"})
         if nodes_2:  # the training node is a Vue node, and the chart is inside it
             page.wait_for_selector(f'[data-node-id="{node_id}"] .dbs-live', timeout=30_000)
         before = wait_for_chart(page, node_id, lambda c: True, "no chart in the new LoRA Train node", timeout=30)
@@ -227,6 +249,16 @@ def test_chart_follows_a_training_queued_from_the_ui(browser, servers, tiny_chec
                                timeout=30_000)
         assert all(f"step{STEPS:06d}-p" in i["src"] for i in page.evaluate(STRIP_JS))
         assert (server.models_dir / "loras" / f"{output_name}.safetensors").is_file()
+        if scored:  # every round's scores on the chart, and the best step the rule gives
+            assert [r["step"] for r in final["scored"]] == final["sampleSteps"], final
+            rounds = [SampleRound(r["step"], [], [], scores={k: r[k] for k in ("dino", "clip_i", "clip_t")})
+                      for r in final["scored"]]
+            expected = best_round(rounds, eligible=lambda step: step % SAMPLE_EVERY == 0)  # save points, the end
+            assert (final["best"] or {}).get("step") == (expected.step if expected else None), final
+            if expected is not None:
+                assert (server.models_dir / "loras" / final["best"]["file"]).is_file(), final
+            caption = page.locator(".dbs-live-samples-caption").inner_text()
+            assert "DINO" in caption and "CLIP-T" in caption, caption
         screenshot(page, artifacts_dir / f"live-chart-{tag}-final.png")
         page.locator(".dbs-live").screenshot(path=str(artifacts_dir / f"live-chart-{tag}-chart.png"))
 

@@ -22,12 +22,13 @@ def env(tmp_path_factory):
     import_pack()
     placeholder = importlib.import_module("dreambooth_studio.trainers.eval.placeholder")
     node = importlib.import_module("dreambooth_studio.nodes.fidelity")
+    scoring = importlib.import_module("dreambooth_studio.nodes.scoring")
     # the folder ComfyUI would use: the models dir of this base (import_comfyui leaves models_dir as is)
-    folder_paths.folder_names_and_paths.pop(node.MODEL_FOLDER, None)
-    folder_paths.add_model_folder_path(node.MODEL_FOLDER, str(base / "models" / node.MODEL_FOLDER))
-    root = base / "models" / node.MODEL_FOLDER
+    folder_paths.folder_names_and_paths.pop(scoring.MODEL_FOLDER, None)
+    folder_paths.add_model_folder_path(scoring.MODEL_FOLDER, str(base / "models" / scoring.MODEL_FOLDER))
+    root = base / "models" / scoring.MODEL_FOLDER
     paths = placeholder.write_random_fidelity_models(root, tokenizer_dir())
-    return {"base": base, "root": root, "paths": paths, "node": node}
+    return {"base": base, "root": root, "paths": paths, "node": node, "scoring": scoring}
 
 
 def _subject(count=2, seed=0):
@@ -39,7 +40,7 @@ def _subject(count=2, seed=0):
 
 
 def test_combos_list_each_kind_in_its_slot(env):
-    node = env["node"]
+    node = env["scoring"]
     assert node.options("dino") == ["dino-random-tiny"]
     assert node.options("clip") == ["clip-random-tiny"]
     # one level deeper (a user's "facebook/dino-vits16") is found too
@@ -71,17 +72,18 @@ def test_loader_refuses_missing_and_crafted_names_at_prompt_time(env):
 
 
 def test_loader_says_where_to_put_models_when_there_are_none(env, tmp_path):
-    node = env["node"]
+    scoring = env["scoring"]
     import folder_paths
 
-    saved = folder_paths.folder_names_and_paths.pop(node.MODEL_FOLDER)
-    folder_paths.add_model_folder_path(node.MODEL_FOLDER, str(tmp_path / "empty"))
+    saved = folder_paths.folder_names_and_paths.pop(scoring.MODEL_FOLDER)
+    folder_paths.add_model_folder_path(scoring.MODEL_FOLDER, str(tmp_path / "empty"))
     try:
-        assert node.options("dino") == [node.NONE_FOUND["dino"]]
-        message = node.LoadFidelityModels.validate_inputs(node.NONE_FOUND["dino"], node.NONE_FOUND["clip"])
+        assert scoring.options("dino") == [scoring.NONE_FOUND["dino"]]
+        message = env["node"].LoadFidelityModels.validate_inputs(scoring.NONE_FOUND["dino"],
+                                                                 scoring.NONE_FOUND["clip"])
         assert "no DINO model in models/subject_eval: put facebook/dino-vits16" in message
     finally:
-        folder_paths.folder_names_and_paths[node.MODEL_FOLDER] = saved
+        folder_paths.folder_names_and_paths[scoring.MODEL_FOLDER] = saved
 
 
 def test_scores_from_the_subject_or_an_image_batch(env):

@@ -63,7 +63,9 @@ def base_model(env):
 
 def test_trained_loras_are_saved_and_returned(env, trained):
     for out in trained.values():
-        lora_sd, name, curve, samples = out.result
+        lora_sd, name, curve, samples, best_lora, best_name = out.result
+        # no fidelity models: the "best" LoRA is the final one
+        assert best_name == name and best_lora.keys() == lora_sd.keys()
         path = env["base"] / "models" / "loras" / name
         assert path.is_file(), path
         assert curve.ndim == 4 and curve.shape[-1] == 3
@@ -290,25 +292,49 @@ def test_sweep_grid_refuses_bad_lists_at_validation(env, values, message):
     assert message in grid.validate_inputs(**inputs)
 
 
-def test_sweep_grid_samples_every_combination_with_comfy_sampling(env, trained, base_model):
+@pytest.fixture(scope="module")
+def fidelity_models(env):
+    from tests.support.paths import tokenizer_dir
+
+    placeholder = importlib.import_module("dreambooth_studio.trainers.eval.placeholder")
+    fidelity = importlib.import_module("dreambooth_studio.trainers.eval.fidelity")
+    paths = placeholder.write_random_fidelity_models(env["base"] / "models" / "subject_eval", tokenizer_dir())
+    return fidelity.load_fidelity_models(paths["dino"], paths["clip"])
+
+
+def test_sweep_grid_samples_every_combination_with_comfy_sampling(env, trained, base_model, fidelity_models):
     import nodes as comfy_nodes
 
     grid_node = _grid_module().LoRAScaleGrid
+    fidelity = importlib.import_module("dreambooth_studio.trainers.eval.fidelity")
     model, clip = base_model
     import comfy.sd
 
     vae = comfy.sd.load_checkpoint_guess_config(env["folder_paths"].get_full_path("checkpoints", env["ckpt"]),
                                                 output_vae=True, output_clip=False)[2]
-    grid, images, labels = grid_node.execute(
-        model=model, clip=clip, vae=vae, lora_name="(use the lora input)", positive="a photo of sks toy",
-        negative="blurry", seed=7, steps=2, sampler_name="euler", scheduler="normal", width=64, height=64,
-        unet_scales="0, 1", text_encoder_scales="0, 1", cfg_values="1, 6", lora=trained["te"].result[0]).result
+    settings = dict(model=model, clip=clip, vae=vae, lora_name="(use the lora input)", positive="a photo of sks toy",
+                    negative="blurry", seed=7, steps=2, sampler_name="euler", scheduler="normal", width=64, height=64,
+                    unet_scales="0, 1", text_encoder_scales="0, 1", cfg_values="1, 6", lora=trained["te"].result[0])
+    # scoring without the subject's photos fails before the first cell is sampled
+    with pytest.raises(ValueError, match="no real images to score against"):
+        grid_node.execute(**settings, fidelity_models=fidelity_models)
+    subject = _subject(env)
+    grid, images, labels, scores = grid_node.execute(**settings, fidelity_models=fidelity_models, subject=subject,
+                                                     fidelity_prompt="a photo of a toy").result
     assert images.shape == (8, 64, 64, 3)
     assert labels.splitlines()[:3] == ["unet 0 | te 0 | cfg 1", "unet 0 | te 0 | cfg 6", "unet 0 | te 1 | cfg 1"]
     assert len(labels.splitlines()) == 8
-    # 4 rows (scale pairs) x 2 columns (CFG) of 64 px cells with label strips, plus a title band
-    _, header, strip = _grid_module().label_metrics(64)
+    # 4 rows (scale pairs) x 2 columns (CFG) of 64 px cells with 3-line label strips (settings and
+    # scores), plus a title band
+    _, header, strip = _grid_module().label_metrics(64, lines=3)
     assert tuple(grid.shape) == (1, header + 4 * (64 + strip + 4) + 4, 2 * (64 + 4) + 4, 3)
+    # each cell's scores are the engine's scores of that image against the subject, with the CLIP-T prompt
+    expected = fidelity.score(fidelity_models, images, list(subject.images), ["a photo of a toy"] * 8)
+    rows = scores.splitlines()
+    assert "CLIP-T prompt: a photo of a toy" in rows[0]
+    assert rows[2].split()[1:] == [f"{expected.dino:.3f}", f"{expected.clip_i:.3f}", f"{expected.clip_t:.3f}"]
+    for row, label, cell in zip(rows[3:11], labels.splitlines(), expected.per_image, strict=True):
+        assert row.split()[1:4] == [f"{v:.3f}" for v in cell] and row.endswith(label)
     # scales (0, 0) are exactly the base model through ComfyUI's own sampler
     latent = {"samples": torch.zeros([1, 4, 8, 8])}
     encode = comfy_nodes.CLIPTextEncode().encode

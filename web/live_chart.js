@@ -2,9 +2,10 @@
 //
 // While a node trains, the pack's websocket events (dreambooth_studio.step / .samples / .status,
 // each naming the node's unique id) feed a chart drawn here on a 2D canvas: the training loss
-// (faint), its moving average (bold), the validation loss (points and line) and the learning rate
-// (a strip below), with step, seconds per step, ETA and status above it and the newest sample
-// images below it. After a page reload (or a websocket reconnect during a run) the chart catches
+// (faint), its moving average (bold), the validation loss (points and line), the learning rate
+// (a strip below) and, when the node scores its samples, DINO / CLIP-I / CLIP-T per sample round
+// with the best step marked (a second strip), with step, seconds per step, ETA and status above
+// it and the newest sample images below it. After a page reload (or a websocket reconnect during a run) the chart catches
 // up from GET /dreambooth_studio/runs/<node id>; the node's UI output after a run fills it too.
 
 const { app } = window.comfyAPI.app;
@@ -48,6 +49,13 @@ function pathToGraph(graph, target, prefix) {
         if (deeper) return deeper;
     }
     return null;
+}
+
+// A round's scores when all three are finite numbers, else null.
+function readScores(scores) {
+    if (!scores || typeof scores !== "object") return null;
+    const read = { dino: finite(scores.dino), clip_i: finite(scores.clip_i), clip_t: finite(scores.clip_t) };
+    return Object.values(read).every((v) => v !== null) ? read : null;
 }
 
 function formatNumber(value) {
@@ -105,6 +113,10 @@ function readTheme() {
         average: light ? "#1565c0" : "#6eb4ff",
         validation: light ? "#d35400" : "#ffab40",
         lr: light ? "#2e7d32" : "#7bd88f",
+        // subject-fidelity scores of the sample rounds (DINO, CLIP-I, CLIP-T) and the best step
+        dino: light ? "#6a1b9a" : "#d59cff",
+        clipI: light ? "#00838f" : "#4dd0e1",
+        clipT: light ? "#ad1457" : "#ff80ab",
         status: {
             running: light ? "#1565c0" : "#6eb4ff",
             finished: light ? "#2e7d32" : "#7bd88f",
@@ -126,7 +138,8 @@ class RunData {
         this.output = null;
         this.steps = new Map();  // step -> {loss, lr, elapsed, instance_loss, prior_loss}
         this.validation = new Map();  // step -> loss
-        this.samples = new Map();  // step -> {seconds, images: [{filename, subfolder, type, prompt}]}
+        this.samples = new Map();  // step -> {seconds, images: [{filename, subfolder, type, prompt}], scores}
+        this.best = null;  // {step, file}: the best scored step, named when the run ends
     }
 
     get lastStep() {
@@ -164,8 +177,14 @@ class RunData {
                 type: typeof image.type === "string" ? image.type : "output",
                 prompt: typeof image.prompt === "string" ? image.prompt : "",
             }));
-        this.samples.set(step, { seconds: finite(round.seconds), images });
+        this.samples.set(step, { seconds: finite(round.seconds), images, scores: readScores(round.scores) });
         return true;
+    }
+
+    // [step, {dino, clip_i, clip_t}] of the rounds that were scored, oldest first
+    scoredRounds() {
+        return [...this.samples.entries()].filter(([, r]) => r.scores).sort((a, b) => a[0] - b[0])
+            .map(([step, r]) => [step, r.scores]);
     }
 
     setHeader(data) {
@@ -177,6 +196,8 @@ class RunData {
         if (total) this.total = total;
         if (typeof data.method === "string") this.method = data.method;
         if (typeof data.output === "string") this.output = data.output;
+        const best = data.best && typeof data.best === "object" ? wholeStep(data.best.step) : null;
+        if (best !== null && typeof data.best.file === "string") this.best = { step: best, file: data.best.file };
     }
 
     sortedSteps() {
@@ -418,10 +439,13 @@ class LiveChart {
         const span = Math.max(3, Math.min(50, Math.round((run.total || losses.length) / 10)));
         const average = movingAverage(losses, span);
 
+        const scored = run.scoredRounds();
         const lrHeight = rates.length ? 26 : 0;
+        const fidelityHeight = scored.length ? 46 : 0;
         // The validation loss has its own scale on the right: computed at fixed timesteps and noise,
         // its level is not comparable with the training loss, and its slow fall is what to watch.
-        const box = { left: 46, right: width - (validation.length ? 46 : 8), top: 22, bottom: height - 18 - lrHeight };
+        const box = { left: 46, right: width - (validation.length ? 46 : 8), top: 22,
+            bottom: height - 18 - lrHeight - fidelityHeight };
         const xMax = Math.max(run.total || 0, run.lastStep, ...validation.map(([s]) => s), 1);
         if (!losses.length && !validation.length) {
             ctx.fillStyle = theme.muted;
@@ -539,7 +563,7 @@ class LiveChart {
         // learning rate strip (its own scale: 0 to the largest rate of the run)
         if (rates.length) {
             const top = box.bottom + 20;
-            const bottom = height - 2;
+            const bottom = top + lrHeight - 4;
             const most = Math.max(...rates.map(([, v]) => v)) || 1;
             ctx.strokeStyle = theme.grid;
             ctx.lineWidth = 1;
@@ -554,6 +578,68 @@ class LiveChart {
             rates.forEach(([step, value], i) => (i ? ctx.lineTo(x(step), ly(value)) : ctx.moveTo(x(step), ly(value))));
             ctx.stroke();
         }
+
+        // subject-fidelity strip: DINO, CLIP-I and CLIP-T of each scored sample round (one scale
+        // for the three: they are all cosine similarities), the best step marked
+        if (scored.length) this.drawFidelity(ctx, box, x, scored, box.bottom + 20 + lrHeight, height - 2);
+    }
+
+    drawFidelity(ctx, box, x, scored, top, bottom) {
+        const theme = this.theme;
+        const series = [["dino", theme.dino, "DINO"], ["clip_i", theme.clipI, "CLIP-I"], ["clip_t", theme.clipT, "CLIP-T"]];
+        const values = scored.flatMap(([, s]) => series.map(([key]) => s[key]));
+        let low = Math.min(...values);
+        let high = Math.max(...values);
+        if (high - low < 1e-6) { low -= 0.05; high += 0.05; }
+        const plotTop = top + 12;
+        const fy = (value) => bottom - 2 - ((value - low) / (high - low)) * (bottom - plotTop - 4);
+        ctx.strokeStyle = theme.grid;
+        ctx.lineWidth = 1;
+        ctx.strokeRect(box.left + 0.5, plotTop + 0.5, box.right - box.left - 1, bottom - plotTop - 1);
+        ctx.fillStyle = theme.muted;
+        ctx.textAlign = "right";
+        ctx.fillText(high.toFixed(2), box.left - 4, plotTop + 4);
+        ctx.fillText(low.toFixed(2), box.left - 4, bottom - 4);
+        const best = this.run.best;
+        if (best !== null) {
+            ctx.save();
+            ctx.setLineDash([3, 3]);
+            ctx.strokeStyle = theme.text;
+            ctx.beginPath();
+            ctx.moveTo(Math.round(x(best.step)) + 0.5, plotTop);
+            ctx.lineTo(Math.round(x(best.step)) + 0.5, bottom);
+            ctx.stroke();
+            ctx.restore();
+        }
+        for (const [key, color] of series) {
+            ctx.strokeStyle = color;
+            ctx.fillStyle = color;
+            ctx.lineWidth = 1.5;
+            ctx.beginPath();
+            scored.forEach(([step, s], i) => (i ? ctx.lineTo(x(step), fy(s[key])) : ctx.moveTo(x(step), fy(s[key]))));
+            ctx.stroke();
+            for (const [step, s] of scored) {
+                ctx.beginPath();
+                ctx.arc(x(step), fy(s[key]), 2.25, 0, Math.PI * 2);
+                ctx.fill();
+            }
+        }
+        // legend: the newest round's values, and the best step once the run has named it
+        const newest = scored.at(-1)[1];
+        ctx.textAlign = "left";
+        let lx = box.left + 2;
+        for (const [key, color, label] of series) {
+            const text = `${label} ${newest[key].toFixed(3)}`;
+            ctx.fillStyle = color;
+            ctx.fillRect(lx, top + 3, 10, 3);
+            ctx.fillStyle = theme.text;
+            ctx.fillText(text, lx + 14, top + 5);
+            lx += 14 + ctx.measureText(text).width + 10;
+        }
+        if (best !== null) {
+            ctx.fillStyle = theme.text;
+            ctx.fillText(`best: step ${best.step}`, lx, top + 5);
+        }
     }
 
     drawFrame(ctx, box, theme) {
@@ -566,7 +652,7 @@ class LiveChart {
         const theme = this.theme;
         const newest = this.run.newestSamples();
         this.stripCaption.style.color = theme.muted;
-        const key = newest ? `${this.run.promptId}|${newest.step}|${newest.images.map((i) => i.filename).join("|")}` : null;
+        const key = newest ? `${this.run.promptId}|${newest.step}|${newest.images.map((i) => i.filename).join("|")}|${newest.scores ? 1 : 0}` : null;
         if (key === this.shownSamples) return;
         this.shownSamples = key;
         this.stripImages.replaceChildren();
@@ -575,7 +661,10 @@ class LiveChart {
             return;
         }
         const seconds = newest.seconds !== null ? ` (${formatNumber(newest.seconds)} s)` : "";
-        this.stripCaption.textContent = `samples at step ${newest.step}${seconds}`;
+        const scores = newest.scores
+            ? `: DINO ${newest.scores.dino.toFixed(3)}, CLIP-I ${newest.scores.clip_i.toFixed(3)}, CLIP-T ${newest.scores.clip_t.toFixed(3)}`
+            : "";
+        this.stripCaption.textContent = `samples at step ${newest.step}${seconds}${scores}`;
         for (const image of newest.images) {
             const figure = document.createElement("figure");
             figure.style.cssText = "margin:0;display:flex;flex-direction:column;align-items:center;min-width:0;flex:0 1 104px;pointer-events:auto";
@@ -615,6 +704,8 @@ class LiveChart {
             node: this.id, promptId: this.run.promptId, status: this.run.status, total: this.run.total,
             steps, validation: [...this.run.validation.keys()].sort((a, b) => a - b),
             sampleSteps: [...this.run.samples.keys()].sort((a, b) => a - b),
+            scored: this.run.scoredRounds().map(([step, scores]) => ({ step, ...scores })),
+            best: this.run.best,
             strip: newest ? { step: newest.step, prompts: newest.images.map((i) => i.prompt) } : null,
             header: `${this.progressText.textContent} | ${this.statusText.textContent}`,
             theme: this.theme.light ? "light" : "dark",

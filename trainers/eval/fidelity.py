@@ -160,8 +160,9 @@ def load_fidelity_models(dino_dir: str | Path, clip_dir: str | Path, device: tor
 
 
 # -- images -------------------------------------------------------------------------------------
-def to_pil_images(images: torch.Tensor | Sequence[torch.Tensor]) -> list:
-    """ComfyUI IMAGE (B x H x W x C floats in [0, 1], or a list of H x W x C) as 8-bit RGB PIL images.
+def to_pil_images(images: torch.Tensor | Sequence[Any]) -> list:
+    """ComfyUI IMAGE (B x H x W x C floats in [0, 1], or a list of H x W x C tensors or of PIL
+    images) as 8-bit RGB PIL images.
 
     Rounded, not truncated: an image loaded from an 8-bit file (value k/255) comes back as exactly
     the file's pixels, so it is preprocessed exactly as the file itself would be."""
@@ -175,6 +176,9 @@ def to_pil_images(images: torch.Tensor | Sequence[torch.Tensor]) -> list:
         images = list(images)
     pictures = []
     for image in images:
+        if isinstance(image, Image.Image):
+            pictures.append(image.convert("RGB"))
+            continue
         if image.ndim != 3 or image.shape[-1] not in (1, 3, 4) or min(image.shape[:2]) < 1:
             raise ValueError(f"an image has shape {tuple(image.shape)}; expected (H, W, 3)")
         pixels = image.detach().float().cpu()
@@ -286,38 +290,57 @@ def score(models: FidelityModels, generated: torch.Tensor | Sequence[torch.Tenso
 
 
 # -- the table ----------------------------------------------------------------------------------
-def table_lines(scores: FidelityScores, max_rows: int = 64) -> list[str]:
-    """The scores as fixed-width text: means, each generated image, the paper's yardstick."""
-    lines = [f"Subject fidelity: {len(scores.per_image)} generated vs {scores.real_count} real images",
+def _row_texts(scores: FidelityScores, row_labels: Sequence[str] | None) -> tuple[str, list[str]]:
+    """(title, text after each image's scores): its prompt, or its label (one prompt then goes in the title)."""
+    title = f"Subject fidelity: {len(scores.per_image)} generated vs {scores.real_count} real images"
+    if row_labels is None:
+        return title, list(scores.prompts)
+    if len(row_labels) != len(scores.per_image):
+        raise ValueError(f"{len(row_labels)} row labels for {len(scores.per_image)} images")
+    if len(set(scores.prompts)) == 1:
+        title += f"; CLIP-T prompt: {scores.prompts[0]}"
+        return title, list(row_labels)
+    return title, [f"{label}: {prompt}" for label, prompt in zip(row_labels, scores.prompts, strict=True)]
+
+
+def _cut(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def table_lines(scores: FidelityScores, max_rows: int = 64, row_labels: Sequence[str] | None = None) -> list[str]:
+    """The scores as fixed-width text: means, each generated image (with its prompt, or its label
+    from ``row_labels``), the paper's yardstick."""
+    title, texts = _row_texts(scores, row_labels)
+    lines = [title,
              f"{'':8}{'DINO':>8}{'CLIP-I':>8}{'CLIP-T':>8}",
              f"{'mean':8}{scores.dino:8.3f}{scores.clip_i:8.3f}{scores.clip_t:8.3f}"]
-    for index, ((dino, clip_i, clip_t), prompt) in enumerate(zip(scores.per_image, scores.prompts, strict=True)):
+    for index, ((dino, clip_i, clip_t), text) in enumerate(zip(scores.per_image, texts, strict=True)):
         if index == max_rows:
             lines.append(f"... {len(scores.per_image) - max_rows} more images")
             break
-        shown_prompt = prompt if len(prompt) <= 48 else prompt[:45] + "..."
-        lines.append(f"{f'#{index + 1}':8}{dino:8.3f}{clip_i:8.3f}{clip_t:8.3f}  {shown_prompt}")
+        lines.append(f"{f'#{index + 1}':8}{dino:8.3f}{clip_i:8.3f}{clip_t:8.3f}  {_cut(text)}")
     lines.append("DreamBooth paper, SD: " + ", ".join(f"{k} {v:.3f}" for k, v in PAPER_SD.items())
                  + "; real images: " + ", ".join(f"{k} {v:.3f}" for k, v in PAPER_REAL.items()))
     lines.append(f"models: {scores.models[0]} (DINO), {scores.models[1]} (CLIP)")
     return lines
 
 
-def table_image(scores: FidelityScores, max_rows: int = 64):
+def table_image(scores: FidelityScores, max_rows: int = 64, row_labels: Sequence[str] | None = None):
     """The table as a PIL image: numbers in aligned columns, text lines as they are."""
     from PIL import Image, ImageDraw
 
-    lines = table_lines(scores, max_rows)
+    lines = table_lines(scores, max_rows, row_labels)
+    texts = [_cut(text) for text in _row_texts(scores, row_labels)[1][:max_rows]]
     font = text_font(14)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     line_height = int(math.ceil(font.getbbox("Ag")[3])) + 6
     column = probe.textlength("0.000", font=font) + 24  # one score column
     label = probe.textlength("#0000", font=font) + 16
     width = max([probe.textlength(line, font=font) for line in (lines[0], *lines[-2:])]
-                + [label + 3 * column + probe.textlength(p, font=font) + 8 for p in scores.prompts[:max_rows]])
+                + [label + 3 * column + probe.textlength(text, font=font) + 8 for text in texts])
     picture = Image.new("RGB", (int(min(width + 24, 4096)), 12 + line_height * len(lines)), (24, 24, 28))
     draw = ImageDraw.Draw(picture)
-    text, mean = (225, 225, 225), (255, 214, 120)
+    white, mean = (225, 225, 225), (255, 214, 120)
 
     def cells(y: float, first: str, values: Sequence[str], colour, tail: str = "") -> None:
         draw.text((12, y), first, fill=colour, font=font)
@@ -327,13 +350,13 @@ def table_image(scores: FidelityScores, max_rows: int = 64):
         if tail:
             draw.text((12 + label + 3 * column, y), tail, fill=colour, font=font)
 
-    draw.text((12, 6), lines[0], fill=text, font=font)
-    cells(6 + line_height, "", METRICS, text)
+    draw.text((12, 6), lines[0], fill=white, font=font)
+    cells(6 + line_height, "", METRICS, white)
     cells(6 + 2 * line_height, "mean", [f"{v:.3f}" for v in (scores.dino, scores.clip_i, scores.clip_t)], mean)
-    for row, (values, prompt) in enumerate(zip(scores.per_image[:max_rows], scores.prompts, strict=False)):
-        cells(6 + (3 + row) * line_height, f"#{row + 1}", [f"{v:.3f}" for v in values], text, prompt)
+    for row, values in enumerate(scores.per_image[:max_rows]):
+        cells(6 + (3 + row) * line_height, f"#{row + 1}", [f"{v:.3f}" for v in values], white, texts[row])
     if len(scores.per_image) > max_rows:  # the "... more images" line
-        draw.text((12, 6 + (len(lines) - 3) * line_height), lines[-3], fill=text, font=font)
+        draw.text((12, 6 + (len(lines) - 3) * line_height), lines[-3], fill=white, font=font)
     for offset, line in enumerate(lines[-2:]):
         draw.text((12, 6 + (len(lines) - 2 + offset) * line_height), line, fill=(170, 170, 180), font=font)
     return picture
