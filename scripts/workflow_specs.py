@@ -25,6 +25,9 @@ SCENES = {
     "beach": "a photo of sks woman face on the beach",
     "moon": "a photo of sks woman face on the moon",
 }
+DINO_MODEL = "dino-vits16"  # folders in models/subject_eval (README: which models to put there)
+CLIP_MODEL = "clip-vit-base-patch32"
+BEACH_CLASS = "a photo of woman face on the beach"  # SCENES["beach"] with the class noun, for CLIP-T
 FROM_INPUT = "(use the lora input)"
 GENERATE = "(generate from the base model)"
 
@@ -317,8 +320,62 @@ prior_loss_weight.
 """, g.nodes)
 
 
+def lora_scale_by_the_numbers() -> WorkflowSpec:
+    g = Graph()
+    subj = subject(g)
+    ckpt = g.add("CheckpointLoaderSimple", "Load Checkpoint", ckpt_name=CHECKPOINT)
+    scorer = g.add("LoadFidelityModels", "Load Fidelity Models", dino_model=DINO_MODEL, clip_model=CLIP_MODEL)
+    train = lora_train(g, subj, "LoRA Train (scored)", "sks_woman_lora_scored", text_encoder_lr=1e-5)
+    # every sample round scored, a step file at each of them: the best step can be applied
+    g.nodes[train]["inputs"].update(fidelity_models=out(scorer), save_every=g.nodes[train]["inputs"]["sample_every"],
+                                    keep_last=2)
+    best = out(train, 4)  # best_lora
+    grid = g.add("LoRAScaleGrid", "Scored scale grid (best step)", model=out(ckpt, 0), clip=out(ckpt, 1),
+                 vae=out(ckpt, 2), lora_name=FROM_INPUT, positive=SCENES["beach"], negative=NEGATIVE, seed=123,
+                 steps=30, sampler_name="euler_ancestral", scheduler="normal", width=512, height=512,
+                 unet_scales="0, 0.6, 0.8, 1.0", text_encoder_scales="0.5, 1.0", cfg_values="7.5",
+                 lora=best, fidelity_models=out(scorer), subject=out(subj), fidelity_prompt=BEACH_CLASS)
+    g.add("SaveImage", "Save scored grid", images=out(grid, 0), filename_prefix="lora_scale_by_the_numbers/grid")
+    applied = g.add("ApplyLoRAScaled", "Apply LoRA: chosen scales", model=out(ckpt, 0), clip=out(ckpt, 1),
+                    lora_name=FROM_INPUT, unet_scale=0.8, text_encoder_scale=1.0, lora=best)
+    pos = out(g.add("CLIPTextEncode", "Prompt: chosen scales", text=SCENES["beach"], clip=out(applied, 1)))
+    neg = out(g.add("CLIPTextEncode", "Negative: chosen scales", text=NEGATIVE, clip=out(applied, 1)))
+    latent = g.add("EmptyLatentImage", "Latent: 4 seeds", width=512, height=512, batch_size=4)
+    sampler = g.add("KSampler", "Sampler: chosen scales", model=out(applied, 0), positive=pos, negative=neg,
+                    latent_image=out(latent), seed=123, steps=30, cfg=7.5, sampler_name="euler_ancestral",
+                    scheduler="normal", denoise=1.0)
+    decoded = g.add("VAEDecode", "Decode: chosen scales", samples=out(sampler), vae=out(ckpt, 2))
+    g.add("SaveImage", "Save: chosen scales", images=out(decoded), filename_prefix="lora_scale_by_the_numbers/chosen")
+    scored = g.add("SubjectFidelity", "Subject Fidelity: chosen scales", images=out(decoded),
+                   fidelity_models=out(scorer), prompts=BEACH_CLASS, subject=out(subj))
+    g.add("SaveImage", "Save: fidelity table", images=out(scored, 4),
+          filename_prefix="lora_scale_by_the_numbers/fidelity")
+    return WorkflowSpec("lora_scale_by_the_numbers", "Choosing the step and the scales by the numbers", f"""\
+# Choosing the step and the LoRA scales by the numbers
+
+The DreamBooth paper's three scores, computed in the graph: **DINO** and **CLIP-I** (how close
+an image is to your photos: identity) and **CLIP-T** (how well it follows the prompt). The
+paper's DreamBooth on Stable Diffusion scored 0.668 / 0.803 / 0.305, and real photos of one
+subject against each other 0.774 / 0.885 (DINO / CLIP-I).
+
+1. **The step:** LoRA Train scores every sample round (every 100 steps) and keeps a step file
+   at each. Its live chart draws the three scores; the best step (highest DINO while CLIP-T
+   stays within 0.02 of the base model's) comes out as `best_lora`.
+2. **The scales:** the best step's LoRA at UNet scale 0, 0.6, 0.8, 1 x text-encoder scale
+   0.5, 1 (seed 123), each cell labelled D(INO) / I (CLIP-I) / T (CLIP-T). Pick the scales
+   where DINO is high and CLIP-T has not dropped below the UNet-0 row's: beyond that the LoRA
+   overrides the prompt.
+3. **Check:** the chosen scales (0.8 / 1.0: set them to your pick) on 4 seeds, scored by
+   Subject Fidelity: the average over seeds is the number to compare runs by.
+
+**Needs** two model folders in `models/subject_eval/`: `{DINO_MODEL}` (facebook/dino-vits16) and
+`{CLIP_MODEL}` (openai/clip-vit-base-patch32), with model.safetensors (see README). CLIP-T is
+scored against "{BEACH_CLASS}": the prompt with the class noun instead of "sks".
+""", g.nodes)
+
+
 ALL = (dreambooth_lr_sweep, lora_rank_sweep, dreambooth_vs_lora, lora_scale_grid, lora_te_lr_scheduler,
-       captioned_lora, canny_controlnet_portrait, face_crop_prior_preservation)
+       captioned_lora, canny_controlnet_portrait, face_crop_prior_preservation, lora_scale_by_the_numbers)
 
 
 def specs() -> list[WorkflowSpec]:
@@ -335,10 +392,11 @@ SMALL = {
     "DreamBoothTrain": {"steps": 1, "class_images": 2, "class_steps": 1, "optimizer": "adafactor",
                         "precision": "fp32", "gradient_checkpointing": False, "sample_every": 0, "validate_every": 0},
     "KSampler": {"steps": 1},
-    "EmptyLatentImage": {"width": 64, "height": 64},
+    "EmptyLatentImage": {"width": 64, "height": 64, "batch_size": 1},
     # two values per axis: every cell patches the full UNet again; two show the layout as well as three
     "LoRAScaleGrid": {"steps": 1, "width": 64, "height": 64, "unet_scales": "0, 1", "text_encoder_scales": "0, 1",
                       "cfg_values": "5, 10"},
+    "LoadFidelityModels": {"dino_model": "dino-random-tiny", "clip_model": "clip-random-tiny"},  # placeholder.py
 }
 
 
@@ -357,6 +415,8 @@ def small_overrides(prompt: dict, checkpoint: str, controlnet: str, subject_fold
             values["folder"] = subject_folder
         if kind == "LoadImage":
             values["image"] = reference_image
+        if kind == "LoRATrain" and "fidelity_models" in inputs:  # scoring needs sample rounds
+            values.update(sample_every=1, sample_steps=1, save_every=1)
         sets += [f"{node_id}.{name}={_json(value)}" for name, value in values.items() if name in inputs]
     return sets
 

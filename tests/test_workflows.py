@@ -14,6 +14,8 @@ from PIL import Image
 from scripts.comfyserver import REPO_ROOT
 from scripts.demo import draw_sample_subject
 from scripts.workflow_specs import REFERENCE_IMAGE, small_overrides, specs
+from tests.support.paths import tokenizer_dir
+from trainers.eval.placeholder import write_random_fidelity_models
 
 UI_DIR = REPO_ROOT / "example_workflows"
 API_DIR = REPO_ROOT / "scripts" / "api_workflows"
@@ -37,7 +39,7 @@ def api_twin(stem: str) -> dict:
 @pytest.mark.trainers
 def test_one_workflow_per_experiment_each_with_note_thumbnail_and_twin():
     assert sorted(p.stem for p in UI_DIR.glob("*.json")) == STEMS
-    assert len(STEMS) == 8
+    assert len(STEMS) == 9
     for stem in STEMS:
         ui = ui_workflow(stem)
         notes = [n for n in ui["nodes"] if n["type"] == "Note"]
@@ -104,6 +106,8 @@ def test_workflows_load_in_the_canvas_and_match_their_api_twins(canvas_page, art
 
 @pytest.fixture(scope="module")
 def workflow_inputs(comfy_server):
+    # the random DINO and CLIP folders that small_overrides names for Load Fidelity Models
+    write_random_fidelity_models(comfy_server.base_dir / "models" / "subject_eval", tokenizer_dir())
     draw_sample_subject(comfy_server.input_dir / SUBJECT, count=3, size=96)
     Image.fromarray((np.indices((96, 96)).sum(0) % 16 < 8).astype(np.uint8) * 255).convert("RGB").save(
         comfy_server.input_dir / REFERENCE_IMAGE)
