@@ -36,12 +36,24 @@ def loras(comfy_server):
 
 @pytest.fixture(scope="module")
 def trained_run(comfy_server, subject_folder, test_models):
+    """The full loop, with the training node scoring its sample rounds (random DINO and CLIP folders)
+    and Apply LoRA taking its best_lora; the server log of the run rides along as ``.log``."""
     from scripts.comfyclient import ComfyClient
+    from tests.support.paths import tokenizer_dir
+    from trainers.eval.placeholder import write_random_fidelity_models
 
+    write_random_fidelity_models(comfy_server.base_dir / "models" / "subject_eval", tokenizer_dir())
     client = ComfyClient(comfy_server.url)
-    graph = lora_graph(test_models["checkpoint"].name, "e2e_lora", steps=3)
-    result = client.run(graph, timeout=900)
-    return result.raise_for_status()
+    graph = lora_graph(test_models["checkpoint"].name, "e2e_lora", steps=3, sample_every=2, sample_steps=1,
+                       save_every=2, keep_last=1, sample_prompts="a photo of sks robot\na photo of sks robot on the moon")
+    graph["eval"] = {"class_type": "LoadFidelityModels",
+                     "inputs": {"dino_model": "dino-random-tiny", "clip_model": "clip-random-tiny"}}
+    graph["train"]["inputs"]["fidelity_models"] = ["eval", 0]
+    graph["apply"]["inputs"]["lora"] = ["train", 4]  # best_lora
+    log_before = len(comfy_server.log_text())
+    result = client.run(graph, timeout=900).raise_for_status()
+    result.log = comfy_server.log_text()[log_before:]
+    return result
 
 
 def test_full_loop_runs_and_reports_every_training_step(comfy_server, trained_run):
@@ -51,8 +63,36 @@ def test_full_loop_runs_and_reports_every_training_step(comfy_server, trained_ru
     image = saved_image(comfy_server, trained_run)
     assert image.shape == (64, 64, 3)
     # Apply LoRA's own match report: every module of the trained LoRA found in the model
-    assert "the connected LoRA: 128 UNet and 48 text-encoder modules matched of 176; 0 unmatched" in \
-        comfy_server.log_text()
+    # the best step's LoRA went into Apply LoRA: every module found in the model
+    assert "the connected LoRA: 128 UNet and 48 text-encoder modules matched of 176; 0 unmatched" in trained_run.log
+
+
+def events_of(result, kind):
+    return [e["data"] for e in result.events if e.get("type") == f"dreambooth_studio.{kind}"]
+
+
+def test_the_loop_scores_each_sample_round_and_applies_the_best_step(comfy_server, trained_run):
+    from trainers.training.callbacks import SampleRound
+    from trainers.training.watch import best_round
+
+    rounds = events_of(trained_run, "samples")
+    assert [r["step"] for r in rounds] == [0, 2, 3]
+    for round_ in rounds:  # every round carries its three means over the websocket
+        assert set(round_["scores"]) == {"dino", "clip_i", "clip_t"}
+        assert all(-1.0 <= v <= 1.0 for v in round_["scores"].values())
+    best = events_of(trained_run, "status")[-1]["best"]
+    # the rule, applied to the scores the page received, among the steps with a file (2 and the final 3)
+    expected = best_round([SampleRound(r["step"], [], [], scores=r["scores"]) for r in rounds],
+                          eligible=lambda step: step in (2, 3))
+    assert expected is not None, rounds  # (random models: CLIP-T barely moves in 3 steps)
+    assert best["step"] == expected.step
+    assert (comfy_server.models_dir / "loras" / best["file"]).is_file()
+    if best["step"] < 3:  # a step file, in the run's subfolder
+        assert best["file"] == f"e2e_lora/e2e_lora-step{best['step']:06d}.safetensors"
+    assert f"best scored step: {best['step']} ({best['file']})" in trained_run.log
+    # the catch-up data has the scores and the best step too
+    run = trained_run.outputs["train"]["dreambooth_studio"][0]
+    assert run["best"] == best and [r["scores"] for r in run["samples"]] == [r["scores"] for r in rounds]
 
 
 def test_scales_zero_equal_no_lora_and_each_scale_acts(comfy_server, comfy_client, trained_run, test_models):

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 import trainers.data.class_images
 import trainers.sd15.checkpoint
 from tests.support.paths import repo_root, tokenizer_dir
-from tests.test_trainers_lora import PROMPT, Recorder, make_subject, synthetic_images
+from tests.test_trainers_lora import PROMPT, Recorder, make_subject, run_cli, synthetic_images
 from trainers.data.class_images import MANIFEST
 from trainers.data.images import SubjectImageError
 from trainers.jobs import train_file
@@ -559,7 +559,7 @@ def test_python_m_trainers_lists_dreambooth():
     assert done.returncode == 0 and "dreambooth" in done.stdout and "checkpoint" in done.stdout
 
 
-def test_cli_trains_and_saves_a_checkpoint(base_file, tmp_path):
+def test_cli_trains_and_saves_a_checkpoint(base_file, tmp_path, capsys):
     photos = write_photos(tmp_path / "photos", 3, size=96)
     output = tmp_path / "sks toy.safetensors"
     command = [
@@ -584,9 +584,9 @@ def test_cli_trains_and_saves_a_checkpoint(base_file, tmp_path):
     assert not (tmp_path / "cache").exists()
     # The identical command reuses the checkpoint instead of training again.
     content = output.read_bytes()
-    again = subprocess.run(command, cwd=repo_root(), capture_output=True, timeout=300, env=env)
-    assert again.returncode == 0 and f"reused (identical earlier run) {output};" in again.stdout.decode()
-    assert "] 1/2 loss" not in again.stderr.decode() and output.read_bytes() == content
+    code, out, err = run_cli(command[3:], capsys)  # in this process: it trains nothing
+    assert code == 0 and f"reused (identical earlier run) {output};" in out
+    assert "] 1/2 loss" not in err and output.read_bytes() == content
 
 
 # ---------------------------------------------------------------------------------------------

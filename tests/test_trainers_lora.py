@@ -722,7 +722,7 @@ def test_loss_curve_image_draws_axes_and_curves():
     assert torch.isfinite(with_nan).all()
 
 
-def test_cli_trains_and_saves_with_a_progress_line(tmp_path):
+def test_cli_trains_and_saves_with_a_progress_line(tmp_path, capsys):
     from PIL import Image
 
     checkpoint = placeholder.write_random_sd15_checkpoint(tmp_path / "tiny.safetensors", size="tiny")
@@ -752,14 +752,28 @@ def test_cli_trains_and_saves_with_a_progress_line(tmp_path):
     assert (tmp_path / "loss.png").stat().st_size > 0
 
     # The identical command reuses the file; another run may not replace it without --overwrite.
+    # (In this process: the subprocess above proved the entry point; these runs train nothing.)
     content = output.read_bytes()
-    again = subprocess.run(command, cwd=repo_root(), capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and f"reused (identical earlier run) {output}" in again.stdout, again.stderr[-2000:]
-    assert "] 1/4 loss" not in again.stderr and output.read_bytes() == content
-    other = subprocess.run(command + ["--seed", "1"], cwd=repo_root(), capture_output=True, text=True, timeout=300)
-    assert other.returncode == 2 and "exists" in other.stderr and output.read_bytes() == content
-    bad = subprocess.run(command[:-2] + ["--unet-lr", "0"], cwd=repo_root(), capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "unet_lr must be a finite number > 0" in bad.stderr
+    argv = command[3:]  # after "python -m trainers"
+    code, out, err = run_cli(argv, capsys)
+    assert code == 0 and f"reused (identical earlier run) {output}" in out, err[-2000:]
+    assert "] 1/4 loss" not in err and output.read_bytes() == content
+    code, _, err = run_cli(argv + ["--seed", "1"], capsys)
+    assert code == 2 and "exists" in err and output.read_bytes() == content
+    code, _, err = run_cli(argv[:-2] + ["--unet-lr", "0"], capsys)
+    assert code == 2 and "unet_lr must be a finite number > 0" in err
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """``python -m trainers`` in this process: (exit status, stdout, stderr)."""
+    from trainers.cli import main as cli_main
+
+    try:
+        code = cli_main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def test_models_loaded_in_inference_mode_are_refused_with_advice(subject):
