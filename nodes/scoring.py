@@ -3,6 +3,7 @@ folder, its combo lists, checked folder names, the FIDELITY_MODELS type and scor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -82,13 +83,21 @@ def scoring_inputs(fidelity_models, subject, real_images):
     return list(subject.images) if subject is not None else real_images
 
 
-def score_on_device(models: fidelity.FidelityModels, images, real, prompts) -> fidelity.FidelityScores:
-    """Score on ComfyUI's device; the models go back to the CPU afterwards (and the device's cache is emptied)."""
+@contextlib.contextmanager
+def on_device(models: fidelity.FidelityModels):
+    """The models on ComfyUI's device while the block runs; back on the CPU afterwards (and the
+    device's cache emptied)."""
     try:
-        return fidelity.score(models.to(comfy.model_management.get_torch_device()), images, real, prompts)
+        yield models.to(comfy.model_management.get_torch_device())
     finally:
         models.to("cpu")
         comfy.model_management.soft_empty_cache()
+
+
+def score_on_device(models: fidelity.FidelityModels, images, real, prompts) -> fidelity.FidelityScores:
+    """fidelity.score on ComfyUI's device."""
+    with on_device(models):
+        return fidelity.score(models, images, real, prompts)
 
 
 def clip_t_prompt(prompt: str, subject) -> str:
@@ -101,12 +110,16 @@ def clip_t_prompt(prompt: str, subject) -> str:
 
 
 def sample_scorer(models: fidelity.FidelityModels, subject):
-    """For a training run: the DINO, CLIP-I and CLIP-T means of one sample round against the subject."""
-    real = list(subject.images)
+    """For a training run: the DINO, CLIP-I and CLIP-T means of one sample round against the subject
+    (its photos embedded in the first round, and reused by every later one)."""
+    embedded: list[fidelity.RealEmbeddings] = []
 
     def score(round_) -> dict[str, float]:
         prompts = [clip_t_prompt(p, subject) for p in round_.prompts]
-        scores = score_on_device(models, round_.images, real, prompts)
+        with on_device(models):
+            if not embedded:
+                embedded.append(fidelity.embed_real(models, list(subject.images)))
+            scores = fidelity.score(models, round_.images, embedded[0], prompts)
         return {"dino": scores.dino, "clip_i": scores.clip_i, "clip_t": scores.clip_t}
 
     return score

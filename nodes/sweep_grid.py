@@ -15,6 +15,7 @@ import torch
 from comfy_api.latest import io
 
 from ..trainers.eval import fidelity
+from ..trainers.training.plot import text_font
 from .bridge import CATEGORY, SUBJECT, user_facing_errors
 from .lora_patch import FROM_INPUT, apply_lora, resolve_lora
 from .scoring import FIDELITY_MODELS, score_on_device, scoring_inputs
@@ -72,12 +73,12 @@ def draw_grid(images: torch.Tensor, cells: list[tuple[float, float, float]], col
               title: str, scores: list[tuple[float, float, float]] | None = None) -> torch.Tensor:
     """Tile B x H x W x 3 images `columns` wide, each with its settings (and its DINO, CLIP-I and
     CLIP-T when `scores` are given) in a strip under it."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
 
     count, height, width = images.shape[0], images.shape[1], images.shape[2]
     rows = math.ceil(count / columns)
     font_px, header, strip = label_metrics(width, 3 if scores else 2)
-    font = ImageFont.load_default(size=font_px)
+    font = text_font(font_px)
     pad = GRID_PAD
     canvas = Image.new("RGB", (columns * (width + pad) + pad, header + rows * (height + strip + pad) + pad),
                        (255, 255, 255))

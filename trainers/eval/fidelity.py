@@ -268,25 +268,46 @@ def prompts_for(prompts: str | Sequence[str], count: int) -> list[str]:
     return lines
 
 
-def score(models: FidelityModels, generated: torch.Tensor | Sequence[torch.Tensor],
-          real: torch.Tensor | Sequence[torch.Tensor], prompts: str | Sequence[str]) -> FidelityScores:
-    """DINO, CLIP-I and CLIP-T of ``generated`` against the subject's ``real`` images (paper means)."""
+@dataclass(frozen=True)
+class RealEmbeddings:
+    """The subject's real photos embedded once (DINO and CLIP image, unit length, on the CPU), for
+    scoring many batches against the same photos (a training run's sample rounds)."""
+
+    dino: torch.Tensor
+    clip: torch.Tensor
+
+    @property
+    def count(self) -> int:
+        return len(self.dino)
+
+
+def embed_real(models: FidelityModels, real: torch.Tensor | Sequence[Any]) -> RealEmbeddings:
+    """Embed the subject's ``real`` images for :func:`score`."""
+    pictures = to_pil_images(real)
+    if not pictures:
+        raise ValueError("no real subject images to score against")
+    return RealEmbeddings(dino_embeddings(models, pictures).cpu(), clip_image_embeddings(models, pictures).cpu())
+
+
+def score(models: FidelityModels, generated: torch.Tensor | Sequence[Any],
+          real: torch.Tensor | Sequence[Any] | RealEmbeddings, prompts: str | Sequence[str]) -> FidelityScores:
+    """DINO, CLIP-I and CLIP-T of ``generated`` against the subject's ``real`` images (paper means);
+    ``real`` may be embedded already (:func:`embed_real`)."""
     generated_pictures = to_pil_images(generated)
-    real_pictures = to_pil_images(real)
     if not generated_pictures:
         raise ValueError("no generated images to score")
-    if not real_pictures:
-        raise ValueError("no real subject images to score against")
+    if not isinstance(real, RealEmbeddings):
+        real = embed_real(models, real)
     texts = prompts_for(prompts, len(generated_pictures))
-    dino_pairs = pairwise_similarity(dino_embeddings(models, generated_pictures),
-                                     dino_embeddings(models, real_pictures))
+    dino_generated = dino_embeddings(models, generated_pictures)
+    dino_pairs = pairwise_similarity(dino_generated, real.dino.to(dino_generated.device))
     clip_generated = clip_image_embeddings(models, generated_pictures)
-    clip_pairs = pairwise_similarity(clip_generated, clip_image_embeddings(models, real_pictures))
+    clip_pairs = pairwise_similarity(clip_generated, real.clip.to(clip_generated.device))
     clip_t = (clip_generated * clip_text_embeddings(models, texts)).sum(-1)
     per_image = tuple((float(d), float(c), float(t))
                       for d, c, t in zip(dino_pairs.mean(1), clip_pairs.mean(1), clip_t, strict=True))
     return FidelityScores(float(dino_pairs.mean()), float(clip_pairs.mean()), float(clip_t.mean()), per_image,
-                          tuple(texts), len(real_pictures), models.names)
+                          tuple(texts), real.count, models.names)
 
 
 # -- the table ----------------------------------------------------------------------------------

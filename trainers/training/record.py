@@ -106,22 +106,24 @@ def _rounded(values: list[float], stride: int = 1) -> str:
     return json.dumps([float(f"{v:.5g}") for v in values])
 
 
+def _thinned(points: list) -> list:
+    """At most MAX_VALIDATION_POINTS of ``points``: the first, the last, evenly between."""
+    if len(points) <= MAX_VALIDATION_POINTS:
+        return points
+    last = len(points) - 1
+    keep = sorted({round(i * last / (MAX_VALIDATION_POINTS - 1)) for i in range(MAX_VALIDATION_POINTS)})
+    return [points[i] for i in keep]
+
+
 def _validation_json(points: list[tuple[int, float]]) -> str:
     """``[[step, loss], ...]`` with at most MAX_VALIDATION_POINTS points, losses to 5 digits."""
-    if len(points) > MAX_VALIDATION_POINTS:
-        last = len(points) - 1
-        keep = sorted({round(i * last / (MAX_VALIDATION_POINTS - 1)) for i in range(MAX_VALIDATION_POINTS)})
-        points = [points[i] for i in keep]
-    return json.dumps([[int(step), float(f"{loss:.5g}")] for step, loss in points])
+    return json.dumps([[int(step), float(f"{loss:.5g}")] for step, loss in _thinned(points)])
 
 
 def fidelity_json(points: list[tuple[int, dict[str, float]]]) -> str:
     """``dbs.fidelity``: the scored sample rounds as ``[[step, DINO, CLIP-I, CLIP-T], ...]``, at
     most MAX_VALIDATION_POINTS of them (the first, the last, evenly between)."""
-    if len(points) > MAX_VALIDATION_POINTS:
-        last = len(points) - 1
-        keep = sorted({round(i * last / (MAX_VALIDATION_POINTS - 1)) for i in range(MAX_VALIDATION_POINTS)})
-        points = [points[i] for i in keep]
+    points = _thinned(points)
     return json.dumps([[int(step), *(float(f"{scores[k]:.6g}") for k in ("dino", "clip_i", "clip_t"))]
                        for step, scores in points], separators=(",", ":"))
 
