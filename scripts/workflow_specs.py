@@ -27,7 +27,9 @@ SCENES = {
 }
 DINO_MODEL = "dino-vits16"  # folders in models/subject_eval (README: which models to put there)
 CLIP_MODEL = "clip-vit-base-patch32"
-BEACH_CLASS = "a photo of woman face on the beach"  # SCENES["beach"] with the class noun, for CLIP-T
+# SCENES[...] with the class noun instead of "sks": the prompts CLIP-T scores against
+BEACH_CLASS = "a photo of woman face on the beach"
+FOREST_CLASS = "a photo of woman face in a forest"
 FROM_INPUT = "(use the lora input)"
 GENERATE = "(generate from the base model)"
 
@@ -320,15 +322,41 @@ prior_loss_weight.
 """, g.nodes)
 
 
+def scored_seeds(g: Graph, ckpt: str, scorer: str, subj: str, lora, label: str, prompt: str, class_prompt: str,
+                 prefix: str, unet_scale=1.0, te_scale=1.0) -> str:
+    """A LoRA applied at the given scales, 4 seeds in one batch, saved and scored by Subject Fidelity
+    (its table saved too): the number to compare runs by is the average over the seeds."""
+    applied = g.add("ApplyLoRAScaled", f"Apply LoRA: {label}", model=out(ckpt, 0), clip=out(ckpt, 1),
+                    lora_name=FROM_INPUT, unet_scale=unet_scale, text_encoder_scale=te_scale, lora=lora)
+    pos = out(g.add("CLIPTextEncode", f"Prompt: {label}", text=prompt, clip=out(applied, 1)))
+    neg = out(g.add("CLIPTextEncode", f"Negative: {label}", text=NEGATIVE, clip=out(applied, 1)))
+    latent = g.add("EmptyLatentImage", f"Latent: {label}, 4 seeds", width=512, height=512, batch_size=4)
+    sampler = g.add("KSampler", f"Sampler: {label}", model=out(applied, 0), positive=pos, negative=neg,
+                    latent_image=out(latent), seed=123, steps=30, cfg=7.5, sampler_name="euler_ancestral",
+                    scheduler="normal", denoise=1.0)
+    decoded = g.add("VAEDecode", f"Decode: {label}", samples=out(sampler), vae=out(ckpt, 2))
+    g.add("SaveImage", f"Save: {label}", images=out(decoded), filename_prefix=prefix)
+    scored = g.add("SubjectFidelity", f"Subject Fidelity: {label}", images=out(decoded),
+                   fidelity_models=out(scorer), prompts=class_prompt, subject=out(subj))
+    return g.add("SaveImage", f"Save: fidelity table, {label}", images=out(scored, 4),
+                 filename_prefix=f"{prefix}_fidelity")
+
+
+def scored_lora_train(g: Graph, subj: str, scorer: str, title: str, output_name: str, **options) -> str:
+    """LoRA Train that scores every sample round and keeps a step file at each, so that its best
+    step (output 4, ``best_lora``) can be applied."""
+    train = lora_train(g, subj, title, output_name, **options)
+    inputs = g.nodes[train]["inputs"]
+    inputs.update(fidelity_models=out(scorer), save_every=inputs["sample_every"], keep_last=2)
+    return train
+
+
 def lora_scale_by_the_numbers() -> WorkflowSpec:
     g = Graph()
     subj = subject(g)
     ckpt = g.add("CheckpointLoaderSimple", "Load Checkpoint", ckpt_name=CHECKPOINT)
     scorer = g.add("LoadFidelityModels", "Load Fidelity Models", dino_model=DINO_MODEL, clip_model=CLIP_MODEL)
-    train = lora_train(g, subj, "LoRA Train (scored)", "sks_woman_lora_scored", text_encoder_lr=1e-5)
-    # every sample round scored, a step file at each of them: the best step can be applied
-    g.nodes[train]["inputs"].update(fidelity_models=out(scorer), save_every=g.nodes[train]["inputs"]["sample_every"],
-                                    keep_last=2)
+    train = scored_lora_train(g, subj, scorer, "LoRA Train (scored)", "sks_woman_lora_scored", text_encoder_lr=1e-5)
     best = out(train, 4)  # best_lora
     grid = g.add("LoRAScaleGrid", "Scored scale grid (best step)", model=out(ckpt, 0), clip=out(ckpt, 1),
                  vae=out(ckpt, 2), lora_name=FROM_INPUT, positive=SCENES["beach"], negative=NEGATIVE, seed=123,
@@ -336,20 +364,8 @@ def lora_scale_by_the_numbers() -> WorkflowSpec:
                  unet_scales="0, 0.6, 0.8, 1.0", text_encoder_scales="0.5, 1.0", cfg_values="7.5",
                  lora=best, fidelity_models=out(scorer), subject=out(subj), fidelity_prompt=BEACH_CLASS)
     g.add("SaveImage", "Save scored grid", images=out(grid, 0), filename_prefix="lora_scale_by_the_numbers/grid")
-    applied = g.add("ApplyLoRAScaled", "Apply LoRA: chosen scales", model=out(ckpt, 0), clip=out(ckpt, 1),
-                    lora_name=FROM_INPUT, unet_scale=0.8, text_encoder_scale=1.0, lora=best)
-    pos = out(g.add("CLIPTextEncode", "Prompt: chosen scales", text=SCENES["beach"], clip=out(applied, 1)))
-    neg = out(g.add("CLIPTextEncode", "Negative: chosen scales", text=NEGATIVE, clip=out(applied, 1)))
-    latent = g.add("EmptyLatentImage", "Latent: 4 seeds", width=512, height=512, batch_size=4)
-    sampler = g.add("KSampler", "Sampler: chosen scales", model=out(applied, 0), positive=pos, negative=neg,
-                    latent_image=out(latent), seed=123, steps=30, cfg=7.5, sampler_name="euler_ancestral",
-                    scheduler="normal", denoise=1.0)
-    decoded = g.add("VAEDecode", "Decode: chosen scales", samples=out(sampler), vae=out(ckpt, 2))
-    g.add("SaveImage", "Save: chosen scales", images=out(decoded), filename_prefix="lora_scale_by_the_numbers/chosen")
-    scored = g.add("SubjectFidelity", "Subject Fidelity: chosen scales", images=out(decoded),
-                   fidelity_models=out(scorer), prompts=BEACH_CLASS, subject=out(subj))
-    g.add("SaveImage", "Save: fidelity table", images=out(scored, 4),
-          filename_prefix="lora_scale_by_the_numbers/fidelity")
+    scored_seeds(g, ckpt, scorer, subj, best, "chosen scales", SCENES["beach"], BEACH_CLASS,
+                 "lora_scale_by_the_numbers/chosen", unet_scale=0.8)
     return WorkflowSpec("lora_scale_by_the_numbers", "Choosing the step and the scales by the numbers", f"""\
 # Choosing the step and the LoRA scales by the numbers
 
@@ -374,8 +390,44 @@ scored against "{BEACH_CLASS}": the prompt with the class noun instead of "sks".
 """, g.nodes)
 
 
+def lora_rank_sweep_scored() -> WorkflowSpec:
+    g = Graph()
+    subj = subject(g)
+    ckpt = g.add("CheckpointLoaderSimple", "Load Checkpoint", ckpt_name=CHECKPOINT)
+    scorer = g.add("LoadFidelityModels", "Load Fidelity Models", dino_model=DINO_MODEL, clip_model=CLIP_MODEL)
+    for rank in (4, 16, 64):
+        train = scored_lora_train(g, subj, scorer, f"LoRA Train rank {rank} (scored)", f"sks_woman_rank{rank}_scored",
+                                  rank=rank)
+        scored_seeds(g, ckpt, scorer, subj, out(train, 4), f"rank {rank}, best step", SCENES["forest"], FOREST_CLASS,
+                     f"lora_rank_sweep_scored/rank{rank}")
+    return WorkflowSpec("lora_rank_sweep_scored", "LoRA rank sweep by the numbers", f"""\
+# LoRA rank sweep, by the numbers
+
+Three LoRAs of the same subject at ranks 4, 16 and 64 (unet_lr 1e-4, 800 steps). Each LoRA
+Train scores its sample rounds (every 100 steps) with the DreamBooth paper's three numbers,
+draws them on its live chart and keeps a step file at each round; its best step (highest DINO
+while CLIP-T stays within 0.02 of the base model's) is applied at scale 1 and drawn on 4 seeds,
+and **Subject Fidelity** scores those 4 images: one DINO / CLIP-I / CLIP-T row per rank, shown
+in the node and saved as lora_rank_sweep_scored/rank*_fidelity.
+
+**Reading it:** DINO and CLIP-I say how much the images look like your photos (the paper's
+DreamBooth on Stable Diffusion: 0.668 / 0.803; real photos against each other: 0.774 / 0.885),
+CLIP-T how well they follow the prompt (0.305). Take the smallest rank whose DINO is as high as
+the larger ranks' while its CLIP-T holds: a larger rank only adds file size and overfits sooner.
+The best step of each rank is in its LoRA Train's log and chart.
+
+**Try:** the same sweep at unet_lr 2e-5 and 2e-4 (change the three LoRA Train nodes and their
+output names): together with the ranks, a learning-rate x rank table.
+
+**Needs** `{DINO_MODEL}` (facebook/dino-vits16) and `{CLIP_MODEL}`
+(openai/clip-vit-base-patch32) in `models/subject_eval/` (see README). CLIP-T is scored against
+"{FOREST_CLASS}": the prompt with the class noun instead of "sks".
+""", g.nodes)
+
+
 ALL = (dreambooth_lr_sweep, lora_rank_sweep, dreambooth_vs_lora, lora_scale_grid, lora_te_lr_scheduler,
-       captioned_lora, canny_controlnet_portrait, face_crop_prior_preservation, lora_scale_by_the_numbers)
+       captioned_lora, canny_controlnet_portrait, face_crop_prior_preservation, lora_scale_by_the_numbers,
+       lora_rank_sweep_scored)
 
 
 def specs() -> list[WorkflowSpec]:

@@ -39,7 +39,7 @@ def api_twin(stem: str) -> dict:
 @pytest.mark.trainers
 def test_one_workflow_per_experiment_each_with_note_thumbnail_and_twin():
     assert sorted(p.stem for p in UI_DIR.glob("*.json")) == STEMS
-    assert len(STEMS) == 9
+    assert len(STEMS) == 10
     for stem in STEMS:
         ui = ui_workflow(stem)
         notes = [n for n in ui["nodes"] if n["type"] == "Note"]
@@ -149,6 +149,12 @@ def test_every_api_workflow_runs_through_the_runner(comfy_server, workflow_input
                 for line in range(2):  # "U0 TE1" and "CFG 10" under every cell
                     band = grid[y + 3 + line * 13:y + 3 + (line + 1) * 13, x:x + 64]
                     assert (band < 100).any(), (row, column, line)
+    if stem == "lora_rank_sweep_scored":
+        # one DINO / CLIP-I / CLIP-T table per rank, drawn (and its best step's 4-seed images saved)
+        for rank in (4, 16, 64):
+            table = next(p for p in saved if f"rank{rank}_fidelity" in p)
+            assert np.asarray(Image.open(table).convert("L")).std() > 5, table
+            assert any(f"rank{rank}_" in p and "fidelity" not in p for p in saved)
     for model in comfy_server.models_dir.glob(f"checkpoints/{stem}_*.safetensors"):
         model.unlink()  # 2 GB each
 
