@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from ..sd15.checkpoint import load_tokenizer
+from . import haar
 from .subject import SubjectData
 
 log = logging.getLogger(__name__)
@@ -496,13 +497,81 @@ def photo_from_tensor(image: torch.Tensor) -> Photo:
 
 # -- cropping -----------------------------------------------------------------------------------
 @functools.cache
-def _cascade(filename: str):
+def _cascade(filename: str) -> Callable[..., list[tuple[int, int, int, int]]]:
+    """``detectMultiScale`` of one of the cascades the pack ships (``haar.CASCADE_DIR``): OpenCV's own
+    classifier where the installed build has one (OpenCV 4), else the same detector in NumPy
+    (OpenCV 5 moved it out of the main module)."""
     import cv2
 
-    classifier = cv2.CascadeClassifier(os.path.join(cv2.data.haarcascades, filename))
-    if classifier.empty():
-        raise SubjectImageError(f"OpenCV cascade {filename} not found; install opencv-python 4.x (5.0 lacks it)")
-    return classifier
+    if hasattr(cv2, "CascadeClassifier"):
+        storage = cv2.FileStorage(haar.cascade_xml(filename), cv2.FILE_STORAGE_READ | cv2.FILE_STORAGE_MEMORY)
+        classifier = cv2.CascadeClassifier()
+        if not classifier.read(storage.getFirstTopLevelNode()) or classifier.empty():
+            raise SubjectImageError(f"OpenCV {cv2.__version__} could not read the cascade {filename}; "
+                                    "reinstall the pack (its trainers/data/cascades folder is damaged)")
+
+        def opencv(grey, scale_factor, min_neighbours, min_size):
+            return [tuple(int(v) for v in box) for box in classifier.detectMultiScale(
+                grey, scaleFactor=scale_factor, minNeighbors=min_neighbours, minSize=min_size)]
+
+        return opencv
+    cascade = haar.load_cascade(filename)
+
+    def numpy(grey, scale_factor, min_neighbours, min_size):
+        return haar.detect_multi_scale(cascade, grey, scale_factor, min_neighbours, min_size)
+
+    if not _cascade.cache_info().currsize:  # said once, with the first cascade
+        log.info("OpenCV %s has no cascade classifier: faces are found by the pack's own (slower) detector",
+                 cv2.__version__)
+    return numpy
+
+
+def face_detector() -> str:
+    """Which face detector this OpenCV build gets (for reports and the README's check)."""
+    import cv2
+
+    kind = "OpenCV's cascade classifier" if hasattr(cv2, "CascadeClassifier") else "the pack's NumPy cascade detector"
+    return f"{kind} (OpenCV {cv2.__version__})"
+
+
+OPENCV_DISTRIBUTIONS = ("opencv-python", "opencv-python-headless", "opencv-contrib-python",
+                        "opencv-contrib-python-headless")
+
+
+def opencv_distributions() -> dict[str, str]:
+    """The OpenCV distributions installed in this environment: {name: version}."""
+    from importlib import metadata
+
+    found = {}
+    for name in OPENCV_DISTRIBUTIONS:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def opencv_problem(installed: dict[str, str] | None = None) -> str | None:
+    """What is wrong with this environment's OpenCV for the pack, with the fix; None when nothing.
+
+    Several OpenCV distributions all write the one ``cv2`` folder; at one version they are
+    interchangeable for the pack (it uses no GUI function), at different versions ``cv2`` is a mix
+    of files from both and which one a pip command leaves behind is an accident."""
+    installed = opencv_distributions() if installed is None else installed
+    if not installed:
+        return ("OpenCV is not installed: face crop and Canny edges need it. Install it into ComfyUI's "
+                "Python: pip install opencv-python-headless")
+    if len(set(installed.values())) > 1:
+        listed = ", ".join(f"{name} {version}" for name, version in sorted(installed.items()))
+        newest = max(installed.values(), key=_version_key)
+        return (f"several OpenCV distributions at different versions share one cv2 folder ({listed}); keep "
+                f"one version of all of them, e.g. pip install --force-reinstall --no-deps "
+                + " ".join(f"{name}=={newest}" for name in sorted(installed)))
+    return None
+
+
+def _version_key(version: str) -> tuple:
+    return tuple(int(part) if part.isdigit() else 0 for part in re.split(r"[.+-]", version))
 
 
 def detect_subject(image: np.ndarray) -> tuple[str, tuple[int, int, int, int], int] | None:
@@ -523,13 +592,11 @@ def detect_subject(image: np.ndarray) -> tuple[str, tuple[int, int, int, int], i
     width = grey.shape[1]
     for kind, filename, neighbours, factor, mirrored in _CASCADES:
         min_side = 24 if kind == "cat face" else max(24, min(grey.shape) // 12)
-        boxes = [tuple(int(v) for v in b) for b in _cascade(filename).detectMultiScale(
-            grey, scaleFactor=factor, minNeighbors=neighbours, minSize=(min_side, min_side))]
+        detect = _cascade(filename)
+        boxes = detect(grey, factor, neighbours, (min_side, min_side))
         if mirrored:
-            flipped = _cascade(filename).detectMultiScale(
-                np.ascontiguousarray(grey[:, ::-1]), scaleFactor=factor, minNeighbors=neighbours,
-                minSize=(min_side, min_side))
-            boxes += [(width - int(x) - int(w), int(y), int(w), int(h)) for x, y, w, h in flipped]
+            flipped = detect(np.ascontiguousarray(grey[:, ::-1]), factor, neighbours, (min_side, min_side))
+            boxes += [(width - x - w, y, w, h) for x, y, w, h in flipped]
         if boxes:
             x, y, w, h = max(boxes, key=lambda b: b[2] * b[3])
             return kind, tuple(int(round(v / scale)) for v in (x, y, w, h)), len(boxes)
