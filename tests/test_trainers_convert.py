@@ -43,10 +43,16 @@ def full_models():
     }
 
 
+def engine_names(kind: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict under the names the converters use: transformers 5's for CLIP (transformers 4
+    nests it under ``text_model.``)."""
+    return convert.normalize_text_encoder_keys(state) if kind == "text_encoder" else state
+
+
 def _assert_round_trip(kind: str, model: torch.nn.Module, size: str) -> dict[str, torch.Tensor]:
     to_ldm, to_diffusers, preset = CONVERTERS[kind]
     config = preset(size)
-    original = model.state_dict()
+    original = engine_names(kind, model.state_dict())
     ldm = to_ldm(original, config)
     back = to_diffusers(ldm, config)
     assert set(back) == set(original)
@@ -193,7 +199,7 @@ def test_wrong_config_is_a_shape_or_key_error_not_a_silent_success(tiny):
 
 def test_text_encoder_accepts_both_layouts_and_ignores_position_ids(tiny):
     config = sd15_config.text_encoder_config("tiny")
-    state = tiny.text_encoder.state_dict()
+    state = engine_names("text_encoder", tiny.text_encoder.state_dict())
     ldm = convert.text_encoder_diffusers_to_ldm(state, config)
     assert all(key.startswith("text_model.") for key in ldm)
     without_prefix = {key[len("text_model.") :]: value for key, value in ldm.items()}
@@ -227,7 +233,7 @@ def test_whole_checkpoint_split_skips_only_known_extras(tiny):
     extended["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
     parts = convert.ldm_to_diffusers(extended, *configs)
     for name, model in (("unet", tiny.unet), ("vae", tiny.vae), ("text_encoder", tiny.text_encoder)):
-        original = model.state_dict()
+        original = engine_names(name, model.state_dict())
         assert set(parts[name]) == set(original)
         assert all(torch.equal(parts[name][k], original[k]) for k in original)
     extended["some_other_model.weight"] = torch.zeros(1)

@@ -531,7 +531,7 @@ def _build(factory: Any, state_dict: Mapping[str, torch.Tensor] | None, name: st
     with convert.parameters_on_meta():
         model = factory()
     try:
-        model.load_state_dict(state_dict, strict=True, assign=True)
+        model.load_state_dict(convert.keys_for(model, state_dict), strict=True, assign=True)
     except RuntimeError as error:
         detail = " ".join(str(error).split())
         raise CheckpointError(f"{name}: the weights do not match the model config: {detail}") from None

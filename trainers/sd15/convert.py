@@ -326,7 +326,19 @@ def _expected_shapes(kind: str, config_json: str) -> dict[str, tuple[int, ...]]:
             model = CLIPTextModel(CLIPTextConfig(**config))
         else:
             raise ValueError(f"unknown model kind {kind!r}")
-    return {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    shapes = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    if kind == "text_encoder":  # transformers-5 names whatever transformers built it
+        shapes = {key.removeprefix(_TEXT_MODEL): shape for key, shape in shapes.items()}
+    return shapes
+
+
+def keys_for(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """``state_dict`` named as ``model`` names its parameters: a CLIP text encoder of transformers 4
+    keeps them under a ``text_model`` submodule, the engine's (transformers-5) names do not."""
+    if hasattr(model, "text_model") and not hasattr(model, "text_projection") \
+            and not any(key.startswith(_TEXT_MODEL) for key in state_dict):
+        return {_TEXT_MODEL + key: tensor for key, tensor in state_dict.items()}
+    return state_dict
 
 
 def expected_shapes(kind: str, config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:

@@ -166,6 +166,8 @@ def inject_lora(model: torch.nn.Module, targets: list[str], rank: int, alpha: fl
 def remove_lora(tuner: Any) -> None:
     """Replace every LoRA layer by the original module it wrapped (no merging)."""
     tuner.unload()
+    if "peft_config" in vars(tuner.model):  # peft before 0.18 leaves its config on the model
+        del tuner.model.peft_config
 
 
 def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..sd15.checkpoint import COMPONENTS, SD15Components, load_part_state
+from ..sd15.convert import keys_for
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ class Residency:
             model.to(away.device)
             return
         assert self.source is not None
-        state = load_part_state(self.source, name, away.dtype)
+        state = keys_for(model, load_part_state(self.source, name, away.dtype))
         model.load_state_dict(state, strict=True, assign=True)
         del state
         model.to(away.device)
@@ -137,7 +138,7 @@ class Residency:
         parameter = _first_parameter(model)
         device = away.device if away is not None else parameter.device
         kept = parameter.dtype
-        model.load_state_dict(load_part_state(self.source, name, dtype), strict=True, assign=True)
+        model.load_state_dict(keys_for(model, load_part_state(self.source, name, dtype)), strict=True, assign=True)
         model.to(device)
         try:
             yield model
