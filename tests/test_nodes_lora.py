@@ -58,7 +58,7 @@ def base_model(env):
 
     path = env["folder_paths"].get_full_path("checkpoints", env["ckpt"])
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(path, output_vae=True, output_clip=True)
-    return model, clip
+    return model, clip, vae
 
 
 def test_trained_loras_are_saved_and_returned(env, trained):
@@ -80,7 +80,7 @@ def test_comfy_loads_every_key(env, trained, base_model, which, caplog):
     import comfy.lora
     import comfy.sd
 
-    model, clip = base_model
+    model, clip, _ = base_model
     lora_sd = trained[which].result[0]
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
@@ -103,7 +103,7 @@ def _encode(clip, text="a photo of sks toy"):
 
 def test_scales_act_on_their_side_only(env, trained, base_model):
     apply = importlib.import_module("dreambooth_studio.nodes.lora_apply").ApplyLoRAScaled
-    model, clip = base_model
+    model, clip, _ = base_model
     lora_sd = trained["te"].result[0]
     run = lambda u, t: apply.execute(model=model, clip=clip, lora_name="(use the lora input)",  # noqa: E731
                                      unet_scale=u, text_encoder_scale=t, lora=lora_sd).result
@@ -130,7 +130,7 @@ def test_fractional_and_negative_scales_add_that_share_of_the_update(env, traine
     import comfy.lora
 
     apply = importlib.import_module("dreambooth_studio.nodes.lora_apply").ApplyLoRAScaled
-    model, clip = base_model
+    model, clip, _ = base_model
     lora_sd = trained["te"].result[0]
     patched_model, patched_clip = apply.execute(model=model, clip=clip, lora_name="(use the lora input)",
                                                 unet_scale=scale, text_encoder_scale=scale, lora=lora_sd).result
@@ -153,7 +153,7 @@ def test_fractional_and_negative_scales_add_that_share_of_the_update(env, traine
 
 def test_lora_matching_nothing_is_an_error(env, base_model):
     apply = importlib.import_module("dreambooth_studio.nodes.lora_apply").ApplyLoRAScaled
-    model, clip = base_model
+    model, clip, _ = base_model
     bogus = {"lora_unet_not_a_layer.lora_down.weight": torch.zeros(4, 8),
              "lora_unet_not_a_layer.lora_up.weight": torch.zeros(8, 4)}
     with pytest.raises(ValueError, match="matches no UNet or text-encoder module"):
@@ -163,7 +163,7 @@ def test_lora_matching_nothing_is_an_error(env, base_model):
 
 def test_partial_match_is_reported(env, trained, base_model, caplog):
     apply = importlib.import_module("dreambooth_studio.nodes.lora_apply").ApplyLoRAScaled
-    model, clip = base_model
+    model, clip, _ = base_model
     lora_sd = dict(trained["unet"].result[0])
     lora_sd["lora_unet_not_a_layer.lora_down.weight"] = torch.zeros(4, 8)
     lora_sd["lora_unet_not_a_layer.lora_up.weight"] = torch.zeros(8, 4)
@@ -307,13 +307,9 @@ def test_sweep_grid_samples_every_combination_with_comfy_sampling(env, trained, 
 
     grid_node = _grid_module().LoRAScaleGrid
     fidelity = importlib.import_module("dreambooth_studio.trainers.eval.fidelity")
-    model, clip = base_model
-    import comfy.sd
-
-    vae = comfy.sd.load_checkpoint_guess_config(env["folder_paths"].get_full_path("checkpoints", env["ckpt"]),
-                                                output_vae=True, output_clip=False)[2]
+    model, clip, vae = base_model
     settings = dict(model=model, clip=clip, vae=vae, lora_name="(use the lora input)", positive="a photo of sks toy",
-                    negative="blurry", seed=7, steps=2, sampler_name="euler", scheduler="normal", width=64, height=64,
+                    negative="blurry", seed=7, steps=1, sampler_name="euler", scheduler="normal", width=64, height=64,
                     unet_scales="0, 1", text_encoder_scales="0, 1", cfg_values="1, 6", lora=trained["te"].result[0])
     # scoring without the subject's photos fails before the first cell is sampled
     with pytest.raises(ValueError, match="no real images to score against"):
@@ -338,7 +334,7 @@ def test_sweep_grid_samples_every_combination_with_comfy_sampling(env, trained, 
     # scales (0, 0) are exactly the base model through ComfyUI's own sampler
     latent = {"samples": torch.zeros([1, 4, 8, 8])}
     encode = comfy_nodes.CLIPTextEncode().encode
-    plain = comfy_nodes.common_ksampler(model, 7, 2, 6.0, "euler", "normal", encode(clip, "a photo of sks toy")[0],
+    plain = comfy_nodes.common_ksampler(model, 7, 1, 6.0, "euler", "normal", encode(clip, "a photo of sks toy")[0],
                                         encode(clip, "blurry")[0], latent)[0]["samples"]
     assert torch.equal(images[1], vae.decode(plain)[0].float().cpu())
     # every swept setting changes the picture

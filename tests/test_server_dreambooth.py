@@ -183,26 +183,12 @@ def test_second_run_reuses_the_class_images(comfy_server, comfy_client, first_ru
     sets_before = class_sets(comfy_server)
     # LoadSubjectImages -> DreamBoothTrain and nothing else: the training node is an output node
     alone = train_alone("DreamBoothTrain", test_models["checkpoint"].name, "e2e_dreambooth_again", SUBJECT,
-                        class_prompt=CLASS_PROMPT, steps=TRAIN_STEPS, class_steps=CLASS_STEPS, unet_lr=4e-6,
-                        save_every=1)
+                        class_prompt=CLASS_PROMPT, steps=TRAIN_STEPS, class_steps=CLASS_STEPS, unet_lr=4e-6)
     result = comfy_client.run(alone, timeout=1800).raise_for_status()
     events = [(p["value"], p["max"]) for p in result.progress_for("train")]
     assert events == [(1, TRAIN_STEPS), (2, TRAIN_STEPS)]  # training only: no class image generated
     assert class_sets(comfy_server) == sets_before
     assert "e2e_dreambooth_again.safetensors" in checkpoints(comfy_server)
-    # its save point after step 1: a step file with exactly the keys, shapes and dtypes of the
-    # first run's checkpoint, which ComfyUI loads as SD15 with no key warning (the test above)
-    step_file = comfy_server.models_dir / "checkpoints" / "e2e_dreambooth_again" / "e2e_dreambooth_again-step000001.safetensors"
-    final = comfy_server.models_dir / "checkpoints" / "e2e_dreambooth.safetensors"
-    assert tensor_layout(step_file) == tensor_layout(final)
-    assert not any((comfy_server.models_dir / "dreambooth_studio" / "states").iterdir())  # finished: no state left
-
-
-def tensor_layout(path: Path) -> dict:
-    """Each tensor's dtype and shape, from a safetensors header."""
-    with open(path, "rb") as handle:
-        header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
-    return {k: (v["dtype"], v["shape"]) for k, v in header.items() if k != "__metadata__"}
 
 
 def _interrupt_when(comfy_client, predicate):

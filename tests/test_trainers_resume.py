@@ -4,6 +4,8 @@ preservation); training states on disk are complete or ignored."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -92,6 +94,13 @@ def test_only_a_complete_state_of_the_same_job_is_read_back(tmp_path):
 
 
 # -- whole jobs: step files, states, resume through train_file ------------------------------------
+def tensor_layout(path) -> dict:
+    """Each tensor's dtype and shape, from a safetensors header."""
+    with open(path, "rb") as handle:
+        header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+    return {k: (v["dtype"], v["shape"]) for k, v in header.items() if k != "__metadata__"}
+
+
 class StopAt(TrainingCallbacks):
     def __init__(self, step: int | None = None):
         super().__init__()
@@ -140,6 +149,9 @@ def test_a_cancelled_job_resumes_to_the_same_bytes_as_an_uninterrupted_one(base_
     resumed = job(base_file, output, config, resumed_steps, save_every=2)
     assert resumed_steps.steps == [3, 4, 5] and "resumed from step 2" in resumed.report()
     assert output.read_bytes() == whole.path.read_bytes()
+    # the step file is the run's file at step 2: the same tensors (names, shapes, dtypes) as the
+    # final file, so whatever loads the one (ComfyUI, diffusers) loads the other
+    assert tensor_layout(tmp_path / "run" / "run-step000002.safetensors") == tensor_layout(output)
     assert not any((tmp_path / "states").iterdir())  # a finished job's states are removed
     again = job(base_file, output, config, save_every=2)  # the finished job is reused, not resumed
     assert again.reused
