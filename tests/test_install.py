@@ -20,13 +20,12 @@ from PIL import Image
 from scripts.comfyclient import ComfyClient
 from scripts.comfyserver import PACK_DIR_NAME, REPO_ROOT, ComfyServer, comfyui_path, prepare_base_dir
 from tests.test_trainers_images import _astronaut, _chelsea, _grace_hopper
+from trainers.data.images import OPENCV_DISTRIBUTIONS
 
 pytestmark = pytest.mark.server
 
 OPENCV_5 = "opencv-python-headless==5.1.0.95"
 TORCH = ("torch==2.14.1", "torchvision==0.29.1")
-OPENCV_DISTRIBUTIONS = {"opencv-python", "opencv-python-headless", "opencv-contrib-python",
-                        "opencv-contrib-python-headless"}
 
 
 def run(*args, **kwargs) -> subprocess.CompletedProcess:

@@ -20,6 +20,10 @@ pytestmark = pytest.mark.trainers
 PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
 
 
+def comfyui_version() -> str:
+    return re.search(r'__version__ = "([^"]+)"', (comfyui_path() / "comfyui_version.py").read_text()).group(1)
+
+
 def requirement_lines(text: str) -> list[str]:
     return [line.split("#")[0].strip() for line in text.splitlines() if line.split("#")[0].strip()]
 
@@ -59,7 +63,7 @@ def test_pyproject_is_complete_for_the_comfy_registry():
     svg = ElementTree.parse(icon).getroot()
     assert svg.tag.endswith("svg") and int(svg.get("width")) <= 800 and int(svg.get("height")) <= 400
     # the running ComfyUI satisfies the declared minimum
-    version = re.search(r'__version__ = "([^"]+)"', (comfyui_path() / "comfyui_version.py").read_text()).group(1)
+    version = comfyui_version()
     minimum = comfy["requires-comfyui"].removeprefix(">=")
     assert tuple(map(int, version.split("."))) >= tuple(map(int, minimum.split(".")))
 
@@ -82,8 +86,7 @@ def readme_versions() -> dict[str, str]:
 
 def test_readme_names_the_versions_make_test_runs_with():
     table = readme_versions()
-    comfy = re.search(r'__version__ = "([^"]+)"', (comfyui_path() / "comfyui_version.py").read_text()).group(1)
-    expected = {"Python": sys.version.split()[0], "ComfyUI": comfy}
+    expected = {"Python": sys.version.split()[0], "ComfyUI": comfyui_version()}
     for name in ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "numpy",
                  "opencv-python-headless"):
         expected[name] = importlib.metadata.version(name)

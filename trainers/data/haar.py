@@ -90,7 +90,7 @@ def parse_cascade(xml: str | bytes) -> Cascade:
 @functools.cache
 def load_cascade(filename: str) -> Cascade:
     """One of the cascades the pack ships (``<filename>.gz`` in ``cascades/``)."""
-    return parse_cascade(gzip.decompress((CASCADE_DIR / f"{filename}.gz").read_bytes()))
+    return parse_cascade(cascade_xml(filename))
 
 
 def cascade_xml(filename: str) -> str:
