@@ -127,6 +127,13 @@ def test_every_api_workflow_runs_through_the_runner(comfy_server, workflow_input
                            REFERENCE_IMAGE)
     # Every run writes new model files: give them names of their own.
     sets += [f"{nid}.output_name={stem}_{nid}" for nid, node in api.items() if "output_name" in node["inputs"]]
+    # A scored LoRA Train samples and scores a round before training and after its one step: one
+    # prompt without guidance (a quarter of the default pair's UNet passes) still gives every
+    # round its DINO / CLIP-I / CLIP-T and the run its best step (tests/test_server_lora.py scores
+    # two prompts with guidance, tests/test_browser_live.py the default pair).
+    sets += [f"{nid}.{name}={value}" for nid, node in api.items()
+             if node["class_type"] == "LoRATrain" and "fidelity_models" in node["inputs"]
+             for name, value in (("sample_prompts", "a photo of sks woman face"), ("sample_cfg", "1.0"))]
     args = [API_DIR / f"{stem}.json", "--server", comfy_server.url, "--out", tmp_path]
     for item in sets:
         args += ["--set", item]
