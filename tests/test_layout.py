@@ -15,7 +15,7 @@ pytestmark = pytest.mark.trainers
 
 # Each wing may import from wings of a lower level (and from itself); wings of the same level
 # (data and control) do not import each other.
-WING_LEVELS = {"files": 0, "sd15": 1, "data": 2, "control": 2, "training": 3, "eval": 4, "jobs": 5, "cli": 6,
+WING_LEVELS = {"files": 0, "sd15": 1, "data": 2, "control": 2, "training": 3, "eval": 4, "jobs": 5, "runfile": 5, "cli": 6,
                "__main__": 7}
 
 

@@ -59,10 +59,10 @@ def _install_fault(fault: str, step: int, arg: str | None) -> None:
     state_folder = f"step-{step:07d}"  # written as ".step-NNNNNNN.dbs-<pid>-<random>.tmp", then renamed
 
     if fault in ("mid-step", "poison-weights"):
-        real_apply = loop.apply_gradients
+        real_finish = loop.finish_step
 
-        def apply_gradients(loss, optimization, max_grad_norm, at):
-            norm = real_apply(loss, optimization, max_grad_norm, at)
+        def finish_step(optimization, max_grad_norm, at, processes=loop.SINGLE):
+            norm = real_finish(optimization, max_grad_norm, at, processes)
             if at == step:
                 if fault == "mid-step":
                     _die()  # the optimizer has stepped; nothing of this step is saved yet
@@ -70,7 +70,7 @@ def _install_fault(fault: str, step: int, arg: str | None) -> None:
                     optimization.parameters[0].fill_(float("nan"))
             return norm
 
-        loop.apply_gradients = apply_gradients
+        loop.finish_step = finish_step
     elif fault == "step-file-half-written":
         real_write = fileio.write_safetensors
 

@@ -664,6 +664,7 @@ OTHER_VALUES = {
     "cache_latents": False, "max_grad_norm": 0.5, "noise_offset": 0.05, "min_snr_gamma": 5.0, "class_images": 3,
     "prior_loss_weight": 0.5, "class_steps": 10, "class_guidance": 5.0, "class_seed": 1, "save_precision": "fp32",
     "optimizer": "adafactor", "record_sources": True, "fused_backward": True, "weight_precision": "bf16",
+    "gradient_accumulation": 2,
 }
 PRIOR_ONLY = {"prior_loss_weight", "class_steps", "class_guidance", "class_seed"}
 
@@ -690,6 +691,18 @@ def test_run_fingerprint_changes_with_each_input(subject, cls, name, prior):
     fingerprint = run_fingerprint("base", subject, config, "generated:abc")
     expected_change = prior or name not in PRIOR_ONLY
     assert (run_fingerprint("base", subject, changed_config, "generated:abc") != fingerprint) == expected_change
+
+
+@pytest.mark.parametrize("cls", [LoRATrainConfig, DreamBoothTrainConfig])
+def test_the_run_identity_is_the_global_batch_however_it_is_split(subject, cls):
+    """batch_size x gradient_accumulation x processes is one job however it is split (the same
+    draws, the same training up to float sums); another global batch is another job."""
+    whole = run_fingerprint("base", subject, cls(batch_size=4))
+    assert run_fingerprint("base", subject, cls(batch_size=2, gradient_accumulation=2)) == whole
+    assert run_fingerprint("base", subject, cls(batch_size=1, gradient_accumulation=2), processes=2) == whole
+    assert run_fingerprint("base", subject, cls(batch_size=2), processes=2) == whole
+    assert run_fingerprint("base", subject, cls(batch_size=2), processes=1) != whole
+    assert run_fingerprint("base", subject, cls(batch_size=4), processes=2) != whole
 
 
 def test_run_fingerprint_changes_with_base_subject_and_class_images(subject):

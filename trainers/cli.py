@@ -18,6 +18,7 @@ with Ctrl-C (the last complete training state is kept: the same command resumes)
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -25,13 +26,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .data.class_images import default_class_cache, sweep_class_cache
 from .data.images import BAD_FILE_MODES, CROP_MODES, load_subject
 from .files.fileio import atomic_write_bytes, sweep_stale_temps
 from .jobs import Durability, JobResult, check_sample_dir, train_file
+from .runfile import RUN_FORMAT
 from .sd15.placeholder import write_placeholder_models
+from .training import parallel
 from .training.callbacks import NonFiniteLossError, SampleRound, StepState, TrainingCallbacks
 from .training.config import (
     ConfigError,
@@ -133,13 +134,17 @@ def default_tokenizer_dir() -> Path | None:
 
 def add_run_arguments(parser: argparse.ArgumentParser, output_help: str) -> None:
     """The options both training commands share (the config fields come from the config class)."""
-    parser.add_argument("--checkpoint", required=True, type=Path,
+    parser.add_argument("--config", type=Path, default=None, metavar="RUN.json",
+                        help="take the options from a run file (a training node's export, or written by hand: "
+                             f"{RUN_FORMAT!r}); options given on the command line after it override its values, "
+                             "and its relative paths are relative to the file's folder")
+    parser.add_argument("--checkpoint", type=Path,
                         help="SD1.5 base model: a single-file .safetensors or a diffusers folder")
-    parser.add_argument("--images", required=True, type=Path, help="folder with 3-20 photos of the subject")
-    parser.add_argument("--instance-prompt", required=True, help="prompt naming the subject, e.g. 'a photo of sks dog'")
+    parser.add_argument("--images", type=Path, help="folder with 3-20 photos of the subject")
+    parser.add_argument("--instance-prompt", help="prompt naming the subject, e.g. 'a photo of sks dog'")
     parser.add_argument("--class-prompt", default="",
                         help="prompt of the subject's class, e.g. 'a photo of dog' (needed for prior preservation)")
-    parser.add_argument("--output", required=True, type=Path, help=output_help)
+    parser.add_argument("--output", type=Path, help=output_help)
     parser.add_argument(
         "--tokenizer", type=Path, default=None,
         help="CLIP tokenizer folder (ComfyUI's comfy/sd1_tokenizer); default: $DBS_TOKENIZER, "
@@ -184,6 +189,58 @@ def add_run_arguments(parser: argparse.ArgumentParser, output_help: str) -> None
                              "<output stem>-samples.png beside --output")
 
 
+REQUIRED = ("--checkpoint", "--images", "--instance-prompt", "--output")
+# run-file options that are paths (relative ones are resolved against the run file's folder)
+_PATH_OPTIONS = ("checkpoint", "images", "output", "tokenizer", "class_folder", "sample_dir", "loss_curve",
+                 "state_dir", "rescue_dir", "class_cache")
+
+
+class RunFileError(ValueError):
+    """A run file that cannot be read or does not fit the command; the message says what to fix."""
+
+
+def read_run_file(path: Path, command: str, parser: argparse.ArgumentParser) -> tuple[list[str], int | None]:
+    """The command-line options a run file stands for, and the process count it was exported for
+    (None: any)."""
+    try:
+        run = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RunFileError(f"cannot read the run file {path}: {error}") from None
+    if not isinstance(run, dict) or run.get("format") != RUN_FORMAT:
+        raise RunFileError(f"{path} is not a run file (its \"format\" must be {RUN_FORMAT!r})")
+    if run.get("command") != command:
+        raise RunFileError(f"{path} is a {run.get('command')!r} run: use `{PROG} {run.get('command')} --config "
+                           f"{path}`")
+    options = run.get("options")
+    if not isinstance(options, dict):
+        raise RunFileError(f"{path} has no \"options\" object")
+    processes = run.get("processes")
+    if processes is not None and (isinstance(processes, bool) or not isinstance(processes, int) or processes < 1):
+        raise RunFileError(f"\"processes\" in {path} must be a whole number >= 1 (got {processes!r})")
+    actions = {action.dest: action for action in parser._actions if action.option_strings}
+    argv: list[str] = []
+    for name, value in options.items():
+        action = actions.get(name)
+        if action is None or name == "config":
+            raise RunFileError(f"{path}: unknown option {name!r}; see `{PROG} {command} --help`")
+        flag = action.option_strings[0]
+        if isinstance(action, argparse.BooleanOptionalAction) or action.nargs == 0:
+            if not isinstance(value, bool):
+                raise RunFileError(f"{path}: option {name!r} must be true or false (got {value!r})")
+            if isinstance(action, argparse.BooleanOptionalAction):
+                argv.append(flag if value else "--no-" + flag[2:])
+            elif value:
+                argv.append(flag)
+            continue
+        if value is None:
+            continue
+        if name in _PATH_OPTIONS:
+            value = str((path.parent / Path(str(value)).expanduser()).resolve()) \
+                if not Path(str(value)).expanduser().is_absolute() else str(Path(str(value)).expanduser())
+        argv += [flag, str(value)]
+    return argv, processes
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="DreamBooth Studio engine: SD1.5 subject training.")
     commands = parser.add_subparsers(dest="command", metavar="<command>")
@@ -201,8 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def _train(args: argparse.Namespace, parser: argparse.ArgumentParser,
+           processes: parallel.Processes = parallel.SINGLE) -> int:
     config_cls = TRAINERS[args.command][0]
+    missing = [flag for flag in REQUIRED if getattr(args, flag[2:].replace("-", "_")) is None]
+    if missing:  # given on the command line or by --config
+        parser.error(f"the following arguments are required: {', '.join(missing)} (or --config RUN.json)")
     try:
         config = config_from_args(config_cls, args)
         watch = config_from_args(WatchConfig, args)
@@ -223,8 +284,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                                on_bad=args.bad_files, tokenizer_dir=tokenizer).subject
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
-        else torch.device(args.device)
+    device = parallel.device_of(processes, args.device)
     class_cache = args.class_cache or default_class_cache()
     rescue = args.rescue_dir or default_class_cache().parent / "rescued"
     states = args.state_dir or default_class_cache().parent / "states"
@@ -235,11 +295,12 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(str(error))
     # what earlier runs killed while writing left behind (only this pack's names, of dead processes)
     swept = [*sweep_stale_temps(args.output.parent), *sweep_stale_temps(args.output.parent / args.output.stem),
-             *sweep_stale_temps(rescue), *sweep_class_cache(class_cache), *sweep_states(states)]
+             *sweep_stale_temps(rescue), *sweep_class_cache(class_cache), *sweep_states(states)] \
+        if processes.main else []  # only the main process writes (or removes) anything
     for path in swept:
         logging.getLogger(__name__).info("removed stale temporary file %s", path)
-    progress = TerminalProgress()
-    previous = signal.signal(signal.SIGINT, progress.cancel)
+    progress = TerminalProgress() if processes.main else TrainingCallbacks()
+    previous = signal.signal(signal.SIGINT, progress.cancel) if processes.main else signal.getsignal(signal.SIGINT)
     try:
         job = train_file(args.checkpoint, subject, config, args.output, tokenizer, overwrite=args.overwrite,
                          callbacks=progress, class_cache_dir=class_cache, class_folder=args.class_folder,
@@ -261,6 +322,8 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return 2
     finally:
         signal.signal(signal.SIGINT, previous)
+    if not processes.main:
+        return 0
     for note in job.notes:
         sys.stderr.write(f"note: {note}\n")
     state = "reused (identical earlier run)" if job.reused else "saved"
@@ -323,9 +386,38 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stdout)
         return 0
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "placeholder":
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         for kind, path in write_placeholder_models(args.out, tiny=args.tiny, seed=args.seed).items():
             print(f"{kind}: {path} ({path.stat().st_size / 1e6:.1f} MB)")
         return 0
-    return _train(args, parser)
+    exported_for = None
+    if args.config is not None:
+        sub = _subparser(parser, args.command)
+        try:
+            options, exported_for = read_run_file(args.config, args.command, sub)
+        except RunFileError as error:
+            sub.error(str(error))
+        at = argv.index(args.command)
+        args = parser.parse_args([args.command, *options, *argv[at + 1 :]])  # the command line wins
+    world = parallel.launched_world()
+    if exported_for is not None and exported_for != world:
+        _subparser(parser, args.command).error(
+            f"{args.config} was exported for {exported_for} process(es) but this launch has {world}: its global batch "
+            f"is batch_size x gradient_accumulation x {exported_for}; launch it with --num_processes {exported_for} "
+            "(or export it again for this count)")
+    processes = parallel.current()
+    logging.basicConfig(level=logging.INFO if processes.main else logging.WARNING,
+                        format=("" if processes.main else f"[rank {processes.rank}] ")
+                        + "%(levelname)s %(name)s: %(message)s")
+    try:
+        return _train(args, _subparser(parser, args.command), processes)
+    finally:
+        parallel.close()
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[command]
+    raise KeyError(command)

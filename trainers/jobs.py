@@ -33,12 +33,13 @@ from typing import Any
 
 import torch
 
-from .data.class_images import PriorPlan, plan_prior, realize_prior
+from .data.class_images import PriorPlan, plan_prior, read_prior, realize_prior
 from .data.subject import SubjectData
 from .files.fileio import atomic_copy, content_sha256
 from .files.names import validate_output_name
 from .sd15 import checkpoint
 from .sd15.checkpoint import SD15Components
+from .training import parallel
 from .training.callbacks import (
     LossHistory,
     NonFiniteLossError,
@@ -408,6 +409,7 @@ def train_file(base_model: str | os.PathLike, subject: SubjectData, config: Trai
     part of the run's fingerprint, as it does not change the trained weights.
     """
     train = _METHODS[config.method]
+    processes = parallel.current()
     base_model, output = Path(base_model), Path(output_path)
     shown = shown or str
     rescue = Path(rescue_dir) if rescue_dir is not None else None
@@ -427,14 +429,18 @@ def train_file(base_model: str | os.PathLike, subject: SubjectData, config: Trai
     base_fingerprint = content_sha256(base_model)
     plan = plan_prior(config.prior_request, subject, base_fingerprint, class_cache_dir, class_folder, tokenizer_dir)
     provenance = Provenance.of_run(base_model.name, base_fingerprint, subject, config, plan.source, plan.info(),
-                                   device=device)
+                                   device=device, processes=processes.world)
     existing = vet_existing(output, provenance.fingerprint, overwrite, shown)
+    if not processes.main:
+        return _train_beside_main(processes, base_model, subject, config, output, tokenizer_dir, plan, provenance,
+                                  train, class_cache_dir, device, durability, shown)
 
     def earlier_samples() -> list[SampleRound]:
         """The rounds an earlier run of this job left in the sample folder."""
         return load_sample_rounds(sample_dir, provenance.fingerprint) if sample_dir is not None else []
 
     if existing.reuse is not None:
+        processes.from_main("done")
         if plan.enabled:
             plan.report = f"{KINDS[config.method]} reused, no class images needed; {plan.report}"
         return JobResult(output, history_from_metadata(existing.reuse), reused=True, prior=plan,
@@ -443,6 +449,7 @@ def train_file(base_model: str | os.PathLike, subject: SubjectData, config: Trai
     size = estimated_file_bytes(base_model, config)
     unsaved = _UNSAVED.get(provenance.fingerprint)
     if unsaved is not None:  # trained before, could not be written: save it now, no training
+        processes.from_main("done")
         saved = unsaved.save()
         _UNSAVED.clear()
         notes = ["saved the weights of the identical earlier run, which finished but could not be written",
@@ -452,9 +459,11 @@ def train_file(base_model: str | os.PathLike, subject: SubjectData, config: Trai
     if not os.path.lexists(output):
         recovered = _recover_rescued(rescue, output, provenance.fingerprint, shown)
         if recovered is not None:
+            processes.from_main("done")
             return JobResult(output, history_from_metadata(recovered), reused=True, prior=plan,
                              notes=[f"moved from {shown(rescue)} (where an earlier save had to put it)"],
                              samples=earlier_samples(), sample_dir=samples_to)
+    processes.from_main("train")
     durability = durability or Durability()
     state_dir = durability.state_dir(provenance.fingerprint)
     found = find_resume_state(durability, provenance.fingerprint, shown)
@@ -498,6 +507,7 @@ def train_file(base_model: str | os.PathLike, subject: SubjectData, config: Trai
         if late_unet:
             residency.not_loaded("unet", device or "cpu", dtypes["unet"])
         class_data = realize_prior(plan, base, class_cache_dir, callbacks.on_generate_step, tokenizer_dir)
+        processes.barrier()  # the other processes read the class images now, and what resume found is read
         write_result = _writer(config.method, base, provenance, residency)
         # step files carry no reusable fingerprint: never taken for the finished run
         write_step = _writer(config.method, base, replace(provenance, fingerprint=""), residency)
@@ -547,3 +557,39 @@ def train_file(base_model: str | os.PathLike, subject: SubjectData, config: Trai
     return JobResult(saved.path, history, reused=False, prior=plan, notes=notes + watched.notes + saved.notes,
                      samples=watched.samples, sample_seconds=watched.sample_seconds,
                      validation_seconds=watched.validation_seconds, seconds=result.seconds, sample_dir=samples_to)
+
+
+def _train_beside_main(processes: parallel.Processes, base_model: Path, subject: SubjectData, config: TrainConfig,
+                       output: Path, tokenizer_dir: str | os.PathLike | None, plan: PriorPlan, provenance: Provenance,
+                       train: Callable[..., Any], class_cache_dir: str | os.PathLike | None,
+                       device: str | torch.device | None, durability: Durability | None,
+                       shown: Callable[[Path], str]) -> JobResult:
+    """A process of a multi-process launch other than the main one: it trains its shard of every
+    batch and writes nothing (files, step files, states, samples and class images are the main
+    process's). It follows the main process's decision to reuse a file or train, resumes from the
+    same training state, and reads the class images once the main process has them."""
+    if processes.from_main(None) != "train":
+        return JobResult(output, LossHistory(), reused=True, prior=plan)
+    durability = durability or Durability()
+    found = find_resume_state(durability, provenance.fingerprint, shown)
+    late_unet = not plan.enabled or plan.folder_subject is not None
+    dtypes = load_dtypes(config, device)
+    base = checkpoint.load_sd15(base_model, tokenizer_dir, dtypes, ("vae", "text_encoder") if late_unet
+                                else checkpoint.COMPONENTS)
+    try:
+        if device is not None:
+            for model in (base.unet, base.vae, base.text_encoder):
+                if not any(parameter.is_meta for parameter in model.parameters()):
+                    model.to(device)
+        residency = Residency(base, base_model)
+        if late_unet:
+            residency.not_loaded("unet", device or "cpu", dtypes["unet"])
+        processes.barrier()  # the main process has its class images and its resume state
+        class_data = read_prior(plan, class_cache_dir)
+        result = train(base, subject, config, TrainingCallbacks(), class_data, found[0] if found else None,
+                       durability.save_every, watch=None, sample_dir=None, run=provenance.fingerprint,
+                       residency=residency)
+    finally:
+        del base
+        release_freed_memory()
+    return JobResult(output, result.history, reused=False, prior=plan, seconds=result.seconds)

@@ -682,6 +682,24 @@ def plan_prior(request: PriorRequest, subject: SubjectData, base_fingerprint: st
                             f"{request.loss_weight:g}")
 
 
+def read_prior(plan: PriorPlan, cache_dir: str | os.PathLike | None) -> SubjectData | None:
+    """The class images another process has just realized for ``plan`` (the other processes of a
+    multi-process launch read them; only the main process generates): nothing is written."""
+    if not plan.enabled:
+        return None
+    if plan.folder_subject is not None:
+        return plan.folder_subject
+    spec = plan.spec
+    assert spec is not None and cache_dir is not None
+    folder = Path(cache_dir) / spec.folder_name()
+    data = load_class_images(folder, spec)
+    if data is None:
+        raise ClassCacheError(f"the class image set {shown_in_cache(folder, cache_dir)} the main process made is "
+                              "incomplete or changed: run again")
+    plan.folder = folder
+    return data
+
+
 def realize_prior(plan: PriorPlan, base: SD15Components, cache_dir: str | os.PathLike | None,
                   on_step: Callable[[int, int], None] | None = None,
                   tokenizer_dir: str | os.PathLike | None = None) -> SubjectData | None:

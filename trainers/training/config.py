@@ -281,13 +281,21 @@ class _PriorFields:
             return "bf16"  # bf16 weights compute in bf16 (precision is auto or bf16, checked together)
         return resolved_precision(self.precision, device)  # type: ignore[attr-defined]
 
-    def training_identity(self, device: torch.device | str | None = None) -> dict[str, Any]:
-        """The settings that decide what training produces on ``device`` (None: the CPU): the
-        precision as resolved there (``auto`` on a CPU is ``fp32``); without prior preservation
-        the class-image settings change nothing, so they are left out (as are ``omit_at_default``
+    def global_batch(self, processes: int = 1) -> int:
+        """Images (of each set) one optimizer step learns from, over ``processes`` data-parallel processes."""
+        return self.batch_size * self.gradient_accumulation * processes  # type: ignore[attr-defined]
+
+    def training_identity(self, device: torch.device | str | None = None, processes: int = 1) -> dict[str, Any]:
+        """The settings that decide what training produces on ``device`` (None: the CPU) with
+        ``processes`` data-parallel processes: the precision as resolved there (``auto`` on a CPU
+        is ``fp32``), and the global batch as ``batch_size`` (how it is split over processes and
+        accumulation steps changes only the order of float sums); without prior preservation the
+        class-image settings change nothing, so they are left out (as are ``omit_at_default``
         fields at their default)."""
         values = self.to_dict()  # type: ignore[attr-defined]
         values["precision"] = self.compute_precision(device)
+        values["batch_size"] = self.global_batch(processes)
+        values.pop("gradient_accumulation", None)
         if not self.with_prior:
             for name in CLASS_IMAGE_FIELDS:
                 values.pop(name, None)
@@ -357,6 +365,15 @@ def _save_precision(**extra: Any) -> Any:
     )
 
 
+def _gradient_accumulation() -> Any:
+    return _spec(
+        1, "Backward passes per optimizer step, each on batch_size images: the step then learns from "
+        "batch_size x gradient_accumulation images (x the processes of a multi-GPU launch) for the memory of "
+        "batch_size. Same training as that larger batch up to float rounding. 1 = off.",
+        min=1, max=64, omit_at_default=True,
+    )
+
+
 def _record_sources() -> Any:
     return _spec(
         False, "Write the photos' file names and captions into the saved file's metadata. Anyone who gets the "
@@ -402,7 +419,9 @@ class LoRATrainConfig(_PriorFields, _ValidatedConfig):
     )
     lr_scheduler: str = _lr_scheduler()
     lr_warmup_steps: int = _lr_warmup_steps()
-    batch_size: int = _spec(1, "Images per optimizer step.", min=1, max=64)
+    batch_size: int = _spec(1, "Images per optimizer step (per process and accumulation step: see "
+                                "gradient_accumulation).", min=1, max=64)
+    gradient_accumulation: int = _gradient_accumulation()
     seed: int = _spec(0, "Random seed: the same seed, data and settings give the same LoRA.", min=0, max=MAX_SEED)
     precision: str = _precision("UNet, VAE and a frozen text encoder", "the LoRA weights")
     gradient_checkpointing: bool = _gradient_checkpointing()
@@ -455,7 +474,9 @@ class DreamBoothTrainConfig(_PriorFields, _ValidatedConfig):
     )
     lr_scheduler: str = _lr_scheduler()
     lr_warmup_steps: int = _lr_warmup_steps()
-    batch_size: int = _spec(1, "Subject images per optimizer step (as many class images ride along).", min=1, max=64)
+    batch_size: int = _spec(1, "Subject images per optimizer step (as many class images ride along); per "
+                                "process and accumulation step: see gradient_accumulation.", min=1, max=64)
+    gradient_accumulation: int = _gradient_accumulation()
     seed: int = _spec(0, "Random seed: the same seed, data and settings give the same model.", min=0, max=MAX_SEED)
     optimizer: str = _spec(
         "adamw",
@@ -497,6 +518,11 @@ class DreamBoothTrainConfig(_PriorFields, _ValidatedConfig):
 
     def _check_together(self) -> None:
         _check_warmup(self)
+        if self.fused_backward and self.gradient_accumulation > 1:
+            raise ConfigError(f"fused_backward applies each weight's update as soon as its gradient is ready, so it "
+                              f"cannot add up gradients over gradient_accumulation={self.gradient_accumulation} "
+                              f"passes: set gradient_accumulation to 1 (use a larger batch_size or more "
+                              f"processes), or turn fused_backward off")
         if self.weight_precision == "bf16" and self.precision not in ("auto", "bf16"):
             raise ConfigError(f"weight_precision 'bf16' computes in bf16 but precision is {self.precision!r}: set "
                               f"precision to 'auto' or 'bf16', or weight_precision to 'fp32'")

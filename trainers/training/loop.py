@@ -46,9 +46,11 @@ import torch
 
 from ..data.subject import SubjectData
 from ..sd15.checkpoint import SD15Components
+from . import parallel
 from .adafactor import Adafactor
 from .callbacks import LossHistory, NonFiniteLossError, StepState, TrainingCallbacks, WithLossHistory
 from .config import ConfigError, DreamBoothTrainConfig, LoRATrainConfig, check_device
+from .parallel import SINGLE, Processes
 
 logger = logging.getLogger(__name__)
 
@@ -241,27 +243,6 @@ def draw_flips(training_set: TrainingSet, n: int, generator: torch.Generator) ->
     return torch.randint(0, 2, (n,), generator=generator)
 
 
-def batch_latents(
-    training_set: TrainingSet,
-    indices: torch.Tensor,
-    flips: torch.Tensor,
-    vae: Any,
-    generator: torch.Generator,
-) -> torch.Tensor:
-    """A latent sample per chosen image (fp32, CPU), from the cache or by encoding now."""
-    if training_set.cached_latents:
-        assert training_set.latent_mean is not None and training_set.latent_std is not None
-        mean = training_set.latent_mean[flips, indices]
-        std = training_set.latent_std[flips, indices]
-    else:
-        assert training_set.pixels is not None
-        chosen = training_set.pixels[indices]
-        chosen = torch.where(flips.view(-1, 1, 1, 1).bool(), chosen.flip(-1), chosen)
-        mean, std = encode_latent_stats(vae, chosen)
-    eps = torch.randn(mean.shape, generator=generator)
-    return mean + std * eps
-
-
 def batch_conditioning(
     training_set: TrainingSet, indices: torch.Tensor, text_encoder: Any
 ) -> torch.Tensor:
@@ -275,24 +256,6 @@ def batch_conditioning(
 # ---------------------------------------------------------------------------------------------
 # Objective
 # ---------------------------------------------------------------------------------------------
-
-
-def add_training_noise(
-    latents: torch.Tensor,
-    noise_scheduler: Any,
-    generator: torch.Generator,
-    noise_offset: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(noisy latents, noise, timesteps) for a batch of CPU latents; optional offset noise."""
-    batch = latents.shape[0]
-    noise = torch.randn(latents.shape, generator=generator)
-    if noise_offset:
-        noise = noise + noise_offset * torch.randn((batch, latents.shape[1], 1, 1), generator=generator)
-    timesteps = torch.randint(
-        0, int(noise_scheduler.config.num_train_timesteps), (batch,), generator=generator, dtype=torch.long
-    )
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    return noisy, noise, timesteps
 
 
 def training_target(
@@ -379,13 +342,16 @@ class LoopSettings:
     prior_loss_weight: float = 1.0
     autocast_dtype: torch.dtype | None = None  # mixed precision (any device); None = no autocast
     save_every: int = 0  # steps between save points (callbacks.on_save_point); 0 = none
+    accumulation: int = 1  # backward passes per optimizer step, each on batch_size rows
+    processes: Processes = SINGLE  # data-parallel processes; batch_size is per process
 
     @classmethod
     def of(cls, config: LoRATrainConfig | DreamBoothTrainConfig, autocast_dtype: torch.dtype | None) -> LoopSettings:
         return cls(steps=config.steps, batch_size=config.batch_size, seed=config.seed,
                    noise_offset=config.noise_offset, min_snr_gamma=config.min_snr_gamma,
                    max_grad_norm=config.max_grad_norm, prior_loss_weight=config.prior_loss_weight,
-                   autocast_dtype=autocast_dtype)
+                   autocast_dtype=autocast_dtype, accumulation=config.gradient_accumulation,
+                   processes=parallel.current())
 
 
 @dataclass
@@ -484,27 +450,74 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None) -> Any:
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def compute_step_loss(
-    models: LoopModels,
-    sets: Sequence[TrainingSet],
-    streams: Sequence[IndexStream],
-    settings: LoopSettings,
-    generator: torch.Generator,
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Draw one batch from every set, run the UNet once on all of it; (total loss, loss per set)."""
+@dataclass
+class DrawnBatch:
+    """The random draws of one optimizer step's global batch (CPU tensors): for each set its
+    image indices, flips and latent-sample noise; for all rows (set after set) the training
+    noise and timesteps. Every process draws the same; each computes its own rows."""
+
+    count: int  # rows per set
+    indices: list[torch.Tensor]
+    flips: list[torch.Tensor]
+    latent_eps: list[torch.Tensor]
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+
+
+def latent_shape(training_set: TrainingSet, vae: Any) -> tuple[int, ...]:
+    """(channels, h, w) of one latent of ``training_set``."""
+    if training_set.latent_mean is not None:
+        return tuple(training_set.latent_mean.shape[2:])
+    assert training_set.pixels is not None
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    height, width = training_set.pixels.shape[-2:]
+    return (int(vae.config.latent_channels), height // factor, width // factor)
+
+
+def draw_batch(models: LoopModels, sets: Sequence[TrainingSet], streams: Sequence[IndexStream], count: int,
+               generator: torch.Generator, noise_offset: float = 0.0) -> DrawnBatch:
+    """Draw ``count`` rows of every set, in the order one process training on all of them draws."""
+    indices, flips, eps = [], [], []
+    for training_set, stream in zip(sets, streams, strict=True):
+        indices.append(stream.take(count))
+        flips.append(draw_flips(training_set, count, generator))
+        eps.append(torch.randn((count, *latent_shape(training_set, models.vae)), generator=generator))
+    rows = count * len(sets)
+    shape = (rows, *eps[0].shape[1:])
+    noise = torch.randn(shape, generator=generator)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn((rows, shape[1], 1, 1), generator=generator)
+    timesteps = torch.randint(0, int(models.noise_scheduler.config.num_train_timesteps), (rows,),
+                              generator=generator, dtype=torch.long)
+    return DrawnBatch(count, indices, flips, eps, noise, timesteps)
+
+
+def shard_loss(models: LoopModels, sets: Sequence[TrainingSet], drawn: DrawnBatch, rows: range,
+               settings: LoopSettings) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Run the UNet once on ``rows`` of every set of a drawn batch; (total loss, loss per set),
+    each set's loss the mean over its rows."""
     device, dtype = model_device(models.unet), model_dtype(models.unet)
+    chosen = torch.arange(rows.start, rows.stop)
     with autocast_context(device, settings.autocast_dtype):
-        latents, conditioning, sizes = [], [], []
-        for training_set, stream in zip(sets, streams, strict=True):
-            indices = stream.take(settings.batch_size)
-            flips = draw_flips(training_set, len(indices), generator)
-            latents.append(batch_latents(training_set, indices, flips, models.vae, generator))
+        latents, conditioning, noise_rows = [], [], []
+        for i, training_set in enumerate(sets):
+            indices, flips = drawn.indices[i][chosen], drawn.flips[i][chosen]
+            if training_set.cached_latents:
+                assert training_set.latent_mean is not None and training_set.latent_std is not None
+                mean = training_set.latent_mean[flips, indices]
+                std = training_set.latent_std[flips, indices]
+            else:
+                assert training_set.pixels is not None
+                pixels = training_set.pixels[indices]
+                pixels = torch.where(flips.view(-1, 1, 1, 1).bool(), pixels.flip(-1), pixels)
+                mean, std = encode_latent_stats(models.vae, pixels)
+            latents.append(mean + std * drawn.latent_eps[i][chosen])
             conditioning.append(batch_conditioning(training_set, indices, models.text_encoder).to(device))
-            sizes.append(len(indices))
+            noise_rows.append(chosen + i * drawn.count)
         clean = torch.cat(latents)
-        noisy, noise, timesteps = add_training_noise(
-            clean, models.noise_scheduler, generator, settings.noise_offset
-        )
+        taken = torch.cat(noise_rows)
+        noise, timesteps = drawn.noise[taken], drawn.timesteps[taken]
+        noisy = models.noise_scheduler.add_noise(clean, noise, timesteps)
         target = training_target(models.noise_scheduler, clean, noise, timesteps)
         weights = (
             min_snr_weights(models.noise_scheduler, timesteps, settings.min_snr_gamma)
@@ -518,41 +531,63 @@ def compute_step_loss(
             noisy.to(device, dtype), timesteps.to(device), encoder_hidden_states=context
         ).sample
     per_sample = per_sample_mse(prediction, target.to(device)) * weights.to(device)
-    parts = [chunk.mean() for chunk in per_sample.split(sizes)]
+    parts = [chunk.mean() for chunk in per_sample.split([len(rows)] * len(sets))]
     total = parts[0]
     for part in parts[1:]:
         total = total + settings.prior_loss_weight * part
     return total, parts
 
 
-def apply_gradients(loss: torch.Tensor, optimization: Optimization, max_grad_norm: float, step: int) -> float:
-    """Backward, clip, optimizer and scheduler step; returns the gradient norm before clipping.
+def compute_step_loss(
+    models: LoopModels,
+    sets: Sequence[TrainingSet],
+    streams: Sequence[IndexStream],
+    settings: LoopSettings,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Draw one batch from every set, run the UNet once on all of it; (total loss, loss per set)."""
+    drawn = draw_batch(models, sets, streams, settings.batch_size, generator, settings.noise_offset)
+    return shard_loss(models, sets, drawn, range(settings.batch_size), settings)
+
+
+def begin_gradients(optimization: Optimization, step: int) -> None:
+    """Before the first backward pass of optimizer step ``step``: clear the last step's gradients."""
+    steps = optimization.weight_steps
+    if steps is not None and steps.in_backward:
+        steps.begin(step)
+    elif steps is not None:  # its optimizer holds fp32 stand-ins of bf16 weights: free the weights' own gradients
+        for parameter in optimization.parameters:
+            parameter.grad = None
+    else:
+        optimization.optimizer.zero_grad(set_to_none=not optimization.keep_grad_buffers)
+
+
+def backward(loss: torch.Tensor, optimization: Optimization) -> None:
+    scaler = optimization.grad_scaler
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
+def finish_step(optimization: Optimization, max_grad_norm: float, step: int,
+                processes: Processes = SINGLE) -> float:
+    """After the backward pass(es): average the gradients over the processes, clip, optimizer and
+    scheduler step; returns the gradient norm before clipping.
 
     Raises NonFiniteLossError before the optimizer step if an fp32 gradient is not finite (with
-    fp16 the grad scaler skips such steps itself). With fused_backward the weights are stepped
+    fp16 the grad scaler skips such steps itself). With fused_backward the weights were stepped
     during the backward pass, each with its own clipped gradient; a non-finite gradient is found
     after that pass (the run stops the same way, its weights no longer usable).
     """
     optimizer, scaler = optimization.optimizer, optimization.grad_scaler
     steps = optimization.weight_steps
     if steps is not None and steps.in_backward:
-        steps.begin(step)
-        loss.backward()
         norm = steps.end()
         if not math.isfinite(norm):
             raise NonFiniteLossError(step, "gradient", float(optimizer.param_groups[0]["lr"]))
         optimization.lr_scheduler.step()
         return norm
-    if steps is not None:  # its optimizer holds fp32 stand-ins of bf16 weights: free the weights' own gradients
-        for parameter in optimization.parameters:
-            parameter.grad = None
-    else:
-        optimizer.zero_grad(set_to_none=not optimization.keep_grad_buffers)
+    processes.average_gradients(optimization.parameters)
     if scaler is not None:
-        scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-    else:
-        loss.backward()
     limit = max_grad_norm if max_grad_norm > 0 else math.inf
     norm = float(torch.nn.utils.clip_grad_norm_(optimization.parameters, limit))
     if scaler is not None:
@@ -568,6 +603,39 @@ def apply_gradients(loss: torch.Tensor, optimization: Optimization, max_grad_nor
             optimizer.step()
     optimization.lr_scheduler.step()
     return norm
+
+
+def apply_gradients(loss: torch.Tensor, optimization: Optimization, max_grad_norm: float, step: int) -> float:
+    """One process, one batch: backward of ``loss``, then :func:`finish_step`."""
+    begin_gradients(optimization, step)
+    backward(loss, optimization)
+    return finish_step(optimization, max_grad_norm, step)
+
+
+def train_step(models: LoopModels, sets: Sequence[TrainingSet], streams: Sequence[IndexStream],
+               settings: LoopSettings, generator: torch.Generator, optimization: Optimization,
+               step: int) -> tuple[float, list[float]]:
+    """One optimizer step on the global batch (``batch_size`` x processes x ``accumulation`` rows
+    of every set): this process's rows in ``accumulation`` backward passes, gradients averaged
+    over the processes. Returns the global batch's loss and loss per set (the same in every
+    process). Raises NonFiniteLossError before the optimizer step at a non-finite loss."""
+    processes, accumulation = settings.processes, settings.accumulation
+    lr = float(optimization.optimizer.param_groups[0]["lr"])
+    count = settings.batch_size * processes.world * accumulation
+    drawn = draw_batch(models, sets, streams, count, generator, settings.noise_offset)
+    begin_gradients(optimization, step)
+    total, parts_total = 0.0, [0.0] * len(sets)
+    for rows in processes.shard(count, accumulation):
+        loss, parts = shard_loss(models, sets, drawn, rows, settings)
+        # every process sees the global values, so all stop at the same non-finite loss
+        values = processes.mean([float(loss.detach()), *(float(p.detach()) for p in parts)])
+        if not math.isfinite(values[0]):
+            raise NonFiniteLossError(step, "loss", lr)
+        total += values[0] / accumulation
+        parts_total = [s + v / accumulation for s, v in zip(parts_total, values[1:], strict=True)]
+        backward(loss / accumulation if accumulation > 1 else loss, optimization)
+    finish_step(optimization, settings.max_grad_norm, step, processes)
+    return total, parts_total
 
 
 def run_training_loop(
@@ -607,18 +675,15 @@ def run_training_loop(
     watch.before_training(first - 1, result.history, callbacks)
     for step in range(first, settings.steps + 1):
         lr = float(optimization.optimizer.param_groups[0]["lr"])
-        loss, parts = compute_step_loss(models, sets, streams, settings, generator)
-        if not bool(torch.isfinite(loss)):
-            raise NonFiniteLossError(step, "loss", lr)
-        apply_gradients(loss, optimization, settings.max_grad_norm, step)
+        loss, parts = train_step(models, sets, streams, settings, generator, optimization, step)
         state = StepState(
             step=step,
             total_steps=settings.steps,
-            loss=float(loss.detach()),
+            loss=loss,
             lr=lr,
             elapsed=time.monotonic() - started,
-            instance_loss=float(parts[0].detach()),
-            prior_loss=float(parts[1].detach()) if prior is not None else None,
+            instance_loss=parts[0],
+            prior_loss=parts[1] if prior is not None else None,
         )
         result.history.add(state)
 
@@ -725,8 +790,10 @@ class WeightSteps:
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, parameters: list[torch.nn.Parameter],
-                 stand_ins: list[torch.Tensor] | None, *, in_backward: bool, max_grad_norm: float, seed: int) -> None:
+                 stand_ins: list[torch.Tensor] | None, *, in_backward: bool, max_grad_norm: float, seed: int,
+                 processes: Processes = SINGLE) -> None:
         self.optimizer = optimizer
+        self.processes = processes  # in_backward: each gradient is averaged over them in its hook
         self.parameters = parameters
         self.stand_ins = stand_ins
         self.in_backward = in_backward
@@ -770,6 +837,7 @@ class WeightSteps:
         grad = parameter.grad
         assert grad is not None
         with torch.no_grad():
+            self.processes.average_([grad])  # hooks run in the same order in every process
             norm = torch.linalg.vector_norm(grad.detach(), dtype=torch.float32)
             squares = norm.square()
             self._squares = squares if self._squares is None else self._squares + squares.to(self._squares.device)
@@ -841,6 +909,7 @@ def build_optimization(
             raise ConfigError("fused_backward and weight_precision 'bf16' cannot run with fp16 gradient scaling: "
                               "set precision to 'bf16' or 'fp32'")
         weight_steps = WeightSteps(optimizer, parameters, stand_ins, in_backward=in_backward,
-                                   max_grad_norm=config.max_grad_norm, seed=config.seed)
+                                   max_grad_norm=config.max_grad_norm, seed=config.seed,
+                                   processes=parallel.current())
     return Optimization(optimizer, scheduler, parameters, scaler, keep_grad_buffers=keep_grad_buffers,
                         weight_steps=weight_steps)

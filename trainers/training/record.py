@@ -29,6 +29,7 @@ from ..sd15.checkpoint import CheckpointError, read_safetensors_header
 from .callbacks import LossHistory
 from .config import DreamBoothTrainConfig, LoRATrainConfig
 from .loop import mixed_precision_name
+from .parallel import launched_world
 
 TrainConfig = LoRATrainConfig | DreamBoothTrainConfig
 
@@ -39,18 +40,20 @@ _COMMENTS = {"lora": "DreamBooth Studio LoRA", "dreambooth": "DreamBooth Studio"
 
 
 def run_fingerprint(base_fingerprint: str, subject: SubjectData, config: TrainConfig, class_source: str = "",
-                    device: torch.device | str | None = None) -> str:
+                    device: torch.device | str | None = None, processes: int = 1) -> str:
     """SHA-256 of a run: same engine, base model, subject, config and class images -> same file.
 
     ``class_source`` identifies the class images (a generated set's key, or a folder's subject
     fingerprint); it is ignored when prior preservation is off. ``device`` is where the run
-    trains (None: the CPU); it resolves precision ``auto``.
+    trains (None: the CPU); it resolves precision ``auto``. ``processes`` data-parallel
+    processes multiply the batch: the identity holds the global batch, so a run split over
+    processes or accumulation steps differently is the same job.
     """
     payload = {
         "engine": ENGINES[config.method],
         "base": base_fingerprint,
         "subject": subject.fingerprint(),
-        "config": config.training_identity(device),
+        "config": config.training_identity(device, processes),
         "class_source": class_source if config.with_prior else "",
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
@@ -68,10 +71,10 @@ class Provenance:
     @classmethod
     def of_run(cls, base_model: str, base_fingerprint: str, subject: SubjectData, config: TrainConfig,
                class_source: str = "", prior_info: Mapping[str, str] | None = None,
-               device: torch.device | str | None = None) -> Provenance:
-        """The provenance of a run that trains on ``device`` (None: the CPU)."""
+               device: torch.device | str | None = None, processes: int = 1) -> Provenance:
+        """The provenance of a run that trains on ``device`` (None: the CPU) in ``processes`` processes."""
         return cls(base_model=base_model, base_fingerprint=base_fingerprint,
-                   fingerprint=run_fingerprint(base_fingerprint, subject, config, class_source, device),
+                   fingerprint=run_fingerprint(base_fingerprint, subject, config, class_source, device, processes),
                    prior_info=dict(prior_info or {}))
 
     def metadata(self) -> dict[str, str]:
@@ -140,8 +143,11 @@ def _source_metadata(subject: SubjectData, record_sources: bool) -> dict[str, st
 
 def training_metadata(config: TrainConfig, subject: SubjectData, history: LossHistory, device: torch.device,
                       autocast_dtype: torch.dtype | None, class_count: int,
-                      extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The metadata every trained file carries; ``extra`` adds the method's own keys."""
+                      extra: Mapping[str, str] | None = None, processes: int | None = None) -> dict[str, str]:
+    """The metadata every trained file carries; ``extra`` adds the method's own keys. ``processes``:
+    the data-parallel processes of the run (default: of this launch)."""
+    if processes is None:
+        processes = launched_world()
     losses = history.losses
     stride = _curve_stride(len(losses))
     metadata = {
@@ -156,6 +162,9 @@ def training_metadata(config: TrainConfig, subject: SubjectData, history: LossHi
         "ss_max_train_steps": str(config.steps),
         "ss_steps": str(len(losses)),
         "ss_batch_size_per_device": str(config.batch_size),
+        "ss_gradient_accumulation_steps": str(config.gradient_accumulation),
+        "ss_total_batch_size": str(config.global_batch(processes)),
+        "dbs.processes": str(processes),
         "ss_learning_rate": f"{config.unet_lr:g}",
         "ss_unet_lr": f"{config.unet_lr:g}",
         "ss_text_encoder_lr": f"{config.text_encoder_lr:g}",
