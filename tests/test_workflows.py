@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from scripts.comfyclient import ComfyClient
 from scripts.comfyserver import REPO_ROOT
 from scripts.demo import draw_sample_subject
 from scripts.workflow_specs import REFERENCE_IMAGE, small_overrides, specs
@@ -114,6 +115,23 @@ def workflow_inputs(comfy_server):
     return SUBJECT
 
 
+# dreambooth_lr_sweep and face_crop_prior_preservation train DreamBooth with the very same settings
+# once made small (unet_lr 2e-6, the same photos, crop and class images; only the output name
+# differs): they share one output name, so the second run finds the first one's checkpoint and
+# takes the node's "identical earlier run" path (what a user gets who queues a workflow again)
+# instead of training the same 2 GB model again. Any difference in settings would make it fail
+# ("already exists"), not train twice. dreambooth_vs_lora trains its own: it
+# is the graph that trains DreamBooth and then a LoRA in one prompt.
+SHARED_DREAMBOOTH = ("dreambooth_lr_sweep", "face_crop_prior_preservation")
+
+
+@pytest.fixture(scope="module")
+def shared_dreambooth(comfy_server):
+    name = "workflow_dreambooth_shared"
+    yield name
+    (comfy_server.models_dir / "checkpoints" / f"{name}.safetensors").unlink(missing_ok=True)  # 2 GB
+
+
 def run_runner(args, timeout=1800):
     return subprocess.run(RUNNER + [str(a) for a in args], capture_output=True, text=True, timeout=timeout,
                           cwd=REPO_ROOT)
@@ -121,12 +139,20 @@ def run_runner(args, timeout=1800):
 
 @pytest.mark.server
 @pytest.mark.parametrize("stem", STEMS)
-def test_every_api_workflow_runs_through_the_runner(comfy_server, workflow_inputs, test_models, tmp_path, stem):
+def test_every_api_workflow_runs_through_the_runner(comfy_server, workflow_inputs, shared_dreambooth, test_models,
+                                                   tmp_path, stem):
     api = api_twin(stem)
     sets = small_overrides(api, test_models["checkpoint"].name, test_models["controlnet"].name, workflow_inputs,
                            REFERENCE_IMAGE)
-    # Every run writes new model files: give them names of their own.
-    sets += [f"{nid}.output_name={stem}_{nid}" for nid, node in api.items() if "output_name" in node["inputs"]]
+    # Every run writes new model files: give them names of their own (but the shared DreamBooth above).
+    shared = comfy_server.models_dir / "checkpoints" / f"{shared_dreambooth}.safetensors"
+    names = {nid: shared_dreambooth if stem in SHARED_DREAMBOOTH and node["class_type"] == "DreamBoothTrain"
+             else f"{stem}_{nid}" for nid, node in api.items() if "output_name" in node["inputs"]}
+    sets += [f"{nid}.output_name={name}" for nid, name in names.items()]
+    reuse = shared.exists() and shared_dreambooth in names.values()
+    if reuse:  # forget ComfyUI's cached outputs of the first run: the node runs again and finds the file
+        ComfyClient(comfy_server.url).post_json("/free", {"free_memory": True})
+    log_before = len(comfy_server.log_text())
     # A scored LoRA Train samples and scores a round before training and after its one step: one
     # prompt without guidance (a quarter of the default pair's UNet passes) still gives every
     # round its DINO / CLIP-I / CLIP-T and the run its best step (tests/test_server_lora.py scores
@@ -143,6 +169,9 @@ def test_every_api_workflow_runs_through_the_runner(comfy_server, workflow_input
     save_nodes = [n for n in api.values() if n["class_type"] == "SaveImage"]
     assert len(saved) == len(save_nodes), done.stdout
     assert "running node" in done.stderr  # progress was streamed
+    if shared_dreambooth in names.values():  # trained by the first of the two, reused by the second
+        said = "reused (an identical earlier run made it)" if reuse else "trained; prior preservation"
+        assert f"{shared_dreambooth}.safetensors: {said}" in comfy_server.log_text()[log_before:]
     if stem == "lora_scale_grid":
         grid = np.asarray(Image.open(next(p for p in saved if "grid" in p)).convert("RGB"))
         # 2 UNet scales x 2 text-encoder scales = 4 rows, 2 CFG columns of 64 px cells (the small
