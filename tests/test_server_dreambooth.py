@@ -222,7 +222,7 @@ def test_cancel_during_class_generation_leaves_nothing(comfy_server, comfy_clien
 
 def test_cancel_during_training_leaves_no_file_and_frees_memory(comfy_server, comfy_client, subject_folder,
                                                                test_models, first_run):
-    comfy_client.run(txt2img(test_models["checkpoint"].name, prefix="db_before_cancel")).raise_for_status()
+    comfy_client.run(txt2img(test_models["checkpoint"].name, prefix="db_before_cancel", steps=1)).raise_for_status()
     server = psutil.Process(comfy_server.proc.pid)
     rss_before = server.memory_info().rss
     before = checkpoints(comfy_server)
@@ -237,7 +237,7 @@ def test_cancel_during_training_leaves_no_file_and_frees_memory(comfy_server, co
     assert not list((comfy_server.models_dir / "checkpoints").glob("*.tmp*"))
     # the trainer's fp32 SD1.5, gradients and optimizer state (~8 GB) are given back
     assert server.memory_info().rss < rss_before + 1.0e9, (rss_before / 1e9, server.memory_info().rss / 1e9)
-    comfy_client.run(txt2img(test_models["checkpoint"].name, prefix="db_after_cancel")).raise_for_status()
+    comfy_client.run(txt2img(test_models["checkpoint"].name, prefix="db_after_cancel", steps=1)).raise_for_status()
 
 
 @pytest.mark.parametrize("overrides,expected", [
