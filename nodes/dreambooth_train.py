@@ -6,6 +6,7 @@ from __future__ import annotations
 import comfy.sd
 import folder_paths
 from comfy_api.latest import io
+from comfy_execution.graph_utils import ExecutionBlocker
 
 from ..trainers.training.config import DreamBoothTrainConfig
 from .bridge import CATEGORY, SUBJECT, config_input, user_facing_errors
@@ -15,10 +16,14 @@ from .training_shared import (
     checkpoint_input,
     class_folder_input,
     durability_inputs,
+    export_processes_of,
+    export_training_node,
     fidelity_input,
+    launch_command_output,
     output_name_input,
     overwrite_input,
     run_training_node,
+    scale_out_inputs,
     watch_inputs,
 )
 
@@ -59,6 +64,7 @@ class DreamBoothTrain(io.ComfyNode):
                 *durability_inputs(),
                 *watch_inputs(),
                 fidelity_input(),
+                *scale_out_inputs(DreamBoothTrainConfig),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The fine-tuned UNet, loaded from the saved file."),
@@ -78,6 +84,7 @@ class DreamBoothTrain(io.ComfyNode):
                                  tooltip="With fidelity_models: the checkpoint of the best scored step in "
                                          "models/checkpoints (a step file, in the run's subfolder); without: the "
                                          "final one."),
+                launch_command_output(),
             ],
         )
 
@@ -92,6 +99,11 @@ class DreamBoothTrain(io.ComfyNode):
 
     @classmethod
     def execute(cls, subject, ckpt_name, output_name, overwrite, class_folder=None, **settings) -> io.NodeOutput:
+        processes = export_processes_of(settings)
+        if processes:  # export only: nothing downstream runs (there is no file yet)
+            command, shown_ui = export_training_node(cls, DreamBoothTrainConfig, subject, ckpt_name, output_name,
+                                                     class_folder, settings, processes)
+            return io.NodeOutput(*[ExecutionBlocker(None)] * 8, command, ui=shown_ui)
         run = run_training_node(cls, DreamBoothTrainConfig, subject, ckpt_name, output_name,
                                 overwrite, class_folder, settings)
         job = run.job
@@ -101,4 +113,4 @@ class DreamBoothTrain(io.ComfyNode):
                 str(job.path), output_vae=True, output_clip=True,
                 embedding_directory=folder_paths.get_folder_paths("embeddings"))[:3]
         return io.NodeOutput(model, clip, vae, job.path.name, run.curve, job.report(), run.samples, run.best_name,
-                             ui=run.ui)
+                             "", ui=run.ui)

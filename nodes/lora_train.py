@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from comfy_api.latest import io
+from comfy_execution.graph_utils import ExecutionBlocker
 
 from ..trainers.training.config import LoRATrainConfig
 from .bridge import CATEGORY, SUBJECT, config_input
@@ -12,10 +13,14 @@ from .training_shared import (
     checkpoint_input,
     class_folder_input,
     durability_inputs,
+    export_processes_of,
+    export_training_node,
     fidelity_input,
+    launch_command_output,
     output_name_input,
     overwrite_input,
     run_training_node,
+    scale_out_inputs,
     watch_inputs,
 )
 
@@ -50,6 +55,7 @@ class LoRATrain(io.ComfyNode):
                 *durability_inputs(),
                 *watch_inputs(),
                 fidelity_input(),
+                *scale_out_inputs(LoRATrainConfig),
             ],
             outputs=[
                 io.LoraModel.Output(display_name="LORA_MODEL",
@@ -65,6 +71,7 @@ class LoRATrain(io.ComfyNode):
                                             "without: the final LoRA."),
                 io.String.Output(display_name="best_lora_name",
                                  tooltip="That file's name in models/loras (a step file is in the run's subfolder)."),
+                launch_command_output(),
             ],
         )
 
@@ -77,11 +84,16 @@ class LoRATrain(io.ComfyNode):
 
     @classmethod
     def execute(cls, subject, ckpt_name, output_name, overwrite, class_folder=None, **settings) -> io.NodeOutput:
+        processes = export_processes_of(settings)
+        if processes:  # export only: nothing downstream runs (there is no file yet)
+            command, shown_ui = export_training_node(cls, LoRATrainConfig, subject, ckpt_name, output_name,
+                                                     class_folder, settings, processes)
+            return io.NodeOutput(*[ExecutionBlocker(None)] * 6, command, ui=shown_ui)
         run = run_training_node(cls, LoRATrainConfig, subject, ckpt_name, output_name,
                                 overwrite, class_folder, settings)
         final = run.job.tensors()
         best = final if run.best_path == run.job.path else _load(run.best_path)
-        return io.NodeOutput(final, run.job.path.name, run.curve, run.samples, best, run.best_name, ui=run.ui)
+        return io.NodeOutput(final, run.job.path.name, run.curve, run.samples, best, run.best_name, "", ui=run.ui)
 
 
 def _load(path) -> dict:

@@ -16,6 +16,7 @@ from comfy_api.latest import io, ui
 
 from ..trainers.files.names import validate_output_name
 from ..trainers.jobs import Durability, JobResult, check_output, pack_written, train_file
+from ..trainers.runfile import MAX_PROCESSES, split_batch, write_run
 from ..trainers.training.callbacks import LossHistory
 from ..trainers.training.config import CLASS_IMAGE_FIELDS, field_spec
 from ..trainers.training.plot import loss_curve_image
@@ -26,6 +27,7 @@ from .bridge import (
     class_image_cache,
     config_input,
     config_kwargs,
+    contained,
     free_comfy_models,
     input_subfolders,
     model_path,
@@ -102,6 +104,68 @@ def durability_inputs() -> list[io.Input]:
                          tooltip="On cancel, also write the current step as a step file and a training state "
                                  "(otherwise the last save point is kept)."),
     ]
+
+
+def scale_out_inputs(config_cls) -> list[io.Input]:
+    """Gradient accumulation and the export for a multi-GPU launch: optional (older API prompts
+    still validate); the export is not part of what a run trains."""
+    return [
+        config_input(config_cls, "gradient_accumulation", optional=True),
+        io.Int.Input("export_processes", optional=True, default=0, min=0, max=MAX_PROCESSES,
+                     tooltip="0: train here. N: do not train; write this run (training crops, captions, settings) "
+                             "to output/dreambooth_studio/runs/<output_name>/ and give the command that trains it on "
+                             "N GPUs with accelerate launch (launch_command output). The global batch stays "
+                             "batch_size x gradient_accumulation, shared by the N processes; the file it makes, put "
+                             "in this models folder, is reused here instead of trained again."),
+    ]
+
+
+def launch_command_output() -> io.Output:
+    return io.String.Output(display_name="launch_command",
+                            tooltip="With export_processes N: the shell command that trains the exported run (empty "
+                                    "when the node trains here).")
+
+
+RUNS_FOLDER = ("dreambooth_studio", "runs")
+
+
+def export_processes_of(settings: dict) -> int:
+    """The export_processes input (popped from ``settings``), checked."""
+    value = settings.pop("export_processes", 0)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_PROCESSES:
+        raise ValueError(f"export_processes must be a whole number from 0 (train here) to {MAX_PROCESSES} "
+                         f"(got {value!r})")
+    return value
+
+
+def export_training_node(node_cls, config_cls, subject, ckpt_name: str, output_name: str, class_folder,
+                         settings: dict, processes: int) -> tuple[str, dict]:
+    """Write the run a training node would do as a run folder for the command line; nothing is
+    trained or loaded. Returns (the command, the node's UI output)."""
+    with user_facing_errors():
+        settings = dict(settings)
+        durability = durability_of(settings)
+        watch = watch_of(settings)
+        settings.pop("fidelity_models", None)
+        config = config_cls(**config_kwargs(config_cls, settings))
+        split_batch(config, processes)  # a global batch the processes cannot share is an error here
+        checkpoint = model_path("checkpoints", ckpt_name)
+        stem = validate_output_name(output_name)
+        folder = resolve_class_folder(class_folder)
+        runs = Path(folder_paths.get_output_directory()).joinpath(*RUNS_FOLDER)
+        target = runs / stem
+        if not contained(target, runs):
+            raise ValueError(f"output name {stem!r} would be written outside output/{'/'.join(RUNS_FOLDER)}")
+        kept = {"save_every": durability.save_every, "keep_last": durability.keep_last,
+                "resume": str(durability.resume), "save_on_cancel": durability.save_on_cancel}
+        exported = write_run(target, command=config.method, processes=processes, checkpoint=checkpoint,
+                             tokenizer=tokenizer_dir(), subject=subject, config=config, output_name=stem,
+                             watch=watch, class_folder=folder, durability=kept)
+    log.info("exported run %s for %d process(es): %s", exported.run_file, processes, exported.command)
+    text = (f"Run written to output/{'/'.join(RUNS_FOLDER)}/{stem}/ (nothing trained). Train it with:\n"
+            f"{exported.command}\nThen copy {stem}.safetensors from that folder into models/"
+            f"{MODEL_FOLDERS[config.method]}/: queueing this node (export_processes 0) reuses it.")
+    return exported.command, {"text": (text,)}
 
 
 def durability_of(settings: dict) -> Durability:

@@ -23,6 +23,7 @@ import logging
 import os
 import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -320,6 +321,17 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser,
     except (ValueError, FileExistsError, FileNotFoundError, NotEnoughSpace) as error:
         sys.stderr.write(f"\nerror: {error}\n")
         return 2
+    except Exception as error:
+        if not processes.several:
+            raise
+        # most often another process failed or was killed and this one lost it at the gradient average
+        traceback.print_exc()
+        sys.stderr.write(
+            f"\nerror: process {processes.rank} of {processes.world} stopped: {type(error).__name__}: {error}\n"
+            "If another process of this launch failed or was killed, its own error is above or in the launcher's "
+            "report. No final file was written; with --save-every the same command resumes from the last "
+            "training state (with any process count).\n")
+        return 1
     finally:
         signal.signal(signal.SIGINT, previous)
     if not processes.main:
