@@ -159,6 +159,10 @@ def add_run_arguments(parser: argparse.ArgumentParser, output_help: str) -> None
     parser.add_argument("--bad-files", choices=BAD_FILE_MODES, default="stop",
                         help="stop: unusable photos are an error naming them; skip: leave them out (default stop)")
     parser.add_argument("--flip", action="store_true", help="random horizontal flip augmentation")
+    parser.add_argument("--shard-optimizer", action="store_true",
+                        help="under accelerate launch: each process keeps only its share of the optimizer states "
+                             "(ZeRO stage 1): AdamW's 6.9 GB of states for the SD1.5 UNet divided by the processes; "
+                             "the same training. Not with fused_backward or weight_precision bf16")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1 ...")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace --output if it holds another run (an identical run is always reused)")
@@ -418,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.config} was exported for {exported_for} process(es) but this launch has {world}: its global batch "
             f"is batch_size x gradient_accumulation x {exported_for}; launch it with --num_processes {exported_for} "
             "(or export it again for this count)")
-    processes = parallel.current()
+    processes = parallel.shard_optimizer_states(args.shard_optimizer)
     logging.basicConfig(level=logging.INFO if processes.main else logging.WARNING,
                         format=("" if processes.main else f"[rank {processes.rank}] ")
                         + "%(levelname)s %(name)s: %(message)s")

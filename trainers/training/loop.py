@@ -700,6 +700,8 @@ def run_training_loop(
             callbacks.on_stop(step, capture, current, error)
             raise
         if settings.save_every and step % settings.save_every == 0 and step < settings.steps:
+            if is_sharded(optimization.optimizer):  # every process sends its share of the states to the main one
+                optimization.optimizer.consolidate_state_dict(to=0)
             callbacks.on_save_point(step, capture, current)
     result.seconds = time.monotonic() - started
     callbacks.on_train_end(list(result.losses))
@@ -734,19 +736,41 @@ def mixed_precision_name(autocast_dtype: torch.dtype | None) -> str:
     return {None: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast_dtype]
 
 
-def make_optimizer(groups: list[dict[str, Any]], name: str) -> torch.optim.Optimizer:
-    """AdamW (torch's fused kernel where every weight allows it), Adafactor used like Adam (absolute
-    learning rate, no relative steps, no momentum), or bitsandbytes' AdamW8bit (CUDA)."""
+def optimizer_recipe(groups: list[dict[str, Any]], name: str) -> tuple[type, dict[str, Any]]:
+    """(optimizer class, its settings) for ``name``: AdamW (torch's fused kernel where every weight
+    allows it), Adafactor used like Adam (absolute learning rate, no relative steps, no momentum),
+    or bitsandbytes' AdamW8bit (CUDA)."""
     if name == "adamw":
-        return torch.optim.AdamW(groups, betas=ADAMW_BETAS, weight_decay=ADAMW_WEIGHT_DECAY, eps=ADAMW_EPS,
-                                 fused=_fused_adamw_fits(groups) or None)
+        return torch.optim.AdamW, dict(betas=ADAMW_BETAS, weight_decay=ADAMW_WEIGHT_DECAY, eps=ADAMW_EPS,
+                                       fused=_fused_adamw_fits(groups) or None)
     if name == "adafactor":
-        return Adafactor(groups, lr=groups[0]["lr"], weight_decay=0.0)
+        return Adafactor, dict(lr=groups[0]["lr"], weight_decay=0.0)
     if name == "adamw8bit":
         import bitsandbytes
 
-        return bitsandbytes.optim.AdamW8bit(groups, betas=ADAMW_BETAS, weight_decay=ADAMW_WEIGHT_DECAY, eps=ADAMW_EPS)
+        return bitsandbytes.optim.AdamW8bit, dict(betas=ADAMW_BETAS, weight_decay=ADAMW_WEIGHT_DECAY, eps=ADAMW_EPS)
     raise ConfigError(f"optimizer must be one of 'adamw', 'adafactor', 'adamw8bit' (got {name!r})")
+
+
+def make_optimizer(groups: list[dict[str, Any]], name: str, shard: bool = False) -> torch.optim.Optimizer:
+    """The optimizer ``name`` over ``groups``; with ``shard`` (several processes) each process
+    keeps the states of its share of the weights only and steps those (ZeRO stage 1, torch's
+    ZeroRedundancyOptimizer): the same update, the states' memory divided by the processes."""
+    cls, settings = optimizer_recipe(groups, name)
+    if not shard:
+        return cls(groups, **settings)
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    settings.pop("fused", None)  # each process's share may mix devices/dtypes less than the whole: plain kernel
+    settings.setdefault("lr", groups[0]["lr"])
+    optimizer = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=cls, **settings)
+    for group in groups[1:]:
+        optimizer.add_param_group(group)
+    return optimizer
+
+
+def is_sharded(optimizer: torch.optim.Optimizer) -> bool:
+    return type(optimizer).__name__ == "ZeroRedundancyOptimizer"
 
 
 def _fused_adamw_fits(groups: list[dict[str, Any]]) -> bool:
@@ -898,7 +922,13 @@ def build_optimization(
     groups: list[dict[str, Any]] = [{"params": stepped[:len(unet_params)], "lr": config.unet_lr}]
     if text_params:
         groups.append({"params": stepped[len(unet_params):], "lr": config.text_encoder_lr})
-    optimizer = make_optimizer(groups, config.optimizer)
+    processes = parallel.current()
+    shard = processes.several and processes.shard_optimizer
+    if shard and (in_backward or stand_ins is not None):
+        raise ConfigError("--shard-optimizer steps each process's share of the weights at the end of a step: it "
+                          "cannot run with fused_backward or weight_precision 'bf16'; turn those off or leave the "
+                          "optimizer states unsharded")
+    optimizer = make_optimizer(groups, config.optimizer, shard)
     scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps,
                               num_training_steps=config.steps)
     device = device if device is not None else (parameters[0].device if parameters else torch.device("cpu"))

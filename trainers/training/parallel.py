@@ -22,6 +22,7 @@ The launcher sets ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR`` and 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import os
@@ -46,6 +47,8 @@ class Processes:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    # the optimizer states split over the processes (ZeRO stage 1): see loop.make_optimizer
+    shard_optimizer: bool = False
 
     @property
     def main(self) -> bool:
@@ -154,6 +157,14 @@ def current() -> Processes:
         torch.distributed.init_process_group(backend="nccl" if cuda else "gloo", timeout=TIMEOUT)
     _CURRENT = Processes(rank=rank, world=world, local_rank=local_rank)
     logger.info("process %d of %d", rank, world)
+    return _CURRENT
+
+
+def shard_optimizer_states(on: bool) -> Processes:
+    """Ask for the optimizer states to be split over the processes of this launch (no effect on
+    one process); returns the processes."""
+    global _CURRENT
+    _CURRENT = dataclasses.replace(current(), shard_optimizer=bool(on))
     return _CURRENT
 
 
