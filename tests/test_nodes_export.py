@@ -61,6 +61,7 @@ def test_an_exported_run_trained_by_its_command_is_the_nodes_job_and_the_node_re
     run_folder = Path(env["folder_paths"].get_output_directory()) / "dreambooth_studio" / "runs" / "exported_lora"
     run = json.loads((run_folder / "run.json").read_text())
     assert run["processes"] == 2 and run["command"] == "lora"
+    assert command in (run_folder / "launch.sh").read_text()
     # the global batch 1 x 2 accumulation steps is shared by the 2 processes: 1 x 1 each
     assert (run["options"]["batch_size"], run["options"]["gradient_accumulation"]) == (1, 1)
     assert len(list((run_folder / "images").glob("*.png"))) == 4 == len(list((run_folder / "images").glob("*.txt")))

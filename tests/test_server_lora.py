@@ -169,6 +169,26 @@ def test_resolution_not_a_multiple_of_64_is_rejected(comfy_client, subject_folde
 LOADS = ("SD1.5 layout", "model weight dtype", "Requested to load", "loaded completely")  # model-load log lines
 
 
+def test_an_export_through_the_api_writes_the_run_and_runs_nothing_downstream(comfy_server, comfy_client,
+                                                                              subject_folder, test_models):
+    """export_processes 2: the prompt succeeds, the node shows the command, the run folder is
+    written, no model is loaded or trained, and the nodes after it (Apply LoRA, the sampler, the
+    image savers) are blocked without an error."""
+    graph = lora_graph(test_models["checkpoint"].name, "exported_via_api", steps=3, batch_size=1,
+                       gradient_accumulation=2, export_processes=2, sample_every=0, validate_every=0)
+    log_before = len(comfy_server.log_text())
+    result = comfy_client.run(graph, timeout=120).raise_for_status()
+    text = result.outputs["train"]["text"][0]
+    assert "accelerate launch --multi_gpu --num_processes 2 -m trainers lora --config" in text
+    run = comfy_server.base_dir / "output" / "dreambooth_studio" / "runs" / "exported_via_api"
+    assert (run / "run.json").is_file() and len(list((run / "images").glob("*.png"))) == 3
+    assert set(result.outputs) == {"train"}  # nothing downstream ran, and it is not an error
+    assert "exported_via_api.safetensors" not in loras(comfy_server)
+    this_run = comfy_server.log_text()[log_before:]  # (the graph's own checkpoint loader may run)
+    assert "SD1.5 layout" not in this_run and "LoRA training" not in this_run, this_run[-2000:]
+    assert "exported run" in this_run
+
+
 @pytest.mark.parametrize("case", ["broken checkpoint", "output holds another run"])
 def test_training_error_reaches_the_client_before_any_model_loads(comfy_server, comfy_client, subject_folder,
                                                                   test_models, trained_run, case):

@@ -6,6 +6,7 @@ A training node (or anyone) exports a run as a folder::
                                  "processes": N, "options": {<CLI option dest>: value, ...}}
     <run folder>/images/NNN.png the subject's training crops (8-bit, at the training resolution)
     <run folder>/images/NNN.txt their captions
+    <run folder>/launch.sh      the command that trains it
 
 and ``python -m trainers <command> --config run.json`` (under ``accelerate launch`` for several
 processes) trains the same job: the crops load back unchanged (a crop of the training size is
@@ -34,6 +35,7 @@ from .training.config import ConfigError
 
 RUN_FORMAT = "dreambooth-studio-run/1"
 RUN_FILE = "run.json"
+LAUNCH_FILE = "launch.sh"  # the command, beside the run file
 IMAGES = "images"
 MAX_PROCESSES = 1024
 # where `-m trainers` runs from: the folder that holds the trainers package
@@ -114,7 +116,10 @@ def write_run(folder: str | os.PathLike, *, command: str, processes: int, checkp
     run = {"format": RUN_FORMAT, "command": command, "processes": processes, "options": options}
     run_file = folder / RUN_FILE
     atomic_write_bytes(run_file, (json.dumps(run, indent=2, sort_keys=False) + "\n").encode("utf-8"))
-    return ExportedRun(folder, run_file, launch_command(run_file, command, processes))
+    shell = launch_command(run_file, command, processes)
+    atomic_write_bytes(folder / LAUNCH_FILE, f"#!/bin/sh\n# trains {run_file.name} ({processes} process(es))\n"
+                                              f"{shell}\n".encode())
+    return ExportedRun(folder, run_file, shell)
 
 
 def launch_command(run_file: Path, command: str, processes: int) -> str:
