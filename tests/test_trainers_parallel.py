@@ -265,3 +265,38 @@ def test_an_error_in_one_process_ends_the_launch_with_that_error_and_no_file(set
     assert code != 0 and not output.exists()
     assert "injected failure in process 1 at step 2" in err
     assert not list(tmp_path.glob("*.safetensors")) and not (tmp_path / output.stem).exists()
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("not json", "cannot read the run file"),
+    ('{"format": "other", "command": "lora", "options": {}}', "is not a run file"),
+    ('{"format": "dreambooth-studio-run/1", "command": "dreambooth", "options": {}}', "is a 'dreambooth' run"),
+    ('{"format": "dreambooth-studio-run/1", "command": "lora", "options": {"no_such": 1}}', "unknown option 'no_such'"),
+    ('{"format": "dreambooth-studio-run/1", "command": "lora", "options": {"flip": "yes"}}', "must be true or false"),
+    ('{"format": "dreambooth-studio-run/1", "command": "lora", "processes": 0, "options": {}}', "whole number >= 1"),
+    ('{"format": "dreambooth-studio-run/1", "command": "lora", "processes": 2, "options": {}}',
+     "exported for 2 process(es) but this launch has 1"),
+])
+def test_a_bad_run_file_is_refused_with_what_to_fix(tmp_path, capsys, content, message):
+    run = tmp_path / "run.json"
+    run.write_text(content)
+    code, _, err = run_cli(["lora", "--config", str(run)], capsys)
+    assert code == 2 and message in err, err[-2000:]
+
+
+def test_a_run_file_is_the_command_line_it_stands_for_and_the_command_line_wins(setup, tmp_path, capsys):
+    root, checkpoint, photos = setup
+    options = {"checkpoint": str(checkpoint), "images": "../" + photos.name, "instance_prompt": PROMPT,
+               "tokenizer": str(tokenizer_dir()), "resolution": 64, "steps": 2, "rank": 4, "flip": True,
+               "sample_every": 0, "validate_every": 0, "output": "from_file.safetensors"}
+    folder = root / "runs"
+    folder.mkdir(exist_ok=True)
+    (folder / "run.json").write_text(json.dumps({"format": "dreambooth-studio-run/1", "command": "lora",
+                                                 "processes": 1, "options": options}))
+    code, out, err = run_cli(["lora", "--config", str(folder / "run.json"), "--rank", "8"], capsys)
+    assert code == 0, err[-3000:]
+    written = folder / "from_file.safetensors"  # relative to the run file
+    assert f"saved {written}" in out
+    config = json.loads(metadata(written)["dbs.config"])
+    assert config["rank"] == 8 and config["steps"] == 2  # the command line overrode the file's rank
+    assert metadata(written)["ss_flip_aug"] == "True"
