@@ -48,7 +48,7 @@ def main() -> None:
     from safetensors import safe_open
 
     from tests.support.models import ensure_test_models
-    from tests.test_trainers_lora import synthetic_images
+    from tests.test_trainers_lora import write_photos
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=256)
@@ -58,12 +58,7 @@ def main() -> None:
     tokenizer = REPO / ".comfyui" / "ComfyUI" / "comfy" / "sd1_tokenizer"
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        photos = root / "photos"
-        photos.mkdir()
-        from PIL import Image
-
-        for i, image in enumerate(synthetic_images(4, args.size)):
-            Image.fromarray((image.numpy() * 255).astype("uint8")).save(photos / f"p{i}.png")
+        photos = write_photos(root / "photos", 4, args.size)
         common = ["--checkpoint", str(checkpoint), "--images", str(photos), "--instance-prompt", "a photo of sks toy",
                   "--tokenizer", str(tokenizer), "--resolution", str(args.size), "--steps", str(args.steps),
                   "--rank", "16", "--sample-every", "0", "--validate-every", "0", "--resume", "never",

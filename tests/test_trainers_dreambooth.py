@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 import trainers.data.class_images
 import trainers.sd15.checkpoint
 from tests.support.paths import repo_root, tokenizer_dir
-from tests.test_trainers_lora import PROMPT, Recorder, make_subject, run_cli, synthetic_images
+from tests.test_trainers_lora import PROMPT, Recorder, make_subject, run_cli, write_photos
 from trainers.data.class_images import MANIFEST
 from trainers.data.images import SubjectImageError
 from trainers.jobs import train_file
@@ -102,14 +102,6 @@ def metadata_of(path: Path) -> dict[str, str]:
     with safe_open(str(path), "pt") as handle:
         return dict(handle.metadata() or {})
 
-
-def write_photos(folder: Path, count: int, size: int = 64, start: int = 0) -> Path:
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, image in enumerate(synthetic_images(count + start, size)[start:]):
-        Image.fromarray((image.numpy() * 255).round().astype("uint8")).save(folder / f"img{start + i}.png")
-    return folder
 
 
 def dreambooth_job(base_file, out_dir: Path, name: str = "db.safetensors", subject=None, callbacks=None,

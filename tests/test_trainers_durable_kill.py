@@ -182,9 +182,7 @@ def run_cli(argv: list[str], log: Path, fault: tuple[str, int, str | None] | Non
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """A tiny base checkpoint and three photos (shared by every run; read only)."""
-    from PIL import Image
 
-    from tests.test_trainers_lora import synthetic_images
     from trainers.sd15 import placeholder
 
     # The fork server imports this module by name in each child: the repository must come first on
@@ -194,13 +192,11 @@ def inputs(tmp_path_factory):
     if sys.path[0] != repo:
         sys.path.insert(0, repo)
     _CONTEXT.set_forkserver_preload(PRELOAD)
+    from tests.test_trainers_lora import write_photos
+
     root = tmp_path_factory.mktemp("inputs")
     checkpoint = placeholder.write_random_sd15_checkpoint(root / "tiny.safetensors", size="tiny")
-    photos = root / "photos"
-    photos.mkdir()
-    for i, image in enumerate(synthetic_images(3, 64)):
-        Image.fromarray((image.numpy() * 255).astype("uint8")).save(photos / f"toy{i}.png")
-    return checkpoint, photos
+    return checkpoint, write_photos(root / "photos", 3, 64)
 
 
 def command(inputs, output: Path, states: Path) -> list[str]:

@@ -8,6 +8,7 @@ import logging
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,6 +62,16 @@ def synthetic_images(count: int = 4, size: int = 64) -> tuple[torch.Tensor, ...]
         image[20:28, x + 6 : x + 16] = torch.tensor([0.1, 0.1, 0.9])
         images.append(image)
     return tuple(images)
+
+
+def write_photos(folder: Path, count: int, size: int = 64, start: int = 0) -> Path:
+    """``count`` of the synthetic photos as PNG files img<i>.png in ``folder`` (created)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(synthetic_images(count + start, size)[start:]):
+        Image.fromarray((image.numpy() * 255).round().astype("uint8")).save(folder / f"img{start + i}.png")
+    return folder
 
 
 def make_subject(count: int = 4, flip: bool = False, captions: tuple[str, ...] | None = None) -> SubjectData:
@@ -736,14 +747,10 @@ def test_loss_curve_image_draws_axes_and_curves():
 
 
 def test_cli_trains_and_saves_with_a_progress_line(tmp_path, capsys):
-    from PIL import Image
 
     checkpoint = placeholder.write_random_sd15_checkpoint(tmp_path / "tiny.safetensors", size="tiny")
-    images = tmp_path / "photos"
-    images.mkdir()
-    for i, image in enumerate(synthetic_images(3, 96)):
-        Image.fromarray((image.numpy() * 255).astype("uint8")).save(images / f"toy{i}.png")
-    (images / "toy1.txt").write_text("a photo of sks toy, side view")
+    images = write_photos(tmp_path / "photos", 3, 96)
+    (images / "img1.txt").write_text("a photo of sks toy, side view")
     output = tmp_path / "out.safetensors"
     command = [
         sys.executable, "-m", "trainers", "lora", "--checkpoint", str(checkpoint), "--images", str(images),

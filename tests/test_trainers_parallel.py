@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from tests.support.paths import repo_root, tokenizer_dir
-from tests.test_trainers_lora import PROMPT, run_cli, synthetic_images
+from tests.test_trainers_lora import PROMPT, run_cli, write_photos
 from trainers.sd15 import placeholder
 
 pytestmark = pytest.mark.trainers
@@ -31,15 +31,9 @@ TOLERANCE = 1e-3
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from PIL import Image
-
     root = tmp_path_factory.mktemp("parallel")
     checkpoint = placeholder.write_random_sd15_checkpoint(root / "tiny.safetensors", size="tiny")
-    photos = root / "photos"
-    photos.mkdir()
-    for i, image in enumerate(synthetic_images(4, 96)):
-        Image.fromarray((image.numpy() * 255).astype("uint8")).save(photos / f"toy{i}.png")
-    return root, checkpoint, photos
+    return root, checkpoint, write_photos(root / "photos", 4, 96)
 
 
 def common(setup, output: Path, command: str = "lora") -> list[str]:

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from tests.support.paths import tokenizer_dir
-from tests.test_trainers_lora import PROMPT, make_subject, synthetic_images
+from tests.test_trainers_lora import PROMPT, make_subject, write_photos
 from trainers.cli import main as cli_main
 from trainers.jobs import Durability, train_file
 from trainers.sd15 import placeholder
@@ -330,10 +330,7 @@ def test_a_cancel_inside_a_sample_round_stops_at_once_and_writes_nothing_of_it(b
 
 def test_cli_prints_the_validation_loss_and_writes_the_sample_grid(tmp_path, capsys):
     checkpoint = placeholder.write_random_sd15_checkpoint(tmp_path / "tiny.safetensors", size="tiny")
-    images = tmp_path / "photos"
-    images.mkdir()
-    for i, image in enumerate(synthetic_images(3, 64)):
-        Image.fromarray((image.numpy() * 255).astype("uint8")).save(images / f"toy{i}.png")
+    images = write_photos(tmp_path / "photos", 3, 64)
     output = tmp_path / "out.safetensors"
     command = ["lora", "--checkpoint", str(checkpoint), "--images", str(images), "--instance-prompt", PROMPT,
                "--output", str(output), "--tokenizer", str(tokenizer_dir()), "--resolution", "64", "--steps", "4",
