@@ -493,19 +493,11 @@ def train_file(base_model: str | os.PathLike, subject: SubjectData, config: Trai
     check_memory(config, base_model, subject.resolution, device, images=len(subject), unet_last=late_unet,
                  samples=bool(watch is not None and watch.sample_every))
     callbacks = callbacks or TrainingCallbacks()
-    dtypes = load_dtypes(config, device)
-    parts = ("vae", "text_encoder") if late_unet else checkpoint.COMPONENTS
-    base = checkpoint.load_sd15(base_model, tokenizer_dir, dtypes, parts)
+    base = checkpoint.load_sd15(base_model, tokenizer_dir, load_dtypes(config, device),
+                                ("vae", "text_encoder") if late_unet else checkpoint.COMPONENTS)
     callbacks.on_base_loaded()
     try:
-        if device is not None:
-            for model in (base.unet, base.vae, base.text_encoder):
-                if not any(parameter.is_meta for parameter in model.parameters()):  # a part read later goes there then
-                    model.to(device)
-        # frozen parts leave memory once their outputs are cached (read back from base_model when needed)
-        residency = Residency(base, base_model)
-        if late_unet:
-            residency.not_loaded("unet", device or "cpu", dtypes["unet"])
+        residency = _place(base, base_model, config, device, late_unet)
         class_data = realize_prior(plan, base, class_cache_dir, callbacks.on_generate_step, tokenizer_dir)
         processes.barrier()  # the other processes read the class images now, and what resume found is read
         write_result = _writer(config.method, base, provenance, residency)
@@ -559,6 +551,21 @@ def train_file(base_model: str | os.PathLike, subject: SubjectData, config: Trai
                      validation_seconds=watched.validation_seconds, seconds=result.seconds, sample_dir=samples_to)
 
 
+def _place(base: SD15Components, base_model: Path, config: TrainConfig, device: str | torch.device | None,
+           late_unet: bool) -> Residency:
+    """Move the loaded parts to ``device`` and track where each part lives: frozen parts leave
+    memory once their outputs are cached (read back from base_model when needed), and with
+    ``late_unet`` the UNet is read only then."""
+    if device is not None:
+        for model in (base.unet, base.vae, base.text_encoder):
+            if not any(parameter.is_meta for parameter in model.parameters()):  # a part read later goes there then
+                model.to(device)
+    residency = Residency(base, base_model)
+    if late_unet:
+        residency.not_loaded("unet", device or "cpu", load_dtypes(config, device)["unet"])
+    return residency
+
+
 def _train_beside_main(processes: parallel.Processes, base_model: Path, subject: SubjectData, config: TrainConfig,
                        output: Path, tokenizer_dir: str | os.PathLike | None, plan: PriorPlan, provenance: Provenance,
                        train: Callable[..., Any], class_cache_dir: str | os.PathLike | None,
@@ -573,17 +580,10 @@ def _train_beside_main(processes: parallel.Processes, base_model: Path, subject:
     durability = durability or Durability()
     found = find_resume_state(durability, provenance.fingerprint, shown)
     late_unet = not plan.enabled or plan.folder_subject is not None
-    dtypes = load_dtypes(config, device)
-    base = checkpoint.load_sd15(base_model, tokenizer_dir, dtypes, ("vae", "text_encoder") if late_unet
-                                else checkpoint.COMPONENTS)
+    base = checkpoint.load_sd15(base_model, tokenizer_dir, load_dtypes(config, device),
+                                ("vae", "text_encoder") if late_unet else checkpoint.COMPONENTS)
     try:
-        if device is not None:
-            for model in (base.unet, base.vae, base.text_encoder):
-                if not any(parameter.is_meta for parameter in model.parameters()):
-                    model.to(device)
-        residency = Residency(base, base_model)
-        if late_unet:
-            residency.not_loaded("unet", device or "cpu", dtypes["unet"])
+        residency = _place(base, base_model, config, device, late_unet)
         processes.barrier()  # the main process has its class images and its resume state
         class_data = read_prior(plan, class_cache_dir)
         result = train(base, subject, config, TrainingCallbacks(), class_data, found[0] if found else None,
