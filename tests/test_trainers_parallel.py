@@ -294,3 +294,13 @@ def test_a_run_file_is_the_command_line_it_stands_for_and_the_command_line_wins(
     config = json.loads(metadata(written)["dbs.config"])
     assert config["rank"] == 8 and config["steps"] == 2  # the command line overrode the file's rank
     assert metadata(written)["ss_flip_aug"] == "True"
+
+
+@pytest.mark.parametrize("variable", ["ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"])
+def test_a_launch_asking_for_deepspeed_or_fsdp_is_refused_not_silently_ignored(setup, tmp_path, capsys,
+                                                                              monkeypatch, variable):
+    monkeypatch.setenv(variable, "true")  # what `accelerate launch --use_deepspeed / --use_fsdp` sets
+    output = tmp_path / "lora.safetensors"
+    code, _, err = run_cli(common(setup, output) + ["--steps", "1"], capsys)
+    assert code == 2 and "which the engine does not run" in err and "--shard-optimizer" in err
+    assert not output.exists()

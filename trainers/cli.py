@@ -416,6 +416,12 @@ def main(argv: list[str] | None = None) -> int:
             sub.error(str(error))
         at = argv.index(args.command)
         args = parser.parse_args([args.command, *options, *argv[at + 1 :]])  # the command line wins
+    plugin = parallel.unsupported_plugin()
+    if plugin is not None:  # it would be ignored: say so instead of training without what was asked
+        _subparser(parser, args.command).error(
+            f"this launch asks for accelerate's {plugin}, which the engine does not run (it keeps its own training "
+            "loop): launch without it; for less memory per GPU use --shard-optimizer (optimizer states split over "
+            "the processes), --optimizer adafactor, --fused-backward or --weight-precision bf16")
     world = parallel.launched_world()
     if exported_for is not None and exported_for != world:
         _subparser(parser, args.command).error(

@@ -131,6 +131,19 @@ def _buckets(tensors: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
     return buckets
 
 
+# Accelerate plugins that would take over the model and optimizer: the engine does not use them
+UNSUPPORTED_PLUGINS = {"ACCELERATE_USE_DEEPSPEED": "--use_deepspeed (DeepSpeed)", "ACCELERATE_USE_FSDP": "--use_fsdp (FSDP)",
+                       "ACCELERATE_USE_MEGATRON_LM": "--use_megatron_lm (Megatron-LM)"}
+
+
+def unsupported_plugin() -> str | None:
+    """The Accelerate plugin this launch asked for that the engine does not run (None: none)."""
+    for variable, name in UNSUPPORTED_PLUGINS.items():
+        if os.environ.get(variable, "").lower() in ("1", "true"):
+            return name
+    return None
+
+
 def launched_world() -> int:
     """How many processes the launcher started (1 when not launched by one)."""
     try:
