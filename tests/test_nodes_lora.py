@@ -63,9 +63,10 @@ def base_model(env):
 
 def test_trained_loras_are_saved_and_returned(env, trained):
     for out in trained.values():
-        lora_sd, name, curve, samples, best_lora, best_name = out.result
+        lora_sd, name, curve, samples, best_lora, best_name, launch_command = out.result
         # no fidelity models: the "best" LoRA is the final one
         assert best_name == name and best_lora.keys() == lora_sd.keys()
+        assert launch_command == ""  # trained here: nothing exported
         path = env["base"] / "models" / "loras" / name
         assert path.is_file(), path
         assert curve.ndim == 4 and curve.shape[-1] == 3
