@@ -143,24 +143,18 @@ def export_training_node(node_cls, config_cls, subject, ckpt_name: str, output_n
     """Write the run a training node would do as a run folder for the command line; nothing is
     trained or loaded. Returns (the command, the node's UI output)."""
     with user_facing_errors():
-        settings = dict(settings)
-        durability = durability_of(settings)
-        watch = watch_of(settings)
-        settings.pop("fidelity_models", None)
-        config = config_cls(**config_kwargs(config_cls, settings))
+        node = NodeInputs.of(config_cls, ckpt_name, output_name, class_folder, settings)
+        config, durability, stem = node.config, node.durability, node.stem
         split_batch(config, processes)  # a global batch the processes cannot share is an error here
-        checkpoint = model_path("checkpoints", ckpt_name)
-        stem = validate_output_name(output_name)
-        folder = resolve_class_folder(class_folder)
         runs = Path(folder_paths.get_output_directory()).joinpath(*RUNS_FOLDER)
         target = runs / stem
         if not contained(target, runs):
             raise ValueError(f"output name {stem!r} would be written outside output/{'/'.join(RUNS_FOLDER)}")
         kept = {"save_every": durability.save_every, "keep_last": durability.keep_last,
                 "resume": str(durability.resume), "save_on_cancel": durability.save_on_cancel}
-        exported = write_run(target, command=config.method, processes=processes, checkpoint=checkpoint,
+        exported = write_run(target, command=config.method, processes=processes, checkpoint=node.checkpoint,
                              tokenizer=tokenizer_dir(), subject=subject, config=config, output_name=stem,
-                             watch=watch, class_folder=folder, durability=kept)
+                             watch=node.watch, class_folder=node.class_folder, durability=kept)
     log.info("exported run %s for %d process(es): %s", exported.run_file, processes, exported.command)
     text = (f"Run written to output/{'/'.join(RUNS_FOLDER)}/{stem}/ (nothing trained). Train it with:\n"
             f"{exported.command}\nThen copy {stem}.safetensors from that folder into models/"
@@ -209,10 +203,32 @@ def fidelity_input() -> io.Input:
                 "has a file.")
 
 
-def scorer_of(settings: dict, subject, watch: WatchConfig):
-    """The sample scorer of a training node whose fidelity_models input is connected (popped from
-    ``settings``), or None; a wiring mistake is an error before anything loads."""
-    models = settings.pop("fidelity_models", None)
+@dataclass(frozen=True)
+class NodeInputs:
+    """A training node's inputs, checked, as training and exporting both read them."""
+
+    config: object  # the config_cls instance
+    durability: Durability
+    watch: WatchConfig
+    checkpoint: Path
+    stem: str  # the output name, validated
+    class_folder: Path | None
+    fidelity_models: object  # the fidelity_models input (None when not connected)
+
+    @classmethod
+    def of(cls, config_cls, ckpt_name: str, output_name: str, class_folder, settings: dict) -> NodeInputs:
+        settings = dict(settings)
+        durability = durability_of(settings)
+        watch = watch_of(settings)
+        fidelity_models = settings.pop("fidelity_models", None)
+        return cls(config=config_cls(**config_kwargs(config_cls, settings)), durability=durability, watch=watch,
+                   checkpoint=model_path("checkpoints", ckpt_name), stem=validate_output_name(output_name),
+                   class_folder=resolve_class_folder(class_folder), fidelity_models=fidelity_models)
+
+
+def scorer_of(models, subject, watch: WatchConfig):
+    """The sample scorer of a training node whose fidelity_models input is connected (``models``),
+    or None; a wiring mistake is an error before anything loads."""
     if scoring_inputs(models, subject, None) is None:
         return None
     if not watch.sample_every:
@@ -318,15 +334,11 @@ def run_training_node(node_cls, config_cls, subject, ckpt_name: str, output_name
                       class_folder, settings: dict) -> TrainedRun:
     """Train (or reuse) the file a training node asks for, reporting to the canvas as it goes."""
     with user_facing_errors():
-        settings = dict(settings)
-        durability = durability_of(settings)
-        watch = watch_of(settings)
-        scorer = scorer_of(settings, subject, watch)
-        config = config_cls(**config_kwargs(config_cls, settings))
-        checkpoint = model_path("checkpoints", ckpt_name)
-        stem = validate_output_name(output_name)
+        node = NodeInputs.of(config_cls, ckpt_name, output_name, class_folder, settings)
+        config, durability, watch, checkpoint, stem, folder = (node.config, node.durability, node.watch,
+                                                               node.checkpoint, node.stem, node.class_folder)
+        scorer = scorer_of(node.fidelity_models, subject, watch)
         output = output_model_path(MODEL_FOLDERS[config.method], stem)
-        folder = resolve_class_folder(class_folder)
         title = TITLES[config.method]
     hidden = getattr(node_cls, "hidden", None)  # None when execute is called outside ComfyUI's executor
     sample_dir = samples_dir(config.method, stem)

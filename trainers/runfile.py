@@ -85,10 +85,11 @@ def write_run(folder: str | os.PathLike, *, command: str, processes: int, checkp
     seen: dict[bytes, int] = {}
     for index, (image, caption) in enumerate(zip(subject.images, subject.captions, strict=True)):
         pixels = (image.detach().float().clamp(0, 1) * 255).round().to("cpu").byte().numpy()
-        if pixels.tobytes() in seen:
-            raise ValueError(f"training images {seen[pixels.tobytes()] + 1} and {index + 1} are identical: the "
+        content = pixels.tobytes()
+        if content in seen:
+            raise ValueError(f"training images {seen[content] + 1} and {index + 1} are identical: the "
                              "command line uses identical photos once; remove the duplicate before exporting")
-        seen[pixels.tobytes()] = index
+        seen[content] = index
         buffer = io.BytesIO()
         Image.fromarray(pixels).save(buffer, format="PNG")
         stem = f"{index + 1:0{digits}d}"

@@ -136,12 +136,19 @@ UNSUPPORTED_PLUGINS = {"ACCELERATE_USE_DEEPSPEED": "--use_deepspeed (DeepSpeed)"
                        "ACCELERATE_USE_MEGATRON_LM": "--use_megatron_lm (Megatron-LM)"}
 
 
+def _flag(variable: str) -> bool:
+    """Whether the launcher set ``variable`` on (Accelerate writes "true"/"True", some "1")."""
+    return os.environ.get(variable, "").lower() in ("1", "true")
+
+
+def uses_gpus() -> bool:
+    """Whether this launch trains on GPUs: CUDA is there and Accelerate was not told --cpu."""
+    return torch.cuda.is_available() and not _flag("ACCELERATE_USE_CPU")
+
+
 def unsupported_plugin() -> str | None:
     """The Accelerate plugin this launch asked for that the engine does not run (None: none)."""
-    for variable, name in UNSUPPORTED_PLUGINS.items():
-        if os.environ.get(variable, "").lower() in ("1", "true"):
-            return name
-    return None
+    return next((name for variable, name in UNSUPPORTED_PLUGINS.items() if _flag(variable)), None)
 
 
 def launched_world() -> int:
@@ -164,7 +171,7 @@ def current() -> Processes:
         return _CURRENT
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not torch.distributed.is_initialized():
-        cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true")
+        cuda = uses_gpus()
         if cuda:
             torch.cuda.set_device(local_rank)
         torch.distributed.init_process_group(backend="nccl" if cuda else "gloo", timeout=TIMEOUT)
@@ -184,9 +191,8 @@ def shard_optimizer_states(on: bool) -> Processes:
 def device_of(processes: Processes, requested: str) -> torch.device:
     """The device this process trains on: ``auto`` is its own GPU (``cuda:<local rank>``) when the
     launch uses GPUs, else the CPU; ``cuda`` means this process's GPU too."""
-    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
     if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() and not use_cpu else "cpu"
+        requested = "cuda" if uses_gpus() else "cpu"
     device = torch.device(requested)
     if device.type == "cuda" and device.index is None and processes.several:
         device = torch.device("cuda", processes.local_rank)
