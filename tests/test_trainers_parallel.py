@@ -140,6 +140,15 @@ def test_two_process_dreambooth_reads_the_class_images_the_main_process_made(set
     sets = [p for p in (root / "class-cache").iterdir() if p.is_dir()]
     assert len(sets) == 1 and len(list(sets[0].glob("*.png"))) == 2  # made once, by the main process
 
+    # --shard-gradients (ZeRO stage 2): each process keeps the gradients and optimizer states of
+    # its share of the weights only; the same training, and its save point gathers the states
+    (tmp_path / "zero2").mkdir()
+    zero2 = tmp_path / "zero2" / "db.safetensors"
+    code, out, err = finish(launch(common(setup, zero2, "dreambooth") + settings
+                                   + ["--batch-size", "1", "--shard-gradients", "--save-every", "1", "--keep-last", "0"]))
+    assert code == 0, err[-4000:]
+    assert (tmp_path / "zero2" / "db" / "db-step000001.safetensors").is_file()
+
     (tmp_path / "one").mkdir()
     one = tmp_path / "one" / "db.safetensors"
     code, out, err = run_cli(common(setup, one, "dreambooth") + settings + ["--batch-size", "2"], capsys)
@@ -160,12 +169,13 @@ def test_two_process_dreambooth_reads_the_class_images_the_main_process_made(set
         trained = load_file(str(path))
         return torch.cat([(trained[k].float() - base[k].float()).flatten() for k in unet])
 
-    parallel, single, other_seed = update(two), update(one), update(seed1)
+    parallel, single, other_seed, sharded = update(two), update(one), update(seed1), update(zero2)
     same = float((parallel - single).norm() / single.norm())
     different = float((other_seed - single).norm() / single.norm())
+    zero2_same = float((sharded - parallel).norm() / parallel.norm())
     print(f"dreambooth: UNet update norm {float(single.norm()):.4g}; 2 processes differ from 1 by {same:.3g} of it, "
-          f"another seed by {different:.3g}")
-    assert float(single.norm()) > 0.1 and same < 1e-2 and different > 0.3
+          f"--shard-gradients from unsharded by {zero2_same:.3g}, another seed by {different:.3g}")
+    assert float(single.norm()) > 0.1 and same < 1e-2 and zero2_same < 1e-2 and different > 0.3
 
 
 def rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
@@ -302,5 +312,51 @@ def test_a_launch_asking_for_deepspeed_or_fsdp_is_refused_not_silently_ignored(s
     monkeypatch.setenv(variable, "true")  # what `accelerate launch --use_deepspeed / --use_fsdp` sets
     output = tmp_path / "lora.safetensors"
     code, _, err = run_cli(common(setup, output) + ["--steps", "1"], capsys)
-    assert code == 2 and "which the engine does not run" in err and "--shard-optimizer" in err
+    assert code == 2 and "which the engine does not run" in err and "--shard-gradients" in err
     assert not output.exists()
+
+
+def _gradient_shards_process(rank: int, store: str, out: str) -> None:
+    """One of two processes: a small model, two accumulated backward passes on this process's
+    own rows, then GradientShards.finish; writes what this process holds."""
+    from trainers.training import parallel
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)  # the same starting weights in both processes
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        params = list(model.parameters())
+        shards = parallel.GradientShards(params, {p: i % 2 for i, p in enumerate(params)},
+                                         parallel.Processes(rank=rank, world=2))
+        rows = torch.Generator().manual_seed(100 + rank)
+        for _ in range(2):
+            (model(torch.randn(4, 6, generator=rows)).square().mean() / 2).backward()
+        held = [p.grad is not None for p in params]
+        norm = shards.finish(0.5)
+        shards.close()
+        torch.save({"held": held, "norm": norm, "grads": {i: p.grad for i, p in enumerate(params) if p.grad is not None}},
+                   Path(out) / f"{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_shard_gradients_keeps_each_process_s_share_only_and_gives_the_averaged_clipped_gradients(tmp_path):
+    # --shard-gradients (ZeRO stage 2): after the backward passes a process holds the gradients
+    # of its own share of the weights, and they are what averaging all of them over the
+    # processes and clip_grad_norm_ give
+    torch.multiprocessing.spawn(_gradient_shards_process, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    held = [torch.load(tmp_path / f"{rank}.pt") for rank in (0, 1)]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    params = list(model.parameters())
+    for rank in (0, 1):  # the same rows, all in one process: the mean of the two processes' gradients
+        rows = torch.Generator().manual_seed(100 + rank)
+        for _ in range(2):
+            (model(torch.randn(4, 6, generator=rows)).square().mean() / 4).backward()
+    norm = float(torch.nn.utils.clip_grad_norm_(params, 0.5))
+    assert norm > 0.5  # the clipping is exercised
+    for rank, result in enumerate(held):
+        assert result["held"] == [i % 2 == rank for i in range(len(params))]  # its share, nothing else
+        assert result["norm"] == pytest.approx(norm, rel=1e-5)  # the norm over both shares
+        for i, grad in result["grads"].items():
+            torch.testing.assert_close(grad, params[i].grad, rtol=1e-5, atol=1e-7)

@@ -365,11 +365,15 @@ class Optimization:
     keep_grad_buffers: bool = False
     # Steps weight by weight (fused_backward, bf16 weights); None: optimizer.step() on all at once.
     weight_steps: WeightSteps | None = None
+    # Several processes with --shard-gradients: each keeps its share of the gradients (ZeRO-2)
+    gradient_shards: parallel.GradientShards | None = None
 
     def close(self) -> None:
-        """Remove the backward hooks of fused_backward (the models outlive the run)."""
-        if self.weight_steps is not None:
-            self.weight_steps.close()
+        """Remove the backward hooks of fused_backward and --shard-gradients (the models outlive
+        the run)."""
+        for hooks in (self.weight_steps, self.gradient_shards):
+            if hooks is not None:
+                hooks.close()
 
 
 @dataclass
@@ -585,11 +589,14 @@ def finish_step(optimization: Optimization, max_grad_norm: float, step: int,
             raise NonFiniteLossError(step, "gradient", float(optimizer.param_groups[0]["lr"]))
         optimization.lr_scheduler.step()
         return norm
-    processes.average_gradients(optimization.parameters)
-    if scaler is not None:
-        scaler.unscale_(optimizer)
     limit = max_grad_norm if max_grad_norm > 0 else math.inf
-    norm = float(torch.nn.utils.clip_grad_norm_(optimization.parameters, limit))
+    if optimization.gradient_shards is not None:  # each process has the sums of its share only
+        norm = optimization.gradient_shards.finish(limit)
+    else:
+        processes.average_gradients(optimization.parameters)
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        norm = float(torch.nn.utils.clip_grad_norm_(optimization.parameters, limit))
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -924,15 +931,22 @@ def build_optimization(
         groups.append({"params": stepped[len(unet_params):], "lr": config.text_encoder_lr})
     processes = parallel.current()
     shard = processes.several and processes.shard_optimizer
+    flag = "--shard-gradients" if processes.shard_gradients else "--shard-optimizer"
     if shard and (in_backward or stand_ins is not None):
-        raise ConfigError("--shard-optimizer steps each process's share of the weights at the end of a step: it "
+        raise ConfigError(f"{flag} steps each process's share of the weights at the end of a step: it "
                           "cannot run with fused_backward or weight_precision 'bf16'; turn those off or leave the "
                           "optimizer states unsharded")
+    if shard and processes.shard_gradients and autocast_dtype == torch.float16:
+        raise ConfigError("--shard-gradients cannot run with fp16 gradient scaling (each process sees only its share "
+                          "of the gradients when the scaler checks them): set precision to 'bf16' or 'fp32', or use "
+                          "--shard-optimizer")
     optimizer = make_optimizer(groups, config.optimizer, shard)
     scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer, num_warmup_steps=config.lr_warmup_steps,
                               num_training_steps=config.steps)
     device = device if device is not None else (parameters[0].device if parameters else torch.device("cpu"))
     scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
+    gradient_shards = parallel.GradientShards(parameters, optimizer._param_to_rank, processes) \
+        if shard and processes.shard_gradients else None
     weight_steps = None
     if in_backward or stand_ins is not None:
         if scaler is not None:
@@ -942,4 +956,4 @@ def build_optimization(
                                    max_grad_norm=config.max_grad_norm, seed=config.seed,
                                    processes=parallel.current())
     return Optimization(optimizer, scheduler, parameters, scaler, keep_grad_buffers=keep_grad_buffers,
-                        weight_steps=weight_steps)
+                        weight_steps=weight_steps, gradient_shards=gradient_shards)
