@@ -52,6 +52,7 @@ class LoRATrain(io.ComfyNode):
                 *[config_input(LoRATrainConfig, name, optional=True) for name in PRIOR_FIELDS],
                 class_folder_input(),
                 config_input(LoRATrainConfig, "record_sources", optional=True),
+                config_input(LoRATrainConfig, "optimizer", optional=True),
                 *durability_inputs(),
                 *watch_inputs(),
                 fidelity_input(),

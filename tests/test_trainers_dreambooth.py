@@ -405,7 +405,7 @@ def test_bad_input_is_refused_before_the_model_loads(base_file, tmp_path, monkey
     [
         ({"unet_lr": float("nan")}, "unet_lr must be a finite number > 0 and <= 1.0 (got nan)"),
         ({"text_encoder_lr": -1e-6}, "text_encoder_lr must be 0 (frozen text encoder) or a finite number > 0"),
-        ({"optimizer": "sgd"}, "optimizer must be one of 'adamw', 'adafactor', 'adamw8bit' (got 'sgd')"),
+        ({"optimizer": "sgd"}, "optimizer must be one of 'adamw', 'adafactor', 'adamw8bit', 'prodigy' (got 'sgd')"),
         ({"class_images": -1}, "class_images must be 0 (prior preservation off) or a whole number >= 1"),
         ({"prior_loss_weight": float("inf")}, "prior_loss_weight must be a finite number >= 0"),
         ({"save_precision": "fp8"}, "save_precision must be one of 'fp16', 'bf16', 'fp32' (got 'fp8')"),
@@ -507,7 +507,7 @@ def test_cli_help_lists_the_config_options(capsys):
     assert caught.value.code == 0
     help_text = " ".join(capsys.readouterr().out.split())
     assert help_text.startswith("usage: python -m trainers dreambooth")
-    for option in ("--unet-lr", "--text-encoder-lr", "--optimizer {adamw,adafactor,adamw8bit}", "--fused-backward",
+    for option in ("--unet-lr", "--text-encoder-lr", "--optimizer {adamw,adafactor,adamw8bit,prodigy}", "--fused-backward",
                    "--weight-precision {fp32,bf16}", "--precision {auto,fp32,bf16,fp16}", "--class-images",
                    "--prior-loss-weight", "--class-seed", "--class-steps", "--save-precision",
                    "--gradient-checkpointing", "--class-folder", "--class-cache", "--tokenizer"):

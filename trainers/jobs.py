@@ -53,7 +53,13 @@ from .training.determinism import blas_reproducible, request_reproducible_blas
 from .training.dreambooth import save_dreambooth, train_dreambooth
 from .training.loop import SAVE_DTYPES, LoopState
 from .training.lora import save_lora, train_lora
-from .training.memory import check_memory, load_dtypes, lora_target_shapes, release_freed_memory
+from .training.memory import (
+    STATES_PER_WEIGHT,
+    check_memory,
+    load_dtypes,
+    lora_target_shapes,
+    release_freed_memory,
+)
 from .training.record import (
     Provenance,
     TrainConfig,
@@ -363,7 +369,7 @@ def _state_bytes(config: TrainConfig, file_bytes: int) -> int:
     """About how big a training state is: the trainable weights in fp32 and the optimizer's moments."""
     width = _BYTES[config.save_precision]
     weights = file_bytes // width * 4
-    moments = 2 if config.optimizer == "adamw" else 1
+    moments = STATES_PER_WEIGHT.get(config.optimizer, 1)
     return weights * (1 + moments)
 
 

@@ -49,8 +49,9 @@ from ..sd15.checkpoint import SD15Components
 from . import parallel
 from .adafactor import Adafactor
 from .callbacks import LossHistory, NonFiniteLossError, StepState, TrainingCallbacks, WithLossHistory
-from .config import ConfigError, DreamBoothTrainConfig, LoRATrainConfig, check_device
+from .config import OPTIMIZERS, ConfigError, DreamBoothTrainConfig, LoRATrainConfig, check_device
 from .parallel import SINGLE, Processes
+from .prodigy import Prodigy
 
 logger = logging.getLogger(__name__)
 
@@ -681,7 +682,7 @@ def run_training_loop(
     started = time.monotonic()
     watch.before_training(first - 1, result.history, callbacks)
     for step in range(first, settings.steps + 1):
-        lr = float(optimization.optimizer.param_groups[0]["lr"])
+        lr = step_lr(optimization.optimizer)
         loss, parts = train_step(models, sets, streams, settings, generator, optimization, step)
         state = StepState(
             step=step,
@@ -756,7 +757,27 @@ def optimizer_recipe(groups: list[dict[str, Any]], name: str) -> tuple[type, dic
         import bitsandbytes
 
         return bitsandbytes.optim.AdamW8bit, dict(betas=ADAMW_BETAS, weight_decay=ADAMW_WEIGHT_DECAY, eps=ADAMW_EPS)
-    raise ConfigError(f"optimizer must be one of 'adamw', 'adafactor', 'adamw8bit' (got {name!r})")
+    if name == "prodigy":
+        return Prodigy, dict(PRODIGY_SETTINGS)
+    raise ConfigError(f"optimizer must be one of {', '.join(map(repr, OPTIMIZERS))} (got {name!r})")
+
+
+# Prodigy as its authors advise for diffusion models: Adam's bias correction, the warm-up safeguard
+PRODIGY_SETTINGS = {"betas": ADAMW_BETAS, "weight_decay": ADAMW_WEIGHT_DECAY, "eps": ADAMW_EPS,
+                    "use_bias_correction": True, "safeguard_warmup": True, "d0": 1e-6}
+OPTIMIZER_DESCRIPTIONS = {
+    "adamw": ADAMW_DESCRIPTION,
+    "adafactor": "Adafactor(relative_step=False,scale_parameter=False,beta1=None)",
+    "adamw8bit": f"bitsandbytes.optim.AdamW8bit(betas={ADAMW_BETAS},weight_decay={ADAMW_WEIGHT_DECAY})",
+    "prodigy": "Prodigy(" + ",".join(f"{k}={v}" for k, v in PRODIGY_SETTINGS.items()) + ")",
+}
+
+
+def step_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The learning rate the next step applies to the first group: its ``lr``, times the step
+    size Prodigy estimated (``d``) for Prodigy."""
+    group = optimizer.param_groups[0]
+    return float(group["lr"]) * float(group.get("d", 1.0))
 
 
 def make_optimizer(groups: list[dict[str, Any]], name: str, shard: bool = False) -> torch.optim.Optimizer:
@@ -932,6 +953,13 @@ def build_optimization(
     processes = parallel.current()
     shard = processes.several and processes.shard_optimizer
     flag = "--shard-gradients" if processes.shard_gradients else "--shard-optimizer"
+    if shard and config.optimizer == "prodigy":
+        raise ConfigError(f"{flag} steps each process's share of the weights with its own optimizer, but 'prodigy' "
+                          "estimates one step size from all of them: leave the optimizer states unsharded, or use "
+                          "optimizer 'adamw' or 'adafactor'")
+    if config.optimizer == "prodigy" and config.unet_lr < 0.1:
+        logger.warning("optimizer 'prodigy' multiplies its estimated step size by the learning rate: unet_lr %g "
+                       "shrinks every step by that factor (1.0 is the usual setting)", config.unet_lr)
     if shard and (in_backward or stand_ins is not None):
         raise ConfigError(f"{flag} steps each process's share of the weights at the end of a step: it "
                           "cannot run with fused_backward or weight_precision 'bf16'; turn those off or leave the "

@@ -50,7 +50,7 @@ from ..sd15.checkpoint import SD15Components
 from .callbacks import LossHistory, NonFiniteLossError, TrainingCallbacks, WithLossHistory
 from .config import LoRATrainConfig
 from .loop import (
-    ADAMW_DESCRIPTION,
+    OPTIMIZER_DESCRIPTIONS,
     LoopModels,
     LoopSettings,
     LoopState,
@@ -317,7 +317,7 @@ def _lora_metadata(config: LoRATrainConfig, counts: tuple[int, int]) -> dict[str
         "ss_network_dim": str(config.rank),
         "ss_network_alpha": f"{config.effective_alpha:g}",
         "ss_network_train_unet_only": str(not config.train_text_encoder),
-        "ss_optimizer": ADAMW_DESCRIPTION,
+        "ss_optimizer": OPTIMIZER_DESCRIPTIONS[config.optimizer],
         "dbs.unet_modules": str(counts[0]),
         "dbs.text_encoder_modules": str(counts[1]),
         "dbs.lora_targets": json.dumps(

@@ -133,6 +133,10 @@ def _sizes(base_model: Path) -> _Sizes:
     return _Sizes(numel, largest, unet, text, lora_target_shapes(shapes))
 
 
+# fp32 states per trained weight (Adafactor's are factored: see _adafactor_states; AdamW8bit's are bytes)
+STATES_PER_WEIGHT = {"adamw": 2, "prodigy": 4}
+
+
 def _adafactor_states(shapes: Iterable[tuple[int, ...]]) -> int:
     """Elements of Adafactor's states without momentum: a tensor of 2+ dimensions keeps the mean
     square over its last dimension and over its second-to-last (a 3x3 convolution's states are
@@ -202,8 +206,8 @@ def plan_memory(config: Any, base_model: str | os.PathLike, resolution: int,
         lora = sum(config.rank * (n_in + n_out) for n_in, n_out, part in sizes.lora_pairs
                    if part == "unet" or train_text)
         trained, grads = lora * 4, lora * 4
-        states = 2 * lora * 4
-        parts += [("LoRA weights", trained), ("gradients", grads), ("AdamW states", states)]
+        states = STATES_PER_WEIGHT.get(config.optimizer, 1) * lora * 4
+        parts += [("LoRA weights", trained), ("gradients", grads), (f"{config.optimizer} states", states)]
     else:
         count = sizes.numel["unet"] + (sizes.numel["text_encoder"] if train_text else 0)
         trained_width = 2 if getattr(config, "weight_precision", "fp32") == "bf16" else 4
@@ -214,7 +218,7 @@ def plan_memory(config: Any, base_model: str | os.PathLike, resolution: int,
         elif config.optimizer == "adamw8bit":
             states = 2 * count
         else:
-            states = 2 * count * 4
+            states = STATES_PER_WEIGHT[config.optimizer] * count * 4
         parts += [("gradients", grads), (f"{config.optimizer} states", states)]
         if (getattr(config, "fused_backward", False) or getattr(config, "weight_precision", "fp32") == "bf16"
                 or config.optimizer != "adamw"):
