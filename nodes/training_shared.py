@@ -47,6 +47,8 @@ from .scoring import FIDELITY_MODELS, sample_scorer, scoring_inputs
 log = logging.getLogger(__name__)
 
 PRIOR_FIELDS = CLASS_IMAGE_FIELDS
+# the moving average of the trained weights: optional inputs of both training nodes
+EMA_FIELDS = ("ema_decay", "ema_on_cpu")
 GENERATE = "(generate from the base model)"
 # Where each method's files go, and the title of its loss curve.
 MODEL_FOLDERS = {"lora": "loras", "dreambooth": "checkpoints"}

@@ -675,7 +675,7 @@ OTHER_VALUES = {
     "cache_latents": False, "max_grad_norm": 0.5, "noise_offset": 0.05, "min_snr_gamma": 5.0, "class_images": 3,
     "prior_loss_weight": 0.5, "class_steps": 10, "class_guidance": 5.0, "class_seed": 1, "save_precision": "fp32",
     "optimizer": "adafactor", "record_sources": True, "fused_backward": True, "weight_precision": "bf16",
-    "gradient_accumulation": 2,
+    "gradient_accumulation": 2, "ema_decay": 0.99, "ema_on_cpu": True,
 }
 PRIOR_ONLY = {"prior_loss_weight", "class_steps", "class_guidance", "class_seed"}
 
@@ -696,6 +696,8 @@ def test_run_fingerprint_changes_with_each_input(subject, cls, name, prior):
         base["lr_scheduler"] = "constant"
     if name == "class_images":
         base["class_images"] = 0
+    if name == "ema_on_cpu":  # only with an EMA
+        base["ema_decay"] = 0.99
     config = cls(**base)
     changed_config = cls(**{**base, name: OTHER_VALUES[name]})
     assert getattr(changed_config, name) != getattr(config, name)

@@ -1,5 +1,6 @@
 """Training options beyond the base recipe, each shown to do what it says on the tiny model:
-the Prodigy optimizer (its own step size, from a tiny start, without a learning rate to tune)."""
+the Prodigy optimizer (its own step size, from a tiny start, without a learning rate to tune),
+the EMA of the trained weights (the hand-computed average is what is saved)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ import torch
 from safetensors import safe_open
 
 from tests.test_trainers_lora import Recorder, make_subject, tiny  # noqa: F401 - tiny is a fixture
+from tests.test_trainers_resume import FINGERPRINT, SavePoints, fresh
+from trainers.training.callbacks import TrainingCallbacks, TrainingStopped
 from trainers.training.config import ConfigError, DreamBoothTrainConfig, LoRATrainConfig, check_device
 from trainers.training.loop import PRODIGY_SETTINGS
 from trainers.training.lora import save_lora, train_lora
 from trainers.training.prodigy import Prodigy
+from trainers.training.state import newest_state
 
 pytestmark = pytest.mark.trainers
 
@@ -78,3 +82,60 @@ def test_optimizers_a_run_cannot_use_are_refused_with_what_to_use():
         check_device(LoRATrainConfig(optimizer="adamw8bit"), "cpu")
     with pytest.raises(ConfigError, match="optimizer must be one of 'adamw', 'adafactor', 'adamw8bit', 'prodigy'"):
         LoRATrainConfig(optimizer="sgd")
+
+
+class WeightsEachStep(TrainingCallbacks):
+    """The UNet's LoRA weights before the first step, after every step, and at the end."""
+
+    def __init__(self, unet) -> None:
+        super().__init__()
+        self.unet, self.seen, self.final = unet, [], None
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.unet.named_parameters() if "lora_" in n}
+
+    def on_train_begin(self, total_steps: int) -> None:
+        self.seen.append(self.weights())
+
+    def on_step_end(self, state) -> None:
+        self.seen.append(self.weights())
+
+    def on_train_end(self, losses) -> None:
+        self.final = self.weights()
+
+
+def test_ema_saves_the_hand_computed_average_of_the_weights_and_resumes_exactly(tiny, tmp_path):  # noqa: F811
+    subject = make_subject(count=3)
+    settings = {"steps": 5, "rank": 4, "unet_lr": 1e-2, "seed": 2}
+    watched = WeightsEachStep(tiny.unet)
+    result = train_lora(tiny, subject, LoRATrainConfig(**settings, ema_decay=0.7), watched)
+    average = watched.seen[0]  # it starts at the weights before training
+    for step, weights in enumerate(watched.seen[1:], start=1):
+        d = min(0.7, step / (step + 9))  # diffusers' warm-up, then the decay
+        average = {n: average[n] * d + weights[n] * (1 - d) for n in weights}
+    for name, tensor in watched.final.items():  # what the file is made of
+        torch.testing.assert_close(tensor, average[name], rtol=1e-6, atol=1e-9)
+        assert not torch.equal(tensor, watched.seen[-1][name]) or not tensor.any()  # not the last weights
+    plain = train_lora(tiny, subject, LoRATrainConfig(**settings))
+    assert plain.losses == result.losses  # the average does not change the training
+    assert any(not torch.equal(plain.state_dict[k], result.state_dict[k]) for k in plain.state_dict)
+    again = train_lora(tiny, subject, LoRATrainConfig(**settings, ema_decay=0.7))
+    assert save_lora(again, tmp_path / "b.safetensors").read_bytes() == \
+        save_lora(result, tmp_path / "a.safetensors").read_bytes()
+
+    # a training state holds the average: stopped after step 4 (state at 2) and resumed, the same file
+    config = LoRATrainConfig(**settings, ema_decay=0.7, text_encoder_lr=1e-3)
+    whole = train_lora(fresh(), subject, config)
+    with pytest.raises(TrainingStopped):
+        train_lora(fresh(), subject, config, SavePoints(tmp_path / "states", stop_after=4), save_every=2)
+    state, _ = newest_state(tmp_path / "states", FINGERPRINT)
+    assert state.step == 2 and state.average is not None
+    resumed = train_lora(fresh(), subject, config, resume=state)
+    assert all(torch.equal(resumed.state_dict[k], whole.state_dict[k]) for k in whole.state_dict)
+
+
+def test_ema_on_cpu_needs_an_ema():
+    with pytest.raises(ConfigError, match="ema_on_cpu has no effect with ema_decay 0"):
+        LoRATrainConfig(ema_on_cpu=True)
+    with pytest.raises(ConfigError, match="ema_decay must be 0 \\(off\\) or a finite number >= 0.5"):
+        DreamBoothTrainConfig(ema_decay=0.2)

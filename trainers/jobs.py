@@ -366,11 +366,12 @@ def find_resume_state(durability: Durability, fingerprint: str,
 
 
 def _state_bytes(config: TrainConfig, file_bytes: int) -> int:
-    """About how big a training state is: the trainable weights in fp32 and the optimizer's moments."""
+    """About how big a training state is: the trainable weights in fp32, the optimizer's moments
+    and the EMA of the weights."""
     width = _BYTES[config.save_precision]
     weights = file_bytes // width * 4
     moments = STATES_PER_WEIGHT.get(config.optimizer, 1)
-    return weights * (1 + moments)
+    return weights * (1 + moments + (1 if config.ema_decay else 0))
 
 
 def _recover_rescued(rescue_dir: Path | None, output: Path, fingerprint: str,

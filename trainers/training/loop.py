@@ -368,6 +368,8 @@ class Optimization:
     weight_steps: WeightSteps | None = None
     # Several processes with --shard-gradients: each keeps its share of the gradients (ZeRO-2)
     gradient_shards: parallel.GradientShards | None = None
+    # ema_decay: the moving average of the trained weights, updated after every step
+    average: WeightAverage | None = None
 
     def close(self) -> None:
         """Remove the backward hooks of fused_backward and --shard-gradients (the models outlive
@@ -390,6 +392,7 @@ class LoopState:
     generator: torch.Tensor  # the data generator's state
     pending: list[list[int]]  # each stream's image indices not yet used in this epoch
     history: LossHistory
+    average: list[torch.Tensor] | None = None  # the EMA of the trainable weights (ema_decay), same order
 
 
 def capture_state(step: int, optimization: Optimization, generator: torch.Generator,
@@ -406,6 +409,7 @@ def capture_state(step: int, optimization: Optimization, generator: torch.Genera
         generator=generator.get_state().clone(),
         pending=[list(stream._pending) for stream in streams],
         history=history.copy(),
+        average=list(optimization.average.average) if optimization.average is not None else None,
     )
 
 
@@ -417,6 +421,8 @@ def restore_state(state: LoopState, optimization: Optimization, generator: torch
         raise ValueError("the saved training state does not fit this run's trainable weights")
     if len(state.pending) != len(streams):
         raise ValueError("the saved training state has another number of image sets than this run")
+    if (state.average is None) != (optimization.average is None):
+        raise ValueError("the saved training state and this run differ in keeping an EMA of the weights")
     with torch.no_grad():
         for saved, param in zip(state.parameters, optimization.parameters, strict=True):
             param.copy_(saved.to(param.device, param.dtype))
@@ -424,6 +430,8 @@ def restore_state(state: LoopState, optimization: Optimization, generator: torch
     optimization.lr_scheduler.load_state_dict(state.lr_scheduler)
     if optimization.grad_scaler is not None and state.grad_scaler is not None:
         optimization.grad_scaler.load_state_dict(state.grad_scaler)
+    if optimization.average is not None:
+        optimization.average.load(state.average)
     generator.set_state(state.generator)
     for stream, pending in zip(streams, state.pending, strict=True):
         stream._pending = list(pending)
@@ -643,6 +651,8 @@ def train_step(models: LoopModels, sets: Sequence[TrainingSet], streams: Sequenc
         parts_total = [s + v / accumulation for s, v in zip(parts_total, values[1:], strict=True)]
         backward(loss / accumulation if accumulation > 1 else loss, optimization)
     finish_step(optimization, settings.max_grad_norm, step, processes)
+    if optimization.average is not None:
+        optimization.average.update(step)
     return total, parts_total
 
 
@@ -711,6 +721,8 @@ def run_training_loop(
             if is_sharded(optimization.optimizer):  # every process sends its share of the states to the main one
                 optimization.optimizer.consolidate_state_dict(to=0)
             callbacks.on_save_point(step, capture, current)
+    if optimization.average is not None:  # the final weights are the average
+        optimization.average.copy_to_weights()
     result.seconds = time.monotonic() - started
     callbacks.on_train_end(list(result.losses))
     return result
@@ -929,6 +941,41 @@ class WeightSteps:
         return self._generator.manual_seed(derive_seed(self.seed, f"rounding:{self._step}:{index}"))
 
 
+class WeightAverage:
+    """The exponential moving average (EMA) of the trained weights, in fp32 on ``device``: it
+    starts as the weights before training; after optimizer step k it becomes
+    ``d * average + (1 - d) * weights`` with ``d = min(decay, k / (k + 9))`` (diffusers' EMA
+    warm-up: the first steps' weights count more, the average is not stuck at the start)."""
+
+    def __init__(self, parameters: list[torch.nn.Parameter], decay: float, device: torch.device) -> None:
+        self.parameters = parameters
+        self.decay = decay
+        self.average = [p.detach().to(device=device, dtype=torch.float32, copy=True) for p in parameters]
+
+    def factor(self, step: int) -> float:
+        return min(self.decay, step / (step + 9))
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        d = self.factor(step)
+        for average, parameter in zip(self.average, self.parameters, strict=True):
+            average.mul_(d).add_(parameter.detach().to(average.device, torch.float32), alpha=1 - d)
+
+    @torch.no_grad()
+    def load(self, saved: Sequence[torch.Tensor] | None) -> None:
+        if saved is None or len(saved) != len(self.average) or any(
+                a.shape != b.shape for a, b in zip(saved, self.average, strict=True)):
+            raise ValueError("the saved training state's EMA does not fit this run's trainable weights")
+        for average, tensor in zip(self.average, saved, strict=True):
+            average.copy_(tensor)
+
+    @torch.no_grad()
+    def copy_to_weights(self) -> None:
+        """Make the average the weights (bf16 weights take it rounded to the nearest)."""
+        for average, parameter in zip(self.average, self.parameters, strict=True):
+            parameter.copy_(average)
+
+
 def build_optimization(
     config: LoRATrainConfig | DreamBoothTrainConfig,
     unet_params: list[torch.nn.Parameter],
@@ -983,5 +1030,8 @@ def build_optimization(
         weight_steps = WeightSteps(optimizer, parameters, stand_ins, in_backward=in_backward,
                                    max_grad_norm=config.max_grad_norm, seed=config.seed,
                                    processes=parallel.current())
+    average = None
+    if config.ema_decay:
+        average = WeightAverage(parameters, config.ema_decay, torch.device("cpu") if config.ema_on_cpu else device)
     return Optimization(optimizer, scheduler, parameters, scaler, keep_grad_buffers=keep_grad_buffers,
-                        weight_steps=weight_steps, gradient_shards=gradient_shards)
+                        weight_steps=weight_steps, gradient_shards=gradient_shards, average=average)

@@ -225,6 +225,9 @@ def plan_memory(config: Any, base_model: str | os.PathLike, resolution: int,
             # stepped weight by weight: fp32 copies of one weight and its gradient, the optimizer's
             # and the rounding's temporaries (about 4 fp32 tensors of the largest weight, measured)
             parts.append(("update buffers", UPDATE_BUFFERS * sizes.largest * 4))
+    if config.ema_decay and not (config.ema_on_cpu and kind == "cuda"):  # fp32, where training runs
+        trained_count = lora if config.method == "lora" else count
+        parts.append(("EMA weights", trained_count * 4))
     batch = config.batch_size * (2 if config.with_prior else 1)
     activations = activation_bytes(config, resolution, batch, compute)
     if not config.cache_latents:  # the VAE encodes the batch every step

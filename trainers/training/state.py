@@ -105,6 +105,7 @@ def write_state(root: str | os.PathLike, state: LoopState, fingerprint: str, job
         "grad_scaler": _flatten(state.grad_scaler, tensors, "grad_scaler"),
         "generator": _flatten(state.generator, tensors, "generator"),
         "pending": state.pending,
+        "average": _flatten(state.average, tensors, "average"),
         "history": [state.history.losses, state.history.instance_losses, state.history.prior_losses],
         "validation": [[step, loss] for step, loss in state.history.validation],
         "job": job,
@@ -179,6 +180,7 @@ def newest_state(root: str | os.PathLike, fingerprint: str) -> tuple[LoopState, 
             generator=_unflatten(data["generator"], tensors),
             pending=[[int(i) for i in stream] for stream in data["pending"]],
             history=history,
+            average=_unflatten(data.get("average"), tensors),
         ), folder
     return None
 
