@@ -11,6 +11,7 @@ from comfy_execution.graph_utils import ExecutionBlocker
 from ..trainers.training.config import DreamBoothTrainConfig
 from .bridge import CATEGORY, SUBJECT, config_input, user_facing_errors
 from .training_shared import (
+    CAPTION_FIELDS,
     EMA_FIELDS,
     PRIOR_FIELDS,
     check_inputs,
@@ -62,7 +63,7 @@ class DreamBoothTrain(io.ComfyNode):
                 *[config_input(DreamBoothTrainConfig, name, optional=True) for name in LEAN_FIELDS],
                 class_folder_input(),
                 config_input(DreamBoothTrainConfig, "record_sources", optional=True),
-                *[config_input(DreamBoothTrainConfig, name, optional=True) for name in EMA_FIELDS],
+                *[config_input(DreamBoothTrainConfig, name, optional=True) for name in EMA_FIELDS + CAPTION_FIELDS],
                 *durability_inputs(),
                 *watch_inputs(),
                 fidelity_input(),

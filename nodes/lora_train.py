@@ -8,6 +8,7 @@ from comfy_execution.graph_utils import ExecutionBlocker
 from ..trainers.training.config import LoRATrainConfig
 from .bridge import CATEGORY, SUBJECT, config_input
 from .training_shared import (
+    CAPTION_FIELDS,
     EMA_FIELDS,
     PRIOR_FIELDS,
     check_inputs,
@@ -54,7 +55,7 @@ class LoRATrain(io.ComfyNode):
                 class_folder_input(),
                 config_input(LoRATrainConfig, "record_sources", optional=True),
                 config_input(LoRATrainConfig, "optimizer", optional=True),
-                *[config_input(LoRATrainConfig, name, optional=True) for name in EMA_FIELDS],
+                *[config_input(LoRATrainConfig, name, optional=True) for name in EMA_FIELDS + CAPTION_FIELDS],
                 *durability_inputs(),
                 *watch_inputs(),
                 fidelity_input(),

@@ -676,6 +676,7 @@ OTHER_VALUES = {
     "prior_loss_weight": 0.5, "class_steps": 10, "class_guidance": 5.0, "class_seed": 1, "save_precision": "fp32",
     "optimizer": "adafactor", "record_sources": True, "fused_backward": True, "weight_precision": "bf16",
     "gradient_accumulation": 2, "ema_decay": 0.99, "ema_on_cpu": True,
+    "caption_dropout": 0.1, "shuffle_tags": True, "keep_tags": 2,
 }
 PRIOR_ONLY = {"prior_loss_weight", "class_steps", "class_guidance", "class_seed"}
 
@@ -698,6 +699,8 @@ def test_run_fingerprint_changes_with_each_input(subject, cls, name, prior):
         base["class_images"] = 0
     if name == "ema_on_cpu":  # only with an EMA
         base["ema_decay"] = 0.99
+    if name == "keep_tags":  # only with shuffle_tags
+        base["shuffle_tags"] = True
     config = cls(**base)
     changed_config = cls(**{**base, name: OTHER_VALUES[name]})
     assert getattr(changed_config, name) != getattr(config, name)

@@ -1,6 +1,7 @@
 """Training options beyond the base recipe, each shown to do what it says on the tiny model:
 the Prodigy optimizer (its own step size, from a tiny start, without a learning rate to tune),
-the EMA of the trained weights (the hand-computed average is what is saved)."""
+the EMA of the trained weights (the hand-computed average is what is saved), caption dropout
+and shuffled tags (their share and their order, drawn from the run's seed)."""
 
 from __future__ import annotations
 
@@ -139,3 +140,58 @@ def test_ema_on_cpu_needs_an_ema():
         LoRATrainConfig(ema_on_cpu=True)
     with pytest.raises(ConfigError, match="ema_decay must be 0 \\(off\\) or a finite number >= 0.5"):
         DreamBoothTrainConfig(ema_decay=0.2)
+
+
+def test_caption_dropout_drops_its_share_and_shuffled_tags_keep_the_leading_ones(tiny):  # noqa: F811
+    from trainers.training.loop import (
+        IndexStream,
+        LoopModels,
+        batch_conditioning,
+        draw_batch,
+        encode_text,
+        prepare_training_set,
+        tokenize,
+    )
+
+    caption = "sks toy, red, on grass, sunny, close-up"
+    training_set = prepare_training_set(torch.rand(4, 3, 64, 64), [caption, caption, "sks toy", caption],
+                                        vae=tiny.vae, text_encoder=tiny.text_encoder, tokenizer=tiny.tokenizer,
+                                        flip=False, cache_latents=True, cache_text=False, caption_dropout=True)
+    models = LoopModels(tiny.unet, tiny.vae, tiny.text_encoder, tiny.noise_scheduler)
+    generator = torch.Generator().manual_seed(0)
+    stream = IndexStream(4, generator)
+    dropped = 0
+    seconds = set()
+    for _ in range(100):  # 100 steps of batch 20
+        drawn = draw_batch(models, [training_set], [stream], 20, generator, caption_dropout=0.25, keep_tags=1)
+        dropped += int(drawn.dropped.sum())
+        for index, text in zip(drawn.indices[0].tolist(), drawn.texts, strict=True):
+            if index == 2:
+                assert text is None  # one tag: nothing to shuffle
+                continue
+            tags = text.split(", ")
+            assert sorted(tags) == sorted(caption.split(", ")) and tags[0] == "sks toy"  # the kept tag stays first
+            seconds.add(tags[1])
+    assert abs(dropped / 2000 - 0.25) < 0.03  # the share asked for (binomial sd 0.01)
+    assert seconds == {"red", "on grass", "sunny", "close-up"}  # every other tag moves around
+
+    # a dropped row is conditioned on the empty caption, a shuffled one on its shuffled text
+    with torch.no_grad():
+        conditioning = batch_conditioning(training_set, torch.tensor([0, 1]), tiny.text_encoder,
+                                          dropped=torch.tensor([True, False]),
+                                          texts=[None, "sks toy, sunny, red, close-up, on grass"])
+        expected = encode_text(tiny.text_encoder, tokenize(tiny.tokenizer, ["", "sks toy, sunny, red, close-up, on grass"]))
+    torch.testing.assert_close(conditioning, expected)
+
+
+def test_a_lora_with_caption_dropout_and_shuffled_tags_repeats_and_records_them(tiny, tmp_path):  # noqa: F811
+    subject = make_subject(count=3, captions=("sks toy, red, grass", "sks toy, blue, sand", "sks toy, studio"))
+    config = LoRATrainConfig(steps=4, rank=4, unet_lr=1e-3, caption_dropout=0.5, shuffle_tags=True, seed=4)
+    first = train_lora(tiny, subject, config)
+    path = save_lora(first, tmp_path / "a.safetensors")
+    assert save_lora(train_lora(tiny, subject, config), tmp_path / "b.safetensors").read_bytes() == path.read_bytes()
+    plain = train_lora(tiny, subject, LoRATrainConfig(steps=4, rank=4, unet_lr=1e-3, seed=4))
+    assert plain.losses != first.losses  # other conditioning, same images and noise
+    with safe_open(str(path), "pt") as handle:
+        meta = handle.metadata()
+    assert (meta["ss_caption_dropout_rate"], meta["ss_shuffle_caption"], meta["ss_keep_tokens"]) == ("0.5", "True", "1")

@@ -275,6 +275,12 @@ class _PriorFields:
         return self.prior_request.enabled
 
     @property
+    def cache_text(self) -> bool:
+        """Whether the captions' embeddings are computed once: the text encoder is frozen and the
+        captions do not change from step to step (shuffle_tags)."""
+        return not self.train_text_encoder and not self.shuffle_tags  # type: ignore[attr-defined]
+
+    @property
     def prior_request(self) -> PriorRequest:
         return PriorRequest(count=self.class_images, loss_weight=self.prior_loss_weight, seed=self.class_seed,
                             steps=self.class_steps, guidance=self.class_guidance)
@@ -404,6 +410,37 @@ def _ema_on_cpu(trained: str) -> Any:
     )
 
 
+def _caption_dropout() -> Any:
+    return _spec(
+        0.0, "Share of subject images trained with an empty caption instead of theirs (drawn each step): the "
+        "standard guard against a LoRA or model that only works with its exact caption, and what lets it "
+        "help unconditional guidance. 0.05-0.1 is typical. Class images keep their prompt. 0 = off.",
+        min=0, max=1.0, min_exclusive=True, zero_means="off", step=0.01, omit_at_default=True,
+    )
+
+
+def _shuffle_tags() -> Any:
+    return _spec(
+        False, "Shuffle the comma-separated tags of each subject caption every step, keeping the first keep_tags "
+        "in place: for tag-style captions ('sks dog, sitting, grass, sunny'), so the model does not learn their "
+        "order. The text encoder then stays in memory and encodes the captions every step.",
+        omit_at_default=True,
+    )
+
+
+def _keep_tags() -> Any:
+    return _spec(
+        1, "With shuffle_tags: how many leading tags stay where they are (the trigger words, e.g. 'sks dog').",
+        min=0, max=32, omit_at_default=True,
+    )
+
+
+def _check_captions(config: Any) -> None:
+    if config.keep_tags != 1 and not config.shuffle_tags:
+        raise ConfigError(f"keep_tags={config.keep_tags} has no effect without shuffle_tags: turn shuffle_tags on "
+                          "or leave keep_tags at 1")
+
+
 def _check_ema(config: Any) -> None:
     if config.ema_on_cpu and not config.ema_decay:
         raise ConfigError("ema_on_cpu has no effect with ema_decay 0 (no EMA): set ema_decay (e.g. 0.999) or turn "
@@ -473,10 +510,14 @@ class LoRATrainConfig(_PriorFields, _ValidatedConfig):
     )
     ema_decay: float = _ema_decay()
     ema_on_cpu: bool = _ema_on_cpu("a LoRA's are small: rarely worth it")
+    caption_dropout: float = _caption_dropout()
+    shuffle_tags: bool = _shuffle_tags()
+    keep_tags: int = _keep_tags()
 
     def _check_together(self) -> None:
         _check_warmup(self)
         _check_ema(self)
+        _check_captions(self)
 
     @property
     def effective_alpha(self) -> float:
@@ -552,10 +593,14 @@ class DreamBoothTrainConfig(_PriorFields, _ValidatedConfig):
     record_sources: bool = _record_sources()
     ema_decay: float = _ema_decay()
     ema_on_cpu: bool = _ema_on_cpu("3.4 GB for the SD1.5 UNet in fp32")
+    caption_dropout: float = _caption_dropout()
+    shuffle_tags: bool = _shuffle_tags()
+    keep_tags: int = _keep_tags()
 
     def _check_together(self) -> None:
         _check_warmup(self)
         _check_ema(self)
+        _check_captions(self)
         if self.fused_backward and self.gradient_accumulation > 1:
             raise ConfigError(f"fused_backward applies each weight's update as soon as its gradient is ready, so it "
                               f"cannot add up gradients over gradient_accumulation={self.gradient_accumulation} "

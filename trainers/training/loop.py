@@ -127,6 +127,9 @@ class TrainingSet:
     latent_mean: torch.Tensor | None = None  # (V, N, 4, h, w), V = 2 with flip (index 1 mirrored)
     latent_std: torch.Tensor | None = None
     pixels: torch.Tensor | None = None  # (N, 3, H, W) in [-1, 1] when latents are not cached
+    captions: list[str] = field(default_factory=list)  # (P,) the distinct captions, as input_ids holds them
+    tokenizer: Any = None  # for captions made while training (shuffle_tags)
+    empty_row: int | None = None  # the row of the empty caption in input_ids/embeddings (caption_dropout)
 
     @property
     def cached_latents(self) -> bool:
@@ -179,8 +182,10 @@ def prepare_training_set(
     flip: bool,
     cache_latents: bool,
     cache_text: bool,
+    caption_dropout: bool = False,
 ) -> TrainingSet:
-    """Tokenize captions and, as asked, encode latents and text embeddings once.
+    """Tokenize captions and, as asked, encode latents and text embeddings once (with
+    ``caption_dropout`` the empty caption's too).
 
     ``pixels`` is N x 3 x H x W in [0, 1] on the CPU. Cached tensors stay on the CPU in fp32.
     """
@@ -188,6 +193,8 @@ def prepare_training_set(
         raise ValueError(f"{len(pixels)} images but {len(captions)} captions")
     distinct = sorted(set(captions))
     caption_index = torch.tensor([distinct.index(c) for c in captions], dtype=torch.long)
+    if caption_dropout and "" not in distinct:
+        distinct.append("")
     input_ids = tokenize(tokenizer, distinct)
     embeddings = None
     if cache_text:
@@ -199,7 +206,8 @@ def prepare_training_set(
         )
     signed = pixels.float().clamp(0, 1) * 2 - 1
     training_set = TrainingSet(
-        count=len(pixels), flip=flip, caption_index=caption_index, input_ids=input_ids, embeddings=embeddings
+        count=len(pixels), flip=flip, caption_index=caption_index, input_ids=input_ids, embeddings=embeddings,
+        captions=distinct, tokenizer=tokenizer, empty_row=distinct.index("") if caption_dropout else None,
     )
     if cache_latents:
         variants = [signed, signed.flip(-1)] if flip else [signed]
@@ -212,12 +220,14 @@ def prepare_training_set(
 
 
 def prepare_training_sets(base: SD15Components, subject: SubjectData, class_subject: SubjectData | None, *,
-                          cache_latents: bool, cache_text: bool) -> tuple[TrainingSet, TrainingSet | None]:
-    """The subject's training set and, with prior preservation, the class images' one."""
+                          cache_latents: bool, cache_text: bool,
+                          caption_dropout: bool = False) -> tuple[TrainingSet, TrainingSet | None]:
+    """The subject's training set and, with prior preservation, the class images' one (whose
+    captions are never dropped)."""
     sets = [
         prepare_training_set(data.pixels(), data.captions, vae=base.vae, text_encoder=base.text_encoder,
                              tokenizer=base.tokenizer, flip=data.flip, cache_latents=cache_latents,
-                             cache_text=cache_text)
+                             cache_text=cache_text, caption_dropout=caption_dropout and data is subject)
         for data in ([subject] if class_subject is None else [subject, class_subject])
     ]
     return sets[0], (sets[1] if len(sets) > 1 else None)
@@ -244,14 +254,38 @@ def draw_flips(training_set: TrainingSet, n: int, generator: torch.Generator) ->
     return torch.randint(0, 2, (n,), generator=generator)
 
 
+def shuffled_caption(caption: str, keep: int, generator: torch.Generator) -> str | None:
+    """``caption``'s comma-separated tags after the first ``keep`` in a random order (joined by
+    ", "), or None when there are fewer than two tags to shuffle (nothing is drawn then)."""
+    tags = [tag.strip() for tag in caption.split(",")]
+    rest = tags[keep:]
+    if len(rest) < 2:
+        return None
+    order = torch.randperm(len(rest), generator=generator).tolist()
+    return ", ".join(tags[:keep] + [rest[i] for i in order])
+
+
 def batch_conditioning(
-    training_set: TrainingSet, indices: torch.Tensor, text_encoder: Any
+    training_set: TrainingSet, indices: torch.Tensor, text_encoder: Any,
+    dropped: torch.Tensor | None = None, texts: Sequence[str | None] | None = None,
 ) -> torch.Tensor:
-    """Text embeddings of the chosen images' captions: cached, or through the (trained) text encoder."""
+    """Text embeddings of the chosen images' captions: cached, or through the (trained) text
+    encoder. ``dropped`` rows take the empty caption; ``texts`` replace the captions of the rows
+    where they are not None (shuffled tags: encoded now, so the set caches no embeddings)."""
     rows = training_set.caption_index[indices]
+    if dropped is not None:
+        assert training_set.empty_row is not None
+        rows = torch.where(dropped, training_set.empty_row, rows)
+    input_ids = training_set.input_ids[rows]
+    if texts is not None and any(text is not None for text in texts):
+        input_ids = input_ids.clone()
+        for j, text in enumerate(texts):
+            if text is not None and not (dropped is not None and bool(dropped[j])):
+                input_ids[j] = tokenize(training_set.tokenizer, [text])[0]
+        return encode_text(text_encoder, input_ids)
     if training_set.embeddings is not None:
         return training_set.embeddings[rows]
-    return encode_text(text_encoder, training_set.input_ids[rows])
+    return encode_text(text_encoder, input_ids)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,6 +379,8 @@ class LoopSettings:
     save_every: int = 0  # steps between save points (callbacks.on_save_point); 0 = none
     accumulation: int = 1  # backward passes per optimizer step, each on batch_size rows
     processes: Processes = SINGLE  # data-parallel processes; batch_size is per process
+    caption_dropout: float = 0.0  # share of subject rows trained with the empty caption
+    keep_tags: int | None = None  # shuffle the subject captions' tags after this many (None: off)
 
     @classmethod
     def of(cls, config: LoRATrainConfig | DreamBoothTrainConfig, autocast_dtype: torch.dtype | None) -> LoopSettings:
@@ -352,7 +388,8 @@ class LoopSettings:
                    noise_offset=config.noise_offset, min_snr_gamma=config.min_snr_gamma,
                    max_grad_norm=config.max_grad_norm, prior_loss_weight=config.prior_loss_weight,
                    autocast_dtype=autocast_dtype, accumulation=config.gradient_accumulation,
-                   processes=parallel.current())
+                   processes=parallel.current(), caption_dropout=config.caption_dropout,
+                   keep_tags=config.keep_tags if config.shuffle_tags else None)
 
 
 @dataclass
@@ -475,6 +512,10 @@ class DrawnBatch:
     latent_eps: list[torch.Tensor]
     noise: torch.Tensor
     timesteps: torch.Tensor
+    # the subject set's rows trained with the empty caption (caption_dropout), and their
+    # captions with shuffled tags (shuffle_tags; None: unchanged)
+    dropped: torch.Tensor | None = None
+    texts: list[str | None] | None = None
 
 
 def latent_shape(training_set: TrainingSet, vae: Any) -> tuple[int, ...]:
@@ -488,8 +529,10 @@ def latent_shape(training_set: TrainingSet, vae: Any) -> tuple[int, ...]:
 
 
 def draw_batch(models: LoopModels, sets: Sequence[TrainingSet], streams: Sequence[IndexStream], count: int,
-               generator: torch.Generator, noise_offset: float = 0.0) -> DrawnBatch:
-    """Draw ``count`` rows of every set, in the order one process training on all of them draws."""
+               generator: torch.Generator, noise_offset: float = 0.0, caption_dropout: float = 0.0,
+               keep_tags: int | None = None) -> DrawnBatch:
+    """Draw ``count`` rows of every set, in the order one process training on all of them draws
+    (``keep_tags``: shuffle the subject captions' tags after that many; None: no shuffling)."""
     indices, flips, eps = [], [], []
     for training_set, stream in zip(sets, streams, strict=True):
         indices.append(stream.take(count))
@@ -502,7 +545,14 @@ def draw_batch(models: LoopModels, sets: Sequence[TrainingSet], streams: Sequenc
         noise = noise + noise_offset * torch.randn((rows, shape[1], 1, 1), generator=generator)
     timesteps = torch.randint(0, int(models.noise_scheduler.config.num_train_timesteps), (rows,),
                               generator=generator, dtype=torch.long)
-    return DrawnBatch(count, indices, flips, eps, noise, timesteps)
+    # drawn last, and only when on: a run without them draws what it always drew
+    dropped = torch.rand(count, generator=generator) < caption_dropout if caption_dropout > 0 else None
+    texts = None
+    if keep_tags is not None:
+        subject = sets[0]
+        texts = [shuffled_caption(subject.captions[int(subject.caption_index[i])], keep_tags, generator)
+                 for i in indices[0]]
+    return DrawnBatch(count, indices, flips, eps, noise, timesteps, dropped, texts)
 
 
 def shard_loss(models: LoopModels, sets: Sequence[TrainingSet], drawn: DrawnBatch, rows: range,
@@ -525,7 +575,10 @@ def shard_loss(models: LoopModels, sets: Sequence[TrainingSet], drawn: DrawnBatc
                 pixels = torch.where(flips.view(-1, 1, 1, 1).bool(), pixels.flip(-1), pixels)
                 mean, std = encode_latent_stats(models.vae, pixels)
             latents.append(mean + std * drawn.latent_eps[i][chosen])
-            conditioning.append(batch_conditioning(training_set, indices, models.text_encoder).to(device))
+            dropped = drawn.dropped[chosen] if i == 0 and drawn.dropped is not None else None
+            texts = [drawn.texts[j] for j in chosen.tolist()] if i == 0 and drawn.texts is not None else None
+            conditioning.append(batch_conditioning(training_set, indices, models.text_encoder, dropped, texts)
+                                .to(device))
             noise_rows.append(chosen + i * drawn.count)
         clean = torch.cat(latents)
         taken = torch.cat(noise_rows)
@@ -559,7 +612,8 @@ def compute_step_loss(
     generator: torch.Generator,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Draw one batch from every set, run the UNet once on all of it; (total loss, loss per set)."""
-    drawn = draw_batch(models, sets, streams, settings.batch_size, generator, settings.noise_offset)
+    drawn = draw_batch(models, sets, streams, settings.batch_size, generator, settings.noise_offset,
+                       settings.caption_dropout, settings.keep_tags)
     return shard_loss(models, sets, drawn, range(settings.batch_size), settings)
 
 
@@ -638,7 +692,8 @@ def train_step(models: LoopModels, sets: Sequence[TrainingSet], streams: Sequenc
     processes, accumulation = settings.processes, settings.accumulation
     lr = float(optimization.optimizer.param_groups[0]["lr"])
     count = settings.batch_size * processes.world * accumulation
-    drawn = draw_batch(models, sets, streams, count, generator, settings.noise_offset)
+    drawn = draw_batch(models, sets, streams, count, generator, settings.noise_offset, settings.caption_dropout,
+                       settings.keep_tags)
     begin_gradients(optimization, step)
     total, parts_total = 0.0, [0.0] * len(sets)
     for rows in processes.shard(count, accumulation):

@@ -384,13 +384,14 @@ def train_lora(
             if not train_text:
                 cast_frozen(text_encoder, frozen_dtype)
             instance, prior = prepare_training_sets(base, subject, class_subject, cache_latents=config.cache_latents,
-                                                    cache_text=not train_text)
+                                                    cache_text=config.cache_text,
+                                                    caption_dropout=config.caption_dropout > 0)
             models = LoopModels(unet, vae, text_encoder, base.noise_scheduler)
             settings = replace(LoopSettings.of(config, autocast_dtype), save_every=save_every)
             watcher = watcher_for(watch, models=models, tokenizer=base.tokenizer, instance=instance, prior=prior,
                                   settings=settings, subject=subject, sample_dir=sample_dir, run=run,
                                   residency=residency, text_trained=train_text)
-            after_caching(residency, cached_latents=instance.cached_latents, frozen_text=not train_text)
+            after_caching(residency, cached_latents=instance.cached_latents, frozen_text=config.cache_text)
             try:
                 tuners.append(
                     inject_lora(unet, unet_lora_targets(unet), config.rank, alpha, derive_seed(config.seed, "unet"))

@@ -200,7 +200,7 @@ def plan_memory(config: Any, base_model: str | os.PathLike, resolution: int,
     parts: list[tuple[str, int]] = [("runtime", runtime), ("UNet", weights["unet"])]
     if not config.cache_latents:
         parts.append(("VAE", weights["vae"]))
-    if train_text:
+    if not config.cache_text:  # trained, or encoding shuffled captions every step
         parts.append(("text encoder", weights["text_encoder"]))
     if config.method == "lora":
         lora = sum(config.rank * (n_in + n_out) for n_in, n_out, part in sizes.lora_pairs

@@ -178,6 +178,9 @@ def training_metadata(config: TrainConfig, subject: SubjectData, history: LossHi
         "ss_noise_offset": f"{config.noise_offset:g}",
         "ss_min_snr_gamma": f"{config.min_snr_gamma:g}",
         "ss_flip_aug": str(subject.flip),
+        # kohya's caption options, when on
+        **({"ss_caption_dropout_rate": f"{config.caption_dropout:g}"} if config.caption_dropout else {}),
+        **({"ss_shuffle_caption": "True", "ss_keep_tokens": str(config.keep_tags)} if config.shuffle_tags else {}),
         "ss_clip_skip": "1",
         # ours
         "dbs.kind": config.method,
