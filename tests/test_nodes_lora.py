@@ -48,7 +48,7 @@ def _train_node(env, name, text_encoder_lr=0.0, **overrides):
 @pytest.fixture(scope="module")
 def trained(env):
     unet_only = _train_node(env, "inproc_unet_only")
-    with_te = _train_node(env, "inproc_unet_te", text_encoder_lr=1e-5)
+    with_te = _train_node(env, "inproc_unet_te", text_encoder_lr=1e-5, conv_layers=True)  # and the convolutions
     return {"unet": unet_only, "te": with_te}
 
 
@@ -92,9 +92,15 @@ def test_comfy_loads_every_key(env, trained, base_model, which, caplog):
     modules = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in lora_sd}
     assert len(patches) == len(modules)
     unet_modules = [m for m in modules if m.startswith("lora_unet_")]
-    assert len(unet_modules) == 128  # every attention projection of SD1.5's UNet
+    attention = [m for m in unet_modules if "_attn" in m]
+    assert len(attention) == 128  # every attention projection of SD1.5's UNet
     if which == "te":
         assert len(modules) - len(unet_modules) == 48  # q/k/v/out of 12 CLIP layers
+        # conv_layers: the 3x3 convolutions of 22 ResNet blocks, 3 downsamplers and 3 upsamplers
+        assert len(unet_modules) - len(attention) == 50
+        assert all(lora_sd[f"{m}.lora_down.weight"].shape[2:] == (3, 3) for m in set(unet_modules) - set(attention))
+    else:
+        assert len(unet_modules) == 128
 
 
 def _encode(clip, text="a photo of sks toy"):
@@ -114,7 +120,7 @@ def test_scales_act_on_their_side_only(env, trained, base_model):
     assert m00 is model and c00 is clip  # nothing patched: identical to no LoRA
 
     m10, c10 = run(1.0, 0.0)
-    assert len(m10.patches) == 128 and c10 is clip
+    assert len(m10.patches) == 128 + 50 and c10 is clip  # attention and convolutions
     assert torch.equal(_encode(c10), base_cond)
 
     m01, c01 = run(0.0, 1.0)

@@ -441,15 +441,20 @@ def _lora_layer_count(model) -> int:
     return sum(isinstance(m, LoraLayer) for m in model.modules())
 
 
-@pytest.mark.parametrize("text_encoder_lr", [0.0, 1e-3], ids=["unet-only", "unet+text-encoder"])
-def test_diffusers_load_lora_weights_consumes_every_key(tiny, subject, tmp_path, text_encoder_lr):
-    """diffusers 0.42 (transformers 5) loads our kohya files, with and without text-encoder keys,
-    and the loaded pipeline computes exactly what the LoRA means (compared with a merged copy)."""
-    result = train_lora(tiny, subject, LoRATrainConfig(steps=4, unet_lr=1e-2, rank=4, alpha=2, text_encoder_lr=text_encoder_lr))
+@pytest.mark.parametrize(("text_encoder_lr", "conv_layers"), [(0.0, False), (1e-3, False), (0.0, True)],
+                         ids=["unet-only", "unet+text-encoder", "unet+conv"])
+def test_diffusers_load_lora_weights_consumes_every_key(tiny, subject, tmp_path, text_encoder_lr, conv_layers):
+    """diffusers 0.42 (transformers 5) loads our kohya files, with and without text-encoder keys
+    and convolution (LoCon) keys, and the loaded pipeline computes exactly what the LoRA means
+    (compared with a merged copy)."""
+    result = train_lora(tiny, subject, LoRATrainConfig(steps=4, unet_lr=1e-2, rank=4, alpha=2, text_encoder_lr=text_encoder_lr,
+                                                       conv_layers=conv_layers))
     path = save_lora(result, tmp_path / "lora.safetensors", dtype=None)
+    assert sorted(result.state_dict) == expected_kohya_keys(tiny.unet, tiny.text_encoder if text_encoder_lr else None,
+                                                            conv_layers)
     pipe = _pipeline(tiny)
     pipe.load_lora_weights(str(path))
-    assert _lora_layer_count(pipe.unet) == result.unet_modules == 32
+    assert _lora_layer_count(pipe.unet) == result.unet_modules == 32 + (18 if conv_layers else 0)
     assert _lora_layer_count(pipe.text_encoder) == result.text_encoder_modules
 
     merged_unet, merged_text = copy.deepcopy(tiny.unet), copy.deepcopy(tiny.text_encoder)
@@ -676,7 +681,7 @@ OTHER_VALUES = {
     "prior_loss_weight": 0.5, "class_steps": 10, "class_guidance": 5.0, "class_seed": 1, "save_precision": "fp32",
     "optimizer": "adafactor", "record_sources": True, "fused_backward": True, "weight_precision": "bf16",
     "gradient_accumulation": 2, "ema_decay": 0.99, "ema_on_cpu": True,
-    "caption_dropout": 0.1, "shuffle_tags": True, "keep_tags": 2,
+    "caption_dropout": 0.1, "shuffle_tags": True, "keep_tags": 2, "conv_layers": True,
 }
 PRIOR_ONLY = {"prior_loss_weight", "class_steps", "class_guidance", "class_seed"}
 

@@ -228,7 +228,7 @@ def estimated_file_bytes(base_model: Path, config: TrainConfig) -> int:
     shapes = checkpoint.weight_shapes(base_model)
     width = _BYTES[config.save_precision]
     if config.method == "lora":
-        total = sum(config.rank * (n_in + n_out) * width + 4 for n_in, n_out, part in lora_target_shapes(shapes)
+        total = sum(config.rank * (n_in + n_out) * width + 4 for n_in, n_out, part in lora_target_shapes(shapes, config.conv_layers)
                     if part == "unet" or config.train_text_encoder)
         return total + _HEADER_ROOM
     count = sum(_numel(shape) for key, shape in shapes.items() if not key.startswith("model_ema."))

@@ -76,6 +76,9 @@ UNET_PREFIX = "lora_unet_"
 TEXT_ENCODER_PREFIX = "lora_te_"
 
 _UNET_TARGET = re.compile(r"(^|\.)transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")
+# conv_layers (LoCon): the 3x3 convolutions of the ResNet blocks and of the down/upsamplers (not
+# conv_in/conv_out), as kohya's conv_dim and LyCORIS' LoCon take them
+_UNET_CONV_TARGET = re.compile(r"(^|\.)(resnets\.\d+\.(conv1|conv2)|downsamplers\.\d+\.conv|upsamplers\.\d+\.conv)$")
 _TEXT_TARGET = re.compile(r"(^|\.)encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)$")
 # transformers 4 nests CLIP's modules under ``text_model``; 5 does not. Kohya names always have it.
 _TEXT_MODEL = "text_model."
@@ -86,12 +89,14 @@ _TEXT_MODEL = "text_model."
 # ---------------------------------------------------------------------------------------------
 
 
-def unet_lora_targets(unet: torch.nn.Module) -> list[str]:
-    """Module paths of the UNet attention projections that get LoRA layers."""
+def unet_lora_targets(unet: torch.nn.Module, conv_layers: bool = False) -> list[str]:
+    """Module paths of the UNet attention projections that get LoRA layers (and with
+    ``conv_layers`` the 3x3 convolutions of the ResNet blocks and down/upsamplers)."""
     return [
         name
         for name, module in unet.named_modules()
-        if _UNET_TARGET.search(name) and isinstance(module, torch.nn.Linear)
+        if (_UNET_TARGET.search(name) and isinstance(module, torch.nn.Linear))
+        or (conv_layers and _UNET_CONV_TARGET.search(name) and isinstance(module, torch.nn.Conv2d))
     ]
 
 
@@ -114,16 +119,17 @@ def kohya_text_encoder_name(module_path: str) -> str:
     return TEXT_ENCODER_PREFIX + (_TEXT_MODEL + module_path).replace(".", "_")
 
 
-def expected_kohya_keys(unet: torch.nn.Module, text_encoder: torch.nn.Module | None = None) -> list[str]:
+def expected_kohya_keys(unet: torch.nn.Module, text_encoder: torch.nn.Module | None = None,
+                        conv_layers: bool = False) -> list[str]:
     """Every tensor name a LoRA of these models holds (text encoder ones only if it is given)."""
-    modules = [kohya_unet_name(n) for n in unet_lora_targets(unet)]
+    modules = [kohya_unet_name(n) for n in unet_lora_targets(unet, conv_layers)]
     if text_encoder is not None:
         modules += [kohya_text_encoder_name(n) for n in text_encoder_lora_targets(text_encoder)]
     return sorted(f"{m}.{suffix}" for m in modules for suffix in ("lora_down.weight", "lora_up.weight", "alpha"))
 
 
-def _module_table(unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> dict[str, torch.nn.Linear]:
-    table = {kohya_unet_name(n): unet.get_submodule(n) for n in unet_lora_targets(unet)}
+def _module_table(unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> dict[str, torch.nn.Module]:
+    table = {kohya_unet_name(n): unet.get_submodule(n) for n in unet_lora_targets(unet, conv_layers=True)}
     if text_encoder is not None:
         table.update(
             {kohya_text_encoder_name(n): text_encoder.get_submodule(n) for n in text_encoder_lora_targets(text_encoder)}
@@ -209,7 +215,8 @@ def apply_lora(
 ) -> dict[str, int]:
     """Merge a kohya LoRA into the weights of ``unet`` / ``text_encoder`` IN PLACE (pass copies).
 
-    ``W += scale * alpha / rank * up @ down``. Returns ``{"unet": n, "text_encoder": m}`` modules
+    ``W += scale * alpha / rank * up @ down`` (for a convolution, its kernel ``down`` as a matrix
+    of rank x (in x kh x kw) and ``up`` as out x rank, the product reshaped to the kernel). Returns ``{"unet": n, "text_encoder": m}`` modules
     patched; raises ValueError listing keys that match no module of these models.
     """
     table = _module_table(unet, text_encoder)
@@ -227,7 +234,8 @@ def apply_lora(
         is_unet = name.startswith(UNET_PREFIX)
         scale = (unet_scale if is_unet else text_encoder_scale) * alpha / rank
         layer = table[name]
-        layer.weight += (scale * (up @ down)).to(layer.weight.device, layer.weight.dtype)
+        delta = up.flatten(1) @ down.flatten(1)
+        layer.weight += (scale * delta.reshape(layer.weight.shape)).to(layer.weight.device, layer.weight.dtype)
         counts["unet" if is_unet else "text_encoder"] += 1
     return counts
 
@@ -318,11 +326,15 @@ def _lora_metadata(config: LoRATrainConfig, counts: tuple[int, int]) -> dict[str
         "ss_network_alpha": f"{config.effective_alpha:g}",
         "ss_network_train_unet_only": str(not config.train_text_encoder),
         "ss_optimizer": OPTIMIZER_DESCRIPTIONS[config.optimizer],
+        # kohya's LoCon arguments (the convolutions with the same rank and alpha), when on
+        **({"ss_network_args": json.dumps({"conv_dim": str(config.rank), "conv_alpha": f"{config.effective_alpha:g}"})}
+           if config.conv_layers else {}),
         "dbs.unet_modules": str(counts[0]),
         "dbs.text_encoder_modules": str(counts[1]),
         "dbs.lora_targets": json.dumps(
             {
-                "unet": "transformer_blocks.*.attn1/attn2.to_q,to_k,to_v,to_out.0",
+                "unet": "transformer_blocks.*.attn1/attn2.to_q,to_k,to_v,to_out.0"
+                + ("; resnets.*.conv1,conv2; downsamplers/upsamplers.*.conv" if config.conv_layers else ""),
                 "text_encoder": "encoder.layers.*.self_attn.q_proj,k_proj,v_proj,out_proj"
                 if config.train_text_encoder
                 else "",
@@ -394,7 +406,8 @@ def train_lora(
             after_caching(residency, cached_latents=instance.cached_latents, frozen_text=config.cache_text)
             try:
                 tuners.append(
-                    inject_lora(unet, unet_lora_targets(unet), config.rank, alpha, derive_seed(config.seed, "unet"))
+                    inject_lora(unet, unet_lora_targets(unet, config.conv_layers), config.rank, alpha,
+                                derive_seed(config.seed, "unet"))
                 )
                 if train_text:
                     tuners.append(

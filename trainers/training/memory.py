@@ -95,6 +95,7 @@ class _Sizes:
     unet_tensors: list[tuple[int, ...]]  # shapes of the UNet's tensors (for Adafactor's factored states)
     text_tensors: list[tuple[int, ...]]
     lora_pairs: list[tuple[int, int, str]]  # (in, out, part) of every LoRA target
+    conv_pairs: list[tuple[int, int, str]]  # and of the convolutions conv_layers adds
 
 
 # The weights a LoRA adapts, as named in a single file (LDM) or a diffusers folder.
@@ -102,9 +103,23 @@ LORA_UNET_TARGET = re.compile(r"transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to
 LORA_TEXT_TARGET = re.compile(r"encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)\.weight$")
 
 
-def lora_target_shapes(shapes: dict[str, tuple[int, ...]]) -> list[tuple[int, int, str]]:
-    """(in, out, "unet" or "text_encoder") of every weight a LoRA adapts."""
-    found = []
+# The UNet's 3x3 convolutions but conv_in/conv_out (LDM: input_blocks.0.0, out.2), which
+# conv_layers adapts; a single file's and a diffusers folder's UNet keys
+_UNET_KEY = re.compile(r"^(model\.diffusion_model\.|unet\.)")
+_UNET_CONV_EDGES = re.compile(r"(input_blocks\.0\.0|\.out\.2|conv_in|conv_out)\.weight$")
+
+
+def lora_conv_shapes(shapes: dict[str, tuple[int, ...]]) -> list[tuple[int, int, str]]:
+    """(in x kh x kw, out, "unet") of every convolution ``conv_layers`` adapts."""
+    return [(shape[1] * 9, shape[0], "unet") for key, shape in shapes.items()
+            if len(shape) == 4 and shape[2:] == (3, 3) and _UNET_KEY.search(key) and not _UNET_CONV_EDGES.search(key)]
+
+
+def lora_target_shapes(shapes: dict[str, tuple[int, ...]],
+                       conv_layers: bool = False) -> list[tuple[int, int, str]]:
+    """(in, out, "unet" or "text_encoder") of every weight a LoRA adapts (with ``conv_layers``
+    the convolutions too: :func:`lora_conv_shapes`)."""
+    found = lora_conv_shapes(shapes) if conv_layers else []
     for key, shape in shapes.items():
         if len(shape) != 2:
             continue
@@ -130,7 +145,7 @@ def _sizes(base_model: Path) -> _Sizes:
         numel[owner] += math.prod(shapes[key])
         (unet if owner == "unet" else text if owner == "text_encoder" else []).append(shapes[key])
     largest = max((math.prod(shape) for key, shape in shapes.items() if key in owners), default=0)
-    return _Sizes(numel, largest, unet, text, lora_target_shapes(shapes))
+    return _Sizes(numel, largest, unet, text, lora_target_shapes(shapes), lora_conv_shapes(shapes))
 
 
 # fp32 states per trained weight (Adafactor's are factored: see _adafactor_states; AdamW8bit's are bytes)
@@ -203,8 +218,8 @@ def plan_memory(config: Any, base_model: str | os.PathLike, resolution: int,
     if not config.cache_text:  # trained, or encoding shuffled captions every step
         parts.append(("text encoder", weights["text_encoder"]))
     if config.method == "lora":
-        lora = sum(config.rank * (n_in + n_out) for n_in, n_out, part in sizes.lora_pairs
-                   if part == "unet" or train_text)
+        pairs = sizes.lora_pairs + (sizes.conv_pairs if config.conv_layers else [])
+        lora = sum(config.rank * (n_in + n_out) for n_in, n_out, part in pairs if part == "unet" or train_text)
         trained, grads = lora * 4, lora * 4
         states = STATES_PER_WEIGHT.get(config.optimizer, 1) * lora * 4
         parts += [("LoRA weights", trained), ("gradients", grads), (f"{config.optimizer} states", states)]
