@@ -217,3 +217,33 @@ def test_training_error_reaches_the_client_before_any_model_loads(comfy_server, 
     assert (name in before_files) == (case != "broken checkpoint")
 
 
+
+
+def test_a_run_with_the_training_options_on_saves_them_and_the_loop_applies_it(comfy_server, comfy_client,
+                                                                                subject_folder, test_models):
+    """LoRA Train through /prompt with Prodigy, the EMA, caption dropout and LoRA on the
+    convolutions: the file records them and the loop's sampler runs with it applied (every key
+    loaded); a hostile optimizer name is an error naming the choices, before any model loads."""
+    from safetensors import safe_open
+
+    options = {"optimizer": "prodigy", "unet_lr": 1.0, "ema_decay": 0.9, "caption_dropout": 0.5, "conv_layers": True,
+               "sample_every": 0, "validate_every": 0}
+    graph = lora_graph(test_models["checkpoint"].name, "options_lora", steps=2, prefix="options_e2e", **options)
+    log_before = len(comfy_server.log_text())
+    result = comfy_client.run(graph, timeout=600).raise_for_status()
+    assert [p["value"] for p in result.progress_for("train")] == [1, 2]
+    assert saved_image(comfy_server, result).shape == (64, 64, 3)
+    this_run = comfy_server.log_text()[log_before:]
+    assert "lora key not loaded" not in this_run and "178 UNet" in this_run, this_run[-2000:]
+    with safe_open(str(comfy_server.models_dir / "loras" / "options_lora.safetensors"), "pt") as handle:
+        meta = handle.metadata()
+    assert meta["ss_optimizer"].startswith("Prodigy(") and meta["ss_caption_dropout_rate"] == "0.5"
+    assert '"conv_dim"' in meta["ss_network_args"] and '"ema_decay": 0.9' in meta["dbs.config"]
+
+    graph = lora_graph(test_models["checkpoint"].name, "never_written_options", steps=2, **{**options, "optimizer": "sgd"})
+    graph = {node: graph[node] for node in ("subject", "train")}
+    result = comfy_client.run(graph, timeout=120)
+    assert result.status == "error" and result.error["node_id"] == "train"
+    assert "optimizer must be one of 'adamw', 'adafactor', 'adamw8bit', 'prodigy' (got 'sgd')" in \
+        result.error["exception_message"]
+    assert "never_written_options.safetensors" not in loras(comfy_server)
