@@ -511,7 +511,7 @@ class LoRATrainConfig(_PriorFields, _ValidatedConfig):
     conv_layers: bool = _spec(
         False, "Also put LoRA layers (with the same rank and alpha) on the UNet's 3x3 convolutions, in its ResNet "
         "blocks and down/upsamplers (LoCon, kohya's conv_dim): they learn textures and fine detail the attention "
-        "layers alone miss, for a larger file (about 2.5x at the same rank). Loads in ComfyUI, A1111/Forge.",
+        "layers alone miss, for a larger file (the UNet part 3.7x: 6.4 -> 23.8 MB at rank 16, fp16). Loads in ComfyUI, A1111/Forge.",
         omit_at_default=True,
     )
     ema_decay: float = _ema_decay()
