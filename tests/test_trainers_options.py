@@ -124,8 +124,9 @@ def test_ema_saves_the_hand_computed_average_of_the_weights_and_resumes_exactly(
     assert save_lora(again, tmp_path / "b.safetensors").read_bytes() == \
         save_lora(result, tmp_path / "a.safetensors").read_bytes()
 
-    # a training state holds the average: stopped after step 4 (state at 2) and resumed, the same file
-    config = LoRATrainConfig(**settings, ema_decay=0.7, text_encoder_lr=1e-3)
+    # a training state on disk holds the average (and Prodigy's step size and sums): stopped after
+    # step 4 (state at 2) and resumed, the same file
+    config = LoRATrainConfig(**{**settings, "unet_lr": 1.0}, ema_decay=0.7, text_encoder_lr=0.5, optimizer="prodigy")
     whole = train_lora(fresh(), subject, config)
     with pytest.raises(TrainingStopped):
         train_lora(fresh(), subject, config, SavePoints(tmp_path / "states", stop_after=4), save_every=2)
