@@ -29,11 +29,18 @@ FIT_AND_MEASURE_JS = """([left, top, right, bottom]) => {
     c.setDirty(true, true);
     c.draw(true, true);
     const screen = (x, y) => { const [sx, sy] = c.ds.convertOffsetToCanvas([x, y]); return [rect.left + sx, rect.top + sy]; };
-    const seen = ([x, y]) => document.elementFromPoint(x, y) === c.canvas;
+    // a point shows the node when the canvas is on top there, or the node's own DOM widget (its
+    // live chart) or the frontend's box around it, which at a small zoom reaches the node's bottom
+    // corners; anything else (menus, the minimap, another node's chart) covers it
+    const seen = (n) => ([x, y]) => {
+        const top = document.elementFromPoint(x, y);
+        return top === c.canvas || (n.widgets || []).some(w => w.element && (w.element.contains(top)
+            || (top.classList.contains("dom-widget") && top.contains(w.element))));
+    };
     return nodes.map(n => {
         const [a, b] = screen(n.pos[0], n.pos[1] - title), [d, e] = screen(n.pos[0] + n.size[0], n.pos[1] + n.size[1]);
         const probes = [[a + 3, b + 3], [d - 3, b + 3], [a + 3, e - 3], [d - 3, e - 3], [(a + d) / 2, (b + e) / 2]];
-        return {type: n.type, box: [a, b, d, e], visible: probes.map(seen),
+        return {type: n.type, box: [a, b, d, e], visible: probes.map(seen(n)),
                 widgets: (n.widgets || []).map(w => ({name: w.name, at: screen(n.pos[0] + n.size[0] / 2,
                     n.pos[1] + (w.last_y ?? w.y ?? 0) + LiteGraph.NODE_WIDGET_HEIGHT / 2)}))};
     });
