@@ -136,11 +136,12 @@ class TrainingSet:
         return self.latent_mean is not None
 
 
-def tokenize(tokenizer: Any, captions: Sequence[str]) -> torch.Tensor:
-    """Token ids padded/truncated to the tokenizer's length (77 for SD1.5); warns about truncation."""
+def tokenize(tokenizer: Any, captions: Sequence[str], warn: bool = True) -> torch.Tensor:
+    """Token ids padded/truncated to the tokenizer's length (77 for SD1.5); warns about truncation
+    (unless ``warn`` is off: captions already warned about)."""
     length = tokenizer.model_max_length
-    full = tokenizer(list(captions), padding=False, truncation=False)["input_ids"]
-    for caption, ids in zip(captions, full, strict=True):
+    full = tokenizer(list(captions), padding=False, truncation=False)["input_ids"] if warn else []
+    for caption, ids in zip(captions, full, strict=False):
         if len(ids) > length:
             logger.warning(
                 "caption is %d tokens long and is cut to %d: %r", len(ids), length, caption[:120]
@@ -277,11 +278,14 @@ def batch_conditioning(
         assert training_set.empty_row is not None
         rows = torch.where(dropped, training_set.empty_row, rows)
     input_ids = training_set.input_ids[rows]
-    if texts is not None and any(text is not None for text in texts):
+    changed = [j for j, text in enumerate(texts or []) if text is not None
+               and not (dropped is not None and bool(dropped[j]))]
+    if changed:
+        assert texts is not None
         input_ids = input_ids.clone()
-        for j, text in enumerate(texts):
-            if text is not None and not (dropped is not None and bool(dropped[j])):
-                input_ids[j] = tokenize(training_set.tokenizer, [text])[0]
+        # in one call, and not warned about again: a shuffle has its caption's tags and tokens,
+        # whose length was checked when the set was prepared
+        input_ids[changed] = tokenize(training_set.tokenizer, [texts[j] for j in changed], warn=False)
         return encode_text(text_encoder, input_ids)
     if training_set.embeddings is not None:
         return training_set.embeddings[rows]
