@@ -340,10 +340,14 @@ def _gradient_shards_process(rank: int, store: str, out: str) -> None:
         torch.distributed.destroy_process_group()
 
 
-def test_shard_gradients_keeps_each_process_s_share_only_and_gives_the_averaged_clipped_gradients(tmp_path):
+def test_shard_gradients_keeps_each_process_s_share_only_and_gives_the_averaged_clipped_gradients(tmp_path,
+                                                                                                   monkeypatch):
     # --shard-gradients (ZeRO stage 2): after the backward passes a process holds the gradients
     # of its own share of the weights, and they are what averaging all of them over the
-    # processes and clip_grad_norm_ give
+    # processes and clip_grad_norm_ give. The spawned processes start from this one's sys.path:
+    # without ComfyUI's folder (which the in-process node tests put first), whose main.py and
+    # tests/ package would shadow pytest's and this suite's.
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if not (Path(p) / "comfy").is_dir()])
     torch.multiprocessing.spawn(_gradient_shards_process, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
     held = [torch.load(tmp_path / f"{rank}.pt") for rank in (0, 1)]
     torch.manual_seed(0)
