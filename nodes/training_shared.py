@@ -49,8 +49,8 @@ log = logging.getLogger(__name__)
 PRIOR_FIELDS = CLASS_IMAGE_FIELDS
 # the moving average of the trained weights: optional inputs of both training nodes
 EMA_FIELDS = ("ema_decay", "ema_on_cpu")
-# caption dropout and shuffled tags: optional inputs of both training nodes
-CAPTION_FIELDS = ("caption_dropout", "shuffle_tags", "keep_tags")
+# caption dropout, shuffled tags and the masked loss's weight: optional inputs of both training nodes
+CAPTION_FIELDS = ("caption_dropout", "shuffle_tags", "keep_tags", "unmasked_weight")
 GENERATE = "(generate from the base model)"
 # Where each method's files go, and the title of its loss curve.
 MODEL_FOLDERS = {"lora": "loras", "dreambooth": "checkpoints"}

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from scripts.comfyclient import PromptRejected
 from scripts.demo import draw_sample_subject
@@ -219,31 +221,61 @@ def test_training_error_reaches_the_client_before_any_model_loads(comfy_server, 
 
 
 
+def portrait_subject(folder: Path) -> None:
+    """Two 1:2 portraits of the toy robot, each with a painted loss mask in masks/ (the robot's
+    half of the picture white)."""
+    from PIL import Image
+
+    (folder / "masks").mkdir(parents=True, exist_ok=True)
+    for i, path in enumerate(draw_sample_subject(folder, count=2, size=96)):
+        with Image.open(path) as photo:
+            tall = photo.convert("RGB").resize((96, 192))
+        path.unlink()
+        tall.save(folder / f"tall_{i}.png")
+        mask = np.zeros((192, 96), dtype=np.uint8)
+        mask[20:170, 10:86] = 255
+        Image.fromarray(mask).save(folder / "masks" / f"tall_{i}.png")
+
+
 def test_a_run_with_the_training_options_on_saves_them_and_the_loop_applies_it(comfy_server, comfy_client,
-                                                                                subject_folder, test_models):
-    """LoRA Train through /prompt with Prodigy, the EMA, caption dropout and LoRA on the
-    convolutions: the file records them and the loop's sampler runs with it applied (every key
-    loaded); a hostile optimizer name is an error naming the choices, before any model loads."""
+                                                                                test_models):
+    """LoRA Train through /prompt with Prodigy, the EMA, caption dropout, LoRA on the convolutions,
+    aspect-ratio buckets and a masked loss from painted masks: the file records them and the
+    loop's sampler runs with it applied (every key loaded); hostile optimizer and loss-mask
+    names are errors naming the choices, before any model loads."""
     from safetensors import safe_open
 
+    portrait_subject(comfy_server.input_dir / "portraits")
     options = {"optimizer": "prodigy", "unet_lr": 1.0, "ema_decay": 0.9, "caption_dropout": 0.5, "conv_layers": True,
-               "sample_every": 0, "validate_every": 0}
-    graph = lora_graph(test_models["checkpoint"].name, "options_lora", steps=2, prefix="options_e2e", **options)
+               "unmasked_weight": 0.2, "sample_every": 0, "validate_every": 0}
+    graph = lora_graph(test_models["checkpoint"].name, "options_lora", steps=1, prefix="options_e2e", **options)
+    graph["subject"]["inputs"].update(folder="portraits", resolution=192, crop_mode="bucket", loss_mask="mask")
+    graph["crops"] = {"class_type": "SaveImage", "inputs": {"images": ["subject", 1], "filename_prefix": "bucket_crops"}}
     log_before = len(comfy_server.log_text())
     result = comfy_client.run(graph, timeout=600).raise_for_status()
-    assert [p["value"] for p in result.progress_for("train")] == [1, 2]
+    assert [p["value"] for p in result.progress_for("train")] == [1]
     assert saved_image(comfy_server, result).shape == (64, 64, 3)
+    crops = [np.asarray(Image.open(comfy_server.output_dir / image["subfolder"] / image["filename"]))
+             for image in result.files("crops")]
+    assert [crop.shape for crop in crops] == [(256, 128, 3)] * 2  # the 1:2 bucket at 192 px, not a square
     this_run = comfy_server.log_text()[log_before:]
     assert "lora key not loaded" not in this_run and "178 UNet" in this_run, this_run[-2000:]
     with safe_open(str(comfy_server.models_dir / "loras" / "options_lora.safetensors"), "pt") as handle:
         meta = handle.metadata()
     assert meta["ss_optimizer"].startswith("Prodigy(") and meta["ss_caption_dropout_rate"] == "0.5"
     assert '"conv_dim"' in meta["ss_network_args"] and '"ema_decay": 0.9' in meta["dbs.config"]
+    assert meta["ss_enable_bucket"] == "True" and '"resolution": [128, 256], "count": 2' in meta["ss_bucket_info"]
+    assert meta["ss_masked_loss"] == "True" and meta["dbs.unmasked_weight"] == "0.2"
 
-    graph = lora_graph(test_models["checkpoint"].name, "never_written_options", steps=2, **{**options, "optimizer": "sgd"})
-    graph = {node: graph[node] for node in ("subject", "train")}
-    result = comfy_client.run(graph, timeout=120)
-    assert result.status == "error" and result.error["node_id"] == "train"
-    assert "optimizer must be one of 'adamw', 'adafactor', 'adamw8bit', 'prodigy' (got 'sgd')" in \
-        result.error["exception_message"]
-    assert "never_written_options.safetensors" not in loras(comfy_server)
+    for node, change, message in [
+        ("train", {"optimizer": "sgd"}, "optimizer must be one of 'adamw', 'adafactor', 'adamw8bit', 'prodigy' (got 'sgd')"),
+        ("subject", {"loss_mask": "everything"}, "loss mask must be one of 'off', 'face', 'mask' (got 'everything')"),
+    ]:
+        graph = lora_graph(test_models["checkpoint"].name, "never_written_options", steps=2, **options)
+        graph["subject"]["inputs"].update(folder="portraits", resolution=192, crop_mode="bucket", loss_mask="mask")
+        graph[node]["inputs"].update(change)
+        graph = {name: graph[name] for name in ("subject", "train")}
+        result = comfy_client.run(graph, timeout=120)
+        assert result.status == "error" and result.error["node_id"] == node
+        assert message in result.error["exception_message"]
+        assert "never_written_options.safetensors" not in loras(comfy_server)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .data.class_images import default_class_cache, sweep_class_cache
-from .data.images import BAD_FILE_MODES, CROP_MODES, load_subject
+from .data.images import BAD_FILE_MODES, CROP_MODES, LOSS_MASKS, load_subject
 from .files.fileio import atomic_write_bytes, sweep_stale_temps
 from .jobs import Durability, JobResult, check_sample_dir, train_file
 from .runfile import RUN_FORMAT
@@ -154,7 +154,12 @@ def add_run_arguments(parser: argparse.ArgumentParser, output_help: str) -> None
     parser.add_argument("--resolution", type=int, default=512, help="training resolution, a multiple of 64 (default 512)")
     parser.add_argument("--max-images", type=int, default=0, help="use at most this many photos (by name); 0 = all")
     parser.add_argument("--crop-mode", choices=CROP_MODES, default="center",
-                        help="how photos are cropped square: around the face, centred, or padded (default center)")
+                        help="how photos are cropped: square around the face, centred, or padded, or to the "
+                             "nearest aspect-ratio bucket (about the square's area, sides multiples of 64) "
+                             "(default center)")
+    parser.add_argument("--loss-mask", choices=LOSS_MASKS, default="off",
+                        help="masked loss: face = a soft box around each detected face; mask = <images>/masks/"
+                             "<photo name>.png (white = the subject); off (default). See --unmasked-weight")
     parser.add_argument("--captions", action="store_true", help="use <image>.txt next to each image as its caption")
     parser.add_argument("--bad-files", choices=BAD_FILE_MODES, default="stop",
                         help="stop: unusable photos are an error naming them; skip: leave them out (default stop)")
@@ -290,7 +295,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser,
         subject = load_subject(args.images, args.instance_prompt, args.class_prompt, args.resolution,
                                args.max_images, args.flip, crop_mode=args.crop_mode,
                                caption_mode="sidecar .txt" if args.captions else "instance prompt",
-                               on_bad=args.bad_files, tokenizer_dir=tokenizer).subject
+                               on_bad=args.bad_files, tokenizer_dir=tokenizer, loss_mask=args.loss_mask).subject
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     device = parallel.device_of(processes, args.device)

@@ -48,7 +48,7 @@ from .training.callbacks import (
     TrainingStopped,
     WithLossHistory,
 )
-from .training.config import DreamBoothTrainConfig, LoRATrainConfig, check_device
+from .training.config import ConfigError, DreamBoothTrainConfig, LoRATrainConfig, check_device
 from .training.determinism import blas_reproducible, request_reproducible_blas
 from .training.dreambooth import save_dreambooth, train_dreambooth
 from .training.loop import SAVE_DTYPES, LoopState
@@ -427,6 +427,9 @@ def train_file(base_model: str | os.PathLike, subject: SubjectData, config: Trai
     if samples_to is not None:
         check_sample_dir(samples_to, (base_model, Path(class_folder) if class_folder is not None else None))
     check_device(config, device)  # settings this device cannot run (adamw8bit on a CPU, bf16 on an old GPU)
+    if config.unmasked_weight != type(config).unmasked_weight and not subject.masks:
+        raise ConfigError(f"unmasked_weight={config.unmasked_weight:g} has no effect: the subject has no loss masks; "
+                          "load it with loss mask 'face' or 'mask', or leave unmasked_weight at its default")
     request_reproducible_blas()
     if blas_reproducible() is False and torch.get_num_threads() > 1:
         log.warning("MKL started before this pack could ask it for reproducible sums (set MKL_CBWR=AUTO "

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .data.images import MASK_FOLDER
 from .data.subject import SubjectData
 from .files.fileio import atomic_write_bytes
 from .training.config import ConfigError
@@ -78,9 +79,12 @@ def write_run(folder: str | os.PathLike, *, command: str, processes: int, checkp
     folder = Path(folder)
     images = folder / IMAGES
     images.mkdir(parents=True, exist_ok=True)
-    for stale in images.iterdir():  # an earlier export of the same name: replaced whole
-        if stale.is_file() and stale.suffix in (".png", ".txt"):
+    masks = images / MASK_FOLDER
+    for stale in [*images.iterdir(), *(masks.iterdir() if masks.is_dir() else [])]:
+        if stale.is_file() and stale.suffix in (".png", ".txt"):  # an earlier export of the same name: replaced whole
             stale.unlink()
+    if subject.masks:
+        masks.mkdir(exist_ok=True)
     digits = max(3, len(str(len(subject))))
     seen: dict[bytes, int] = {}
     for index, (image, caption) in enumerate(zip(subject.images, subject.captions, strict=True)):
@@ -95,6 +99,11 @@ def write_run(folder: str | os.PathLike, *, command: str, processes: int, checkp
         stem = f"{index + 1:0{digits}d}"
         atomic_write_bytes(images / f"{stem}.png", buffer.getvalue())
         atomic_write_bytes(images / f"{stem}.txt", caption.encode("utf-8"))
+        if subject.masks:  # the loss masks as 8-bit grey, as the subject's fingerprint counts them
+            buffer = io.BytesIO()
+            mask = (subject.masks[index].detach().float().clamp(0, 1) * 255).round().to("cpu").byte().numpy()
+            Image.fromarray(mask).save(buffer, format="PNG")
+            atomic_write_bytes(masks / f"{stem}.png", buffer.getvalue())
     options: dict[str, Any] = {
         "checkpoint": str(Path(checkpoint).resolve()),
         "images": IMAGES,
@@ -102,7 +111,9 @@ def write_run(folder: str | os.PathLike, *, command: str, processes: int, checkp
         "instance_prompt": subject.instance_prompt,
         "class_prompt": subject.class_prompt,
         "resolution": subject.resolution,
-        "crop_mode": "center",  # the crops are at the training size: taken as they are
+        # the crops are at the training size (or their bucket's): taken as they are
+        "crop_mode": "bucket" if subject.bucketed else "center",
+        **({"loss_mask": "mask"} if subject.masks else {}),
         "flip": subject.flip,
         "output": f"{output_name}.safetensors",
     }

@@ -40,19 +40,22 @@ import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..sd15.checkpoint import load_tokenizer
 from . import haar
-from .subject import SubjectData
+from .subject import SubjectData, nearest_bucket
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 CAPTION_SUFFIX = ".txt"
-CROP_MODES = ("face", "center", "pad")
+CROP_MODES = ("face", "center", "pad", "bucket")
+LOSS_MASKS = ("off", "face", "mask")
+MASK_FOLDER = "masks"  # <photo folder>/masks/<photo name>.<any image type>: its loss mask (white counts)
 CAPTION_MODES = ("instance prompt", "sidecar .txt")
 BAD_FILE_MODES = ("stop", "skip")
 BACKGROUND_RGB = (255, 255, 255)  # transparency and letterbox padding are composited on white
@@ -106,11 +109,14 @@ class ImageReport:
     caption_source: str = ""
     caption: str = ""
     warnings: list[str] = field(default_factory=list)
+    mask: str = ""  # where its loss mask came from (masked loss)
 
     def line(self) -> str:
         parts = [f"crop {self.crop}"]
         if self.subject_found:
             parts.append(self.subject_found)
+        if self.mask:
+            parts.append(f"loss mask {self.mask}")
         parts.append(f"caption from {self.caption_source}")
         parts += [f"WARNING {w}" for w in self.warnings]
         return f"{self.name}: " + "; ".join(parts)
@@ -620,45 +626,168 @@ def square_around(box: tuple[int, int, int, int], height: int, width: int,
     return top, left, side
 
 
+@dataclass(frozen=True)
+class CropGeometry:
+    """Where a crop comes from: the upright rectangle (top, left, height, width) of the photo,
+    resized to (out_h, out_w) and placed at (row, col) of a canvas of (canvas_h, canvas_w)."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    out_h: int
+    out_w: int
+    canvas_h: int
+    canvas_w: int
+    row: int = 0
+    col: int = 0
+
+    def box_in_crop(self, box: tuple[int, int, int, int]) -> tuple[float, float, float, float]:
+        """A photo box (x, y, w, h) in crop pixels."""
+        sx, sy = self.out_w / self.width, self.out_h / self.height
+        x, y, w, h = box
+        return self.col + (x - self.left) * sx, self.row + (y - self.top) * sy, w * sx, h * sy
+
+
+def _square_geometry(top: int, left: int, side: int, resolution: int) -> CropGeometry:
+    return CropGeometry(top, left, side, side, resolution, resolution, resolution, resolution)
+
+
+def apply_crop(photo: Photo, geometry: CropGeometry, fill: tuple[float, float, float] | None = None) -> torch.Tensor:
+    """The crop ``geometry`` describes, as HxWx3 float32 (a region taken as it is when it needs no
+    resizing, else antialiased bicubic, as center_crop_resize makes it from a float image).
+    ``fill``: the canvas colour around a letterboxed photo (default BACKGROUND_RGB)."""
+    g = geometry
+    letterboxed = (g.canvas_h, g.canvas_w) != (g.out_h, g.out_w)
+    if (g.out_h, g.out_w) == (g.height, g.width) and not letterboxed:
+        crop = torch.from_numpy(photo.region(g.top, g.left, g.height, g.width))
+    else:
+        crop = photo.resized(g.top, g.left, g.height, g.width, (g.out_h, g.out_w)).clamp(0.0, 1.0).contiguous()
+    if not letterboxed:
+        return crop
+    colour = torch.tensor(fill if fill is not None else [c / 255 for c in BACKGROUND_RGB], dtype=torch.float32)
+    canvas = colour.expand(g.canvas_h, g.canvas_w, 3).clone()
+    canvas[g.row:g.row + g.out_h, g.col:g.col + g.out_w] = crop
+    return canvas
+
+
 def _square(photo: Photo, top: int, left: int, side: int, resolution: int) -> torch.Tensor:
     """The square at (top, left) at `resolution` (as center_crop_resize makes it from a float image)."""
-    if side == resolution:
-        return torch.from_numpy(photo.region(top, left, side, side))
-    return photo.resized(top, left, side, side, (resolution, resolution)).clamp(0.0, 1.0).contiguous()
+    return apply_crop(photo, _square_geometry(top, left, side, resolution))
+
+
+def pad_geometry(height: int, width: int, resolution: int) -> CropGeometry:
+    """The whole photo, longest side scaled to `resolution`, centred on a square canvas."""
+    scale = resolution / max(height, width)
+    new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+    return CropGeometry(0, 0, height, width, new_h, new_w, resolution, resolution,
+                        (resolution - new_h) // 2, (resolution - new_w) // 2)
 
 
 def pad_resize(photo: Photo, resolution: int) -> torch.Tensor:
     """The whole photo, longest side scaled to `resolution`, centred on a BACKGROUND_RGB square."""
-    height, width = photo.height, photo.width
-    scale = resolution / max(height, width)
-    new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
-    resized = photo.resized(0, 0, height, width, (new_h, new_w)).clamp(0, 1)
-    canvas = torch.tensor(BACKGROUND_RGB, dtype=torch.float32).div(255).expand(resolution, resolution, 3).clone()
-    top, left = (resolution - new_h) // 2, (resolution - new_w) // 2
-    canvas[top:top + new_h, left:left + new_w] = resized
-    return canvas
+    return apply_crop(photo, pad_geometry(photo.height, photo.width, resolution))
 
 
-def crop_photo(photo: Photo, mode: str, resolution: int,
-               face_scale: float = FACE_SCALE) -> tuple[torch.Tensor, str, str, list[str]]:
-    """(crop, crop description, what the face search found, warnings) for one photo."""
+def bucket_geometry(height: int, width: int, resolution: int) -> CropGeometry:
+    """The photo scaled to cover its nearest aspect-ratio bucket, the overflow cut off evenly on
+    both sides (none when the photo has the bucket's aspect ratio)."""
+    out_h, out_w = nearest_bucket(height, width, resolution)
+    scale = max(out_h / height, out_w / width)
+    crop_h, crop_w = min(height, round(out_h / scale)), min(width, round(out_w / scale))
+    return CropGeometry((height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w, out_h, out_w, out_h, out_w)
+
+
+@dataclass
+class Crop:
+    """One photo's crop: the pixels, how it was made and what the face search found."""
+
+    image: torch.Tensor
+    geometry: CropGeometry
+    description: str
+    found: str
+    warnings: list[str]
+    face: tuple[int, int, int, int] | None = None  # the detected box (x, y, w, h) in photo pixels
+
+
+def crop_photo(photo: Photo, mode: str, resolution: int, face_scale: float = FACE_SCALE,
+               find_face: bool = False) -> Crop:
+    """One photo cropped as ``mode`` says (``find_face``: search for the face in every mode, for a
+    face loss mask)."""
     height, width = photo.height, photo.width
-    if mode == "pad":
-        return pad_resize(photo, resolution), f"pad (whole {width}x{height} image letterboxed)", "", []
+    found = find_subject(photo) if mode == "face" or find_face else None
+    face = found[1] if found is not None else None
+    found_text = ""
+    if found is not None:
+        kind, box, count = found
+        found_text = f"{kind} found at x={box[0]} y={box[1]} size={box[2]}x{box[3]}"
+        if count > 1:
+            found_text += f" (largest of {count} detections)"
     side = min(height, width)
+    center = _square_geometry((height - side) // 2, (width - side) // 2, side, resolution)
+    if mode == "pad":
+        geometry = pad_geometry(height, width, resolution)
+        return Crop(apply_crop(photo, geometry), geometry, f"pad (whole {width}x{height} image letterboxed)",
+                    found_text, [], face)
+    if mode == "bucket":
+        g = bucket_geometry(height, width, resolution)
+        cut = f"{g.width}x{g.height} of it" if (g.height, g.width) != (height, width) else "whole image, not cropped"
+        return Crop(apply_crop(photo, g), g, f"bucket {g.out_w}x{g.out_h} ({cut})", found_text, [], face)
     if mode == "center":
-        return _square(photo, (height - side) // 2, (width - side) // 2, side, resolution), "center", "", []
-    found = find_subject(photo)
+        return Crop(apply_crop(photo, center), center, "center", found_text, [], face)
     if found is None:
-        return (_square(photo, (height - side) // 2, (width - side) // 2, side, resolution), "center (fallback)",
-                "no face found, fell back to centre crop", ["no face found: centre crop used; check the crop"])
-    kind, box, count = found
-    top, left, side = square_around(box, height, width, face_scale)
-    crop = _square(photo, top, left, side, resolution)
-    found_text = f"{kind} found at x={box[0]} y={box[1]} size={box[2]}x{box[3]}"
-    if count > 1:
-        found_text += f" (largest of {count} detections)"
-    return crop, f"face ({side}x{side} at x={left} y={top})", found_text, []
+        return Crop(apply_crop(photo, center), center, "center (fallback)", "no face found, fell back to centre crop",
+                    ["no face found: centre crop used; check the crop"])
+    top, left, side = square_around(found[1], height, width, face_scale)
+    geometry = _square_geometry(top, left, side, resolution)
+    return Crop(apply_crop(photo, geometry), geometry, f"face ({side}x{side} at x={left} y={top})", found_text, [],
+                face)
+
+
+# -- loss masks ---------------------------------------------------------------------------------
+FACE_MASK_SCALE = 1.6  # the face mask's box / the detected face box (hair, ears, chin)
+FACE_MASK_FEATHER = 0.25  # soft edge width / the mask box's side
+
+
+def face_mask(crop: Crop) -> tuple[torch.Tensor, str | None]:
+    """A soft-edged box around the detected face, in crop pixels: 1 inside a box FACE_MASK_SCALE
+    times the face's, falling linearly to 0 over FACE_MASK_FEATHER of its side. Without a face,
+    all ones (the whole image counts) and a warning."""
+    g = crop.geometry
+    if crop.face is None:
+        return torch.ones(g.canvas_h, g.canvas_w), "no face found: the whole image counts in the loss"
+    x, y, w, h = crop.geometry.box_in_crop(crop.face)
+    cx, cy = x + w / 2, y + h / 2
+    half_w, half_h = w * FACE_MASK_SCALE / 2, h * FACE_MASK_SCALE / 2
+    feather = max(1.0, FACE_MASK_FEATHER * max(w, h) * FACE_MASK_SCALE)
+    cols = torch.arange(g.canvas_w, dtype=torch.float32) + 0.5
+    rows = torch.arange(g.canvas_h, dtype=torch.float32) + 0.5
+    outside_x = ((cols - cx).abs() - half_w).clamp(min=0)
+    outside_y = ((rows - cy).abs() - half_h).clamp(min=0)
+    distance = torch.sqrt(outside_y[:, None] ** 2 + outside_x[None, :] ** 2)
+    return (1 - distance / feather).clamp(0, 1), None
+
+
+def mask_photo(mask: torch.Tensor | np.ndarray) -> Photo:
+    """An HxW float mask in [0, 1] as a one-channel Photo (to be cropped like its image)."""
+    values = mask.detach().cpu().float().numpy() if isinstance(mask, torch.Tensor) else mask.astype(np.float32)
+    return Photo(np.ascontiguousarray(values[..., None]), 1.0, clip=True)
+
+
+def crop_mask(mask: Photo, crop: Crop, photo_height: int, photo_width: int, name: str) -> torch.Tensor:
+    """A mask covering the whole photo (any size of the same aspect ratio), cropped as the photo was;
+    letterboxing counts 0."""
+    ratio = (mask.width / mask.height) / (photo_width / photo_height)
+    if abs(ratio - 1) > 0.02:
+        raise SubjectImageError(
+            f"the loss mask of {name} is {mask.width}x{mask.height} but the photo is {photo_width}x{photo_height}; "
+            "a mask must have its photo's aspect ratio (paint it on the photo itself)")
+    g, sy, sx = crop.geometry, mask.height / photo_height, mask.width / photo_width
+    top, left = min(mask.height - 1, round(g.top * sy)), min(mask.width - 1, round(g.left * sx))
+    height = max(1, min(mask.height - top, round(g.height * sy)))
+    width = max(1, min(mask.width - left, round(g.width * sx)))
+    scaled = CropGeometry(top, left, height, width, g.out_h, g.out_w, g.canvas_h, g.canvas_w, g.row, g.col)
+    return apply_crop(mask, scaled, fill=(0.0, 0.0, 0.0))[..., 0].clamp(0, 1).contiguous()
 
 
 # -- captions -----------------------------------------------------------------------------------
@@ -736,23 +865,52 @@ def prepare_subject(images: list[torch.Tensor], names: list[str], instance_promp
                     flip: bool = False, captions: list[str | None] | None = None,
                     caption_sources: list[str] | None = None, reports: list[ImageReport] | None = None,
                     tokenizer_dir: str | os.PathLike | None = None,
-                    face_scale: float = FACE_SCALE) -> SubjectLoad:
-    """Crop decoded HxWx3 images and caption them. A caption of None means the instance prompt."""
+                    face_scale: float = FACE_SCALE, loss_mask: str = "off",
+                    masks: list[torch.Tensor] | None = None) -> SubjectLoad:
+    """Crop decoded HxWx3 images and caption them. A caption of None means the instance prompt.
+    ``loss_mask`` "face" makes a soft box around each face, "mask" crops ``masks`` (one HxW mask
+    per image, of its aspect ratio) as the images are cropped."""
     check_resolution(resolution)
     _check_choice("crop mode", crop_mode, CROP_MODES)
+    _check_choice("loss mask", loss_mask, LOSS_MASKS)
     check_prompts(instance_prompt, class_prompt)
     if not images:
         raise SubjectImageError("no subject images: give 3-20 photos of the subject")
     _check_count(names, resolution, "the image batch", "set max_images to {limit} or fewer")
+    if loss_mask == "mask" and (masks is None or len(masks) != len(images)):
+        raise SubjectImageError(
+            f"loss mask 'mask' needs one mask per image: {len(images)} images but "
+            f"{'no' if masks is None else len(masks)} masks; connect a MASK batch of the same count")
     reports = reports or [ImageReport(name) for name in names]
-    crops = []
-    for image, report in zip(images, reports, strict=True):
-        crop, report.crop, report.subject_found, warnings = crop_photo(photo_from_tensor(image), crop_mode,
-                                                                       resolution, face_scale)
-        report.warnings += warnings
-        crops.append(crop)
+    crops, crop_masks = [], []
+    for i, (image, report) in enumerate(zip(images, reports, strict=True)):
+        photo = photo_from_tensor(image)
+        crop = crop_photo(photo, crop_mode, resolution, face_scale, find_face=loss_mask == "face")
+        report.crop, report.subject_found, report.warnings = crop.description, crop.found, report.warnings + crop.warnings
+        crops.append(crop.image)
+        if loss_mask != "off":
+            crop_masks.append(_loss_mask(crop, loss_mask, masks[i] if masks is not None else None, photo, report))
     return _caption_subject(crops, names, instance_prompt, class_prompt, resolution, flip, captions,
-                            caption_sources, reports, tokenizer_dir)
+                            caption_sources, reports, tokenizer_dir, crop_mode == "bucket", crop_masks)
+
+
+def _loss_mask(crop: Crop, loss_mask: str, mask: torch.Tensor | Photo | None, photo: Photo,
+               report: ImageReport) -> torch.Tensor:
+    """The loss mask of one crop (``loss_mask`` "face" or "mask"); reported."""
+    if loss_mask == "face":
+        made, warning = face_mask(crop)
+        report.mask = "face box" if warning is None else "whole image (no face)"
+        if warning:
+            report.warnings.append(warning)
+        return made
+    assert mask is not None
+    source = mask if isinstance(mask, Photo) else mask_photo(mask)
+    made = crop_mask(source, crop, photo.height, photo.width, report.name)
+    report.mask = f"mask ({float(made.mean()):.0%} of the crop)"
+    if float(made.max()) <= 0:
+        raise SubjectImageError(f"the loss mask of {report.name} is empty where the photo is cropped; paint the "
+                                "subject white (or set loss mask to off)")
+    return made
 
 
 def _check_count(names: list[str], resolution: int, where: str, fix: str) -> None:
@@ -766,7 +924,8 @@ def _check_count(names: list[str], resolution: int, where: str, fix: str) -> Non
 def _caption_subject(crops: list[torch.Tensor], names: list[str], instance_prompt: str, class_prompt: str,
                      resolution: int, flip: bool, captions: list[str | None] | None,
                      caption_sources: list[str] | None, reports: list[ImageReport],
-                     tokenizer_dir: str | os.PathLike | None) -> SubjectLoad:
+                     tokenizer_dir: str | os.PathLike | None, bucketed: bool = False,
+                     masks: list[torch.Tensor] | None = None) -> SubjectLoad:
     """The SubjectData of finished crops: captions (or the instance prompt) with the token rule."""
     prompt, class_prompt = check_prompts(instance_prompt, class_prompt)
     final_captions = []
@@ -791,7 +950,7 @@ def _caption_subject(crops: list[torch.Tensor], names: list[str], instance_promp
         final_captions.append(caption)
     subject = SubjectData(images=tuple(crops), captions=tuple(final_captions), instance_prompt=prompt,
                           class_prompt=class_prompt, resolution=resolution, source_names=tuple(names),
-                          flip=flip)
+                          flip=flip, bucketed=bucketed, masks=tuple(masks or ()))
     for report in reports:
         for warning in report.warnings:
             log.info("%s: %s", report.name, warning)
@@ -808,14 +967,21 @@ class _Cropped:
     found: str
     notes: list[str]  # from decoding
     warnings: list[str]  # from cropping
+    mask: torch.Tensor | None = None  # its loss mask, cropped
+    mask_source: str = ""
 
 
 def load_subject(folder: str | os.PathLike, instance_prompt: str, class_prompt: str = "",
                  resolution: int = 512, max_images: int = 0, flip: bool = False,
                  crop_mode: str = "center", caption_mode: str = "instance prompt", on_bad: str = "stop",
                  tokenizer_dir: str | os.PathLike | None = None, max_pixels: int = MAX_PIXELS,
-                 face_scale: float = FACE_SCALE, max_total_pixels: int = MAX_TOTAL_PIXELS) -> SubjectLoad:
+                 face_scale: float = FACE_SCALE, max_total_pixels: int = MAX_TOTAL_PIXELS,
+                 loss_mask: str = "off", masks: list[torch.Tensor] | None = None) -> SubjectLoad:
     """The photos of `folder` (sorted by name, the first `max_images` if > 0) as a SubjectLoad.
+
+    ``loss_mask`` "face": a soft box around each face; "mask": ``masks`` (one per image file of
+    the folder, in name order, each of its photo's aspect ratio) or, without them, the files of
+    the folder's ``masks/`` subfolder named as the photos (white counts, black does not).
 
     Photos are decoded, cropped and resized one at a time; only the crops are kept. Every unusable
     file is found before anything is returned; with `on_bad="stop"` they raise one
@@ -827,6 +993,7 @@ def load_subject(folder: str | os.PathLike, instance_prompt: str, class_prompt: 
     _check_choice("crop mode", crop_mode, CROP_MODES)
     _check_choice("caption mode", caption_mode, CAPTION_MODES)
     _check_choice("bad files", on_bad, BAD_FILE_MODES)
+    _check_choice("loss mask", loss_mask, LOSS_MASKS)
     check_prompts(instance_prompt, class_prompt)
     name = Path(folder).name
     scan = scan_folder(folder)
@@ -834,6 +1001,7 @@ def load_subject(folder: str | os.PathLike, instance_prompt: str, class_prompt: 
     if not files and not scan.problems:
         raise SubjectImageError(
             f"no images in {name!r}: put 3-20 photos (.png/.jpg/.webp) of the subject there")
+    mask_files = _mask_files(Path(folder), files, masks) if loss_mask == "mask" else {}
     _check_count([p.name for p in files], resolution, f"subject folder {name!r}",
                  "set max images (class images, for a class folder) to {limit} or fewer, or move photos to "
                  "another folder")
@@ -871,8 +1039,20 @@ def load_subject(folder: str | os.PathLike, instance_prompt: str, class_prompt: 
             problems.append(f"{path.name}: {width}x{height} is smaller than half the resolution "
                             f"(short side must be at least {min_side}px); use a larger photo or a lower resolution")
             continue
-        crop, description, found, warnings = crop_photo(photo, crop_mode, resolution, face_scale)
-        cropped.append(_Cropped(path, crop, description, found, photo.notes, warnings))
+        crop = crop_photo(photo, crop_mode, resolution, face_scale, find_face=loss_mask == "face")
+        report = ImageReport(path.name)
+        mask = None
+        if loss_mask != "off":
+            source = mask_files.get(path)
+            if isinstance(source, Path):
+                try:
+                    source = mask_photo(read_photo(source, max_pixels).grey().astype(np.float32) / 255.0)
+                except BadImageFile as exc:
+                    raise SubjectImageError(f"the loss mask {MASK_FOLDER}/{source.name} of {path.name}: {exc}; "
+                                            "fix or replace it") from None
+            mask = _loss_mask(crop, loss_mask, source, photo, report)
+        cropped.append(_Cropped(path, crop.image, crop.description, crop.found, photo.notes, crop.warnings + report.warnings,
+                                mask, report.mask))
         seen[digest] = path.name
         del photo
 
@@ -921,16 +1101,41 @@ def load_subject(folder: str | os.PathLike, instance_prompt: str, class_prompt: 
         raise SubjectImageError(f"no usable images in subject folder {name!r}: " + "; ".join(problems))
 
     reports = [ImageReport(item.path.name, crop=item.description, subject_found=item.found,
-                           warnings=item.notes + caption_warnings.get(item.path.name, []) + item.warnings)
+                           warnings=item.notes + caption_warnings.get(item.path.name, []) + item.warnings,
+                           mask=item.mask_source)
                for item in cropped]
     load = _caption_subject([item.crop for item in cropped], [item.path.name for item in cropped],
                             instance_prompt, class_prompt, resolution, flip, captions, sources, reports,
-                            tokenizer_dir)
+                            tokenizer_dir, crop_mode == "bucket",
+                            [item.mask for item in cropped if item.mask is not None])
     load.skipped = problems
     load.notes = notes
     for line in problems:
         log.warning("skipped %s", line)
     return load
+
+
+def _mask_files(folder: Path, files: list[Path], masks: list[torch.Tensor] | None) -> dict[Path, Any]:
+    """Each photo's loss mask: the MASK batch's item of the same position, or the file of the
+    ``masks/`` subfolder with the photo's name (any image type); every photo must have one."""
+    if masks is not None:
+        if len(masks) != len(files):
+            raise SubjectImageError(
+                f"loss mask 'mask' needs one mask per photo: the folder has {len(files)} photos (in name order"
+                f"{', after max images' if files else ''}) but the MASK batch has {len(masks)}; connect one "
+                "of the same count, or leave it unconnected to use the masks/ subfolder")
+        return dict(zip(files, masks, strict=True))
+    where = folder / MASK_FOLDER
+    scan = scan_folder(where) if where.is_dir() else FolderScan([], {}, [], [])
+    if scan.problems:
+        raise SubjectImageError(f"{MASK_FOLDER}/ of {folder.name!r}: " + "; ".join(scan.problems))
+    by_stem = {nfc(p.stem): p for p in scan.images}
+    missing = [p.name for p in files if nfc(p.stem) not in by_stem]
+    if missing:
+        raise SubjectImageError(
+            f"loss mask 'mask': no mask for {len(missing)} photo(s) of {folder.name!r} ({', '.join(missing[:5])}); "
+            f"put <photo name>.png (white = the subject) in {folder.name}/{MASK_FOLDER}/, or connect a MASK batch")
+    return {p: by_stem[nfc(p.stem)] for p in files}
 
 
 _DIGESTS: dict[tuple, bytes] = {}  # (path, inode, size, mtime) -> content digest; skips re-reading

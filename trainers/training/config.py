@@ -419,6 +419,17 @@ def _caption_dropout() -> Any:
     )
 
 
+def _unmasked_weight() -> Any:
+    return _spec(
+        0.1, "Masked loss (a subject loaded with a loss mask: face box or painted MASK): how much the area "
+        "outside the mask counts in the loss, 0-1. 0: only the subject is learned, the background not at all "
+        "(a LoRA that leaves backgrounds to the prompt); 0.1 (OneTrainer's default): mostly the subject, with "
+        "enough of the surroundings to keep them coherent; 1: the mask has no effect. The loss of each image is "
+        "its weighted mean, so its size does not change with the mask's area.",
+        min=0.0, max=1.0, step=0.05, omit_at_default=True,
+    )
+
+
 def _shuffle_tags() -> Any:
     return _spec(
         False, "Shuffle the comma-separated tags of each subject caption every step, keeping the first keep_tags "
@@ -519,6 +530,7 @@ class LoRATrainConfig(_PriorFields, _ValidatedConfig):
     caption_dropout: float = _caption_dropout()
     shuffle_tags: bool = _shuffle_tags()
     keep_tags: int = _keep_tags()
+    unmasked_weight: float = _unmasked_weight()
 
     def _check_together(self) -> None:
         _check_warmup(self)
@@ -602,6 +614,7 @@ class DreamBoothTrainConfig(_PriorFields, _ValidatedConfig):
     caption_dropout: float = _caption_dropout()
     shuffle_tags: bool = _shuffle_tags()
     keep_tags: int = _keep_tags()
+    unmasked_weight: float = _unmasked_weight()
 
     def _check_together(self) -> None:
         _check_warmup(self)

@@ -151,7 +151,8 @@ def train_dreambooth(
                 cast_frozen(text_encoder, frozen_dtype)
             instance, prior = prepare_training_sets(base, subject, class_subject, cache_latents=config.cache_latents,
                                                     cache_text=config.cache_text,
-                                                    caption_dropout=config.caption_dropout > 0)
+                                                    caption_dropout=config.caption_dropout > 0,
+                                                    unmasked_weight=config.unmasked_weight)
             models = LoopModels(unet, vae, text_encoder, base.noise_scheduler)
             settings = replace(LoopSettings.of(config, autocast_dtype), save_every=save_every)
             watcher = watcher_for(watch, models=models, tokenizer=base.tokenizer, instance=instance, prior=prior,

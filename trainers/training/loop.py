@@ -124,16 +124,62 @@ class TrainingSet:
     caption_index: torch.Tensor  # (N,) index into input_ids / embeddings
     input_ids: torch.Tensor  # (P, 77) token ids of the distinct captions
     embeddings: torch.Tensor | None = None  # (P, 77, D) when the text encoder is frozen
-    latent_mean: torch.Tensor | None = None  # (V, N, 4, h, w), V = 2 with flip (index 1 mirrored)
-    latent_std: torch.Tensor | None = None
-    pixels: torch.Tensor | None = None  # (N, 3, H, W) in [-1, 1] when latents are not cached
+    # (V, N, 4, h, w), V = 2 with flip (index 1 mirrored); with images of several sizes (buckets)
+    # a list of one (V, 4, h, w) per image
+    latent_mean: torch.Tensor | list[torch.Tensor] | None = None
+    latent_std: torch.Tensor | list[torch.Tensor] | None = None
+    # (N, 3, H, W) in [-1, 1] when latents are not cached (buckets: a list of (3, H, W))
+    pixels: torch.Tensor | list[torch.Tensor] | None = None
     captions: list[str] = field(default_factory=list)  # (P,) the distinct captions, as input_ids holds them
     tokenizer: Any = None  # for captions made while training (shuffle_tags)
     empty_row: int | None = None  # the row of the empty caption in input_ids/embeddings (caption_dropout)
+    # masked loss: how much each latent cell counts, (V, N, 1, h, w) (buckets: a list of (V, 1, h, w))
+    loss_weights: torch.Tensor | list[torch.Tensor] | None = None
+    sizes: list[tuple[int, int]] = field(default_factory=list)  # (H, W) pixels of each image
+    factor: int = 8  # pixels per latent cell
 
     @property
     def cached_latents(self) -> bool:
         return self.latent_mean is not None
+
+    @property
+    def uniform(self) -> bool:
+        """Whether every image has one size (stacked tensors); else they are kept per image."""
+        return len(set(self.sizes)) <= 1
+
+    def buckets(self) -> list[list[int]]:
+        """The image indices of each size, in order of first appearance."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, size in enumerate(self.sizes):
+            groups.setdefault(size, []).append(index)
+        return list(groups.values())
+
+    def latent_shape(self, index: int, channels: int) -> tuple[int, int, int]:
+        height, width = self.sizes[index]
+        return (channels, height // self.factor, width // self.factor)
+
+    def latent_rows(self, flips: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of the cached latents of ``indices`` (all of one size), mirrored where ``flips``."""
+        assert self.latent_mean is not None and self.latent_std is not None
+        if isinstance(self.latent_mean, torch.Tensor):
+            return self.latent_mean[flips, indices], self.latent_std[flips, indices]
+        pairs = list(zip(flips.tolist(), indices.tolist(), strict=True))
+        return (torch.stack([self.latent_mean[i][f] for f, i in pairs]),
+                torch.stack([self.latent_std[i][f] for f, i in pairs]))
+
+    def pixel_rows(self, indices: torch.Tensor) -> torch.Tensor:
+        assert self.pixels is not None
+        if isinstance(self.pixels, torch.Tensor):
+            return self.pixels[indices]
+        return torch.stack([self.pixels[i] for i in indices.tolist()])
+
+    def weight_rows(self, flips: torch.Tensor, indices: torch.Tensor) -> torch.Tensor | None:
+        """The loss weights of ``indices`` (n, 1, h, w), or None without masked loss."""
+        if self.loss_weights is None:
+            return None
+        if isinstance(self.loss_weights, torch.Tensor):
+            return self.loss_weights[flips, indices]
+        return torch.stack([self.loss_weights[i][f] for f, i in zip(flips.tolist(), indices.tolist(), strict=True)])
 
 
 def tokenize(tokenizer: Any, captions: Sequence[str], warn: bool = True) -> torch.Tensor:
@@ -172,9 +218,16 @@ def encode_latent_stats(vae: Any, pixels: torch.Tensor) -> tuple[torch.Tensor, t
     return torch.cat(means), torch.cat(stds)
 
 
+def latent_weights(mask: torch.Tensor, factor: int, unmasked_weight: float) -> torch.Tensor:
+    """A pixel mask (H, W) in [0, 1] as latent-cell loss weights (1, H/f, W/f): the mask's mean
+    over each cell, ``unmasked_weight`` where it is 0 and 1 where it is 1."""
+    cells = torch.nn.functional.avg_pool2d(mask.float()[None, None], factor)[0]
+    return unmasked_weight + (1.0 - unmasked_weight) * cells
+
+
 @torch.no_grad()
 def prepare_training_set(
-    pixels: torch.Tensor,
+    pixels: torch.Tensor | Sequence[torch.Tensor],
     captions: Sequence[str],
     *,
     vae: Any,
@@ -184,11 +237,15 @@ def prepare_training_set(
     cache_latents: bool,
     cache_text: bool,
     caption_dropout: bool = False,
+    masks: Sequence[torch.Tensor] = (),
+    unmasked_weight: float = 0.0,
 ) -> TrainingSet:
     """Tokenize captions and, as asked, encode latents and text embeddings once (with
     ``caption_dropout`` the empty caption's too).
 
-    ``pixels`` is N x 3 x H x W in [0, 1] on the CPU. Cached tensors stay on the CPU in fp32.
+    ``pixels`` is N x 3 x H x W in [0, 1] on the CPU, or a list of 3 x H x W images of several
+    sizes (buckets). ``masks`` (H x W in [0, 1], one per image, or none) weight the loss.
+    Cached tensors stay on the CPU in fp32.
     """
     if len(captions) != len(pixels):
         raise ValueError(f"{len(pixels)} images but {len(captions)} captions")
@@ -205,30 +262,55 @@ def prepare_training_set(
                 for i in range(0, len(input_ids), ENCODE_BATCH)
             ]
         )
-    signed = pixels.float().clamp(0, 1) * 2 - 1
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
     training_set = TrainingSet(
         count=len(pixels), flip=flip, caption_index=caption_index, input_ids=input_ids, embeddings=embeddings,
         captions=distinct, tokenizer=tokenizer, empty_row=distinct.index("") if caption_dropout else None,
+        sizes=[(int(image.shape[-2]), int(image.shape[-1])) for image in pixels], factor=factor,
     )
-    if cache_latents:
+    if masks:
+        weights = [latent_weights(mask, factor, unmasked_weight) for mask in masks]
+        views = [torch.stack([w, w.flip(-1)] if flip else [w]) for w in weights]
+        training_set.loss_weights = torch.stack(views, dim=1) if training_set.uniform else views
+    if training_set.uniform:
+        signed = torch.stack(list(pixels)).float().clamp(0, 1) * 2 - 1 if not isinstance(pixels, torch.Tensor) \
+            else pixels.float().clamp(0, 1) * 2 - 1
+        if cache_latents:
+            variants = [signed, signed.flip(-1)] if flip else [signed]
+            stats = [encode_latent_stats(vae, variant) for variant in variants]
+            training_set.latent_mean = torch.stack([mean for mean, _ in stats])
+            training_set.latent_std = torch.stack([std for _, std in stats])
+        else:
+            training_set.pixels = signed
+        return training_set
+    images = [image.float().clamp(0, 1) * 2 - 1 for image in pixels]
+    if not cache_latents:
+        training_set.pixels = images
+        return training_set
+    means: list[torch.Tensor] = [torch.empty(0)] * len(images)
+    stds: list[torch.Tensor] = [torch.empty(0)] * len(images)
+    for members in training_set.buckets():  # encoded a size at a time
+        signed = torch.stack([images[i] for i in members])
         variants = [signed, signed.flip(-1)] if flip else [signed]
         stats = [encode_latent_stats(vae, variant) for variant in variants]
-        training_set.latent_mean = torch.stack([mean for mean, _ in stats])
-        training_set.latent_std = torch.stack([std for _, std in stats])
-    else:
-        training_set.pixels = signed
+        for row, index in enumerate(members):
+            means[index] = torch.stack([mean[row] for mean, _ in stats])
+            stds[index] = torch.stack([std[row] for _, std in stats])
+    training_set.latent_mean, training_set.latent_std = means, stds
     return training_set
 
 
 def prepare_training_sets(base: SD15Components, subject: SubjectData, class_subject: SubjectData | None, *,
-                          cache_latents: bool, cache_text: bool,
-                          caption_dropout: bool = False) -> tuple[TrainingSet, TrainingSet | None]:
+                          cache_latents: bool, cache_text: bool, caption_dropout: bool = False,
+                          unmasked_weight: float = 0.0) -> tuple[TrainingSet, TrainingSet | None]:
     """The subject's training set and, with prior preservation, the class images' one (whose
-    captions are never dropped)."""
+    captions are never dropped and which has no loss masks)."""
     sets = [
-        prepare_training_set(data.pixels(), data.captions, vae=base.vae, text_encoder=base.text_encoder,
+        prepare_training_set(data.pixels() if data.uniform() else [image.permute(2, 0, 1) for image in data.images],
+                             data.captions, vae=base.vae, text_encoder=base.text_encoder,
                              tokenizer=base.tokenizer, flip=data.flip, cache_latents=cache_latents,
-                             cache_text=cache_text, caption_dropout=caption_dropout and data is subject)
+                             cache_text=cache_text, caption_dropout=caption_dropout and data is subject,
+                             masks=data.masks if data is subject else (), unmasked_weight=unmasked_weight)
         for data in ([subject] if class_subject is None else [subject, class_subject])
     ]
     return sets[0], (sets[1] if len(sets) > 1 else None)
@@ -247,6 +329,39 @@ class IndexStream:
             self._pending += torch.randperm(self.count, generator=self.generator).tolist()
         taken, self._pending = self._pending[:n], self._pending[n:]
         return torch.tensor(taken, dtype=torch.long)
+
+
+class BucketStream(IndexStream):
+    """Image indices for a set of several image sizes: every ``take(n)`` is n images of one size.
+    Each epoch shuffles every size's images, cuts them into runs of n (the last run of a size
+    filled up with other images of that size drawn at random) and shuffles the order of the runs;
+    the images of a size each come once per epoch (plus the fill)."""
+
+    def __init__(self, buckets: list[list[int]], generator: torch.Generator) -> None:
+        super().__init__(sum(len(b) for b in buckets), generator)
+        self.buckets = buckets
+
+    def take(self, n: int) -> torch.Tensor:
+        if len(self._pending) < n:  # runs of exactly n: the pending ones are whole runs
+            runs: list[list[int]] = []
+            for members in self.buckets:
+                order = [members[i] for i in torch.randperm(len(members), generator=self.generator).tolist()]
+                short = -len(order) % n
+                if short:
+                    order += [members[i] for i in torch.randint(0, len(members), (short,),
+                                                                generator=self.generator).tolist()]
+                runs += [order[i:i + n] for i in range(0, len(order), n)]
+            self._pending = [index for r in torch.randperm(len(runs), generator=self.generator).tolist()
+                             for index in runs[r]]
+        taken, self._pending = self._pending[:n], self._pending[n:]
+        return torch.tensor(taken, dtype=torch.long)
+
+
+def index_stream(training_set: TrainingSet, generator: torch.Generator) -> IndexStream:
+    """The stream a set draws its images from (by size when it has several)."""
+    if training_set.uniform:
+        return IndexStream(training_set.count, generator)
+    return BucketStream(training_set.buckets(), generator)
 
 
 def draw_flips(training_set: TrainingSet, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -514,7 +629,7 @@ class DrawnBatch:
     indices: list[torch.Tensor]
     flips: list[torch.Tensor]
     latent_eps: list[torch.Tensor]
-    noise: torch.Tensor
+    noise: torch.Tensor | list[torch.Tensor]  # all rows, or one per set when the sets' sizes differ
     timesteps: torch.Tensor
     # the subject set's rows trained with the empty caption (caption_dropout), and their
     # captions with shuffled tags (shuffle_tags; None: unchanged)
@@ -522,32 +637,36 @@ class DrawnBatch:
     texts: list[str | None] | None = None
 
 
-def latent_shape(training_set: TrainingSet, vae: Any) -> tuple[int, ...]:
-    """(channels, h, w) of one latent of ``training_set``."""
-    if training_set.latent_mean is not None:
-        return tuple(training_set.latent_mean.shape[2:])
-    assert training_set.pixels is not None
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    height, width = training_set.pixels.shape[-2:]
-    return (int(vae.config.latent_channels), height // factor, width // factor)
+def latent_shape(training_set: TrainingSet, vae: Any, index: int = 0) -> tuple[int, ...]:
+    """(channels, h, w) of the latent of image ``index`` of ``training_set``."""
+    return training_set.latent_shape(index, int(vae.config.latent_channels))
 
 
 def draw_batch(models: LoopModels, sets: Sequence[TrainingSet], streams: Sequence[IndexStream], count: int,
                generator: torch.Generator, noise_offset: float = 0.0, caption_dropout: float = 0.0,
                keep_tags: int | None = None) -> DrawnBatch:
     """Draw ``count`` rows of every set, in the order one process training on all of them draws
-    (``keep_tags``: shuffle the subject captions' tags after that many; None: no shuffling)."""
+    (``keep_tags``: shuffle the subject captions' tags after that many; None: no shuffling). The
+    rows of a set are of one image size; when the sets' sizes differ, each set has its own noise."""
     indices, flips, eps = [], [], []
     for training_set, stream in zip(sets, streams, strict=True):
         indices.append(stream.take(count))
         flips.append(draw_flips(training_set, count, generator))
-        eps.append(torch.randn((count, *latent_shape(training_set, models.vae)), generator=generator))
-    rows = count * len(sets)
-    shape = (rows, *eps[0].shape[1:])
-    noise = torch.randn(shape, generator=generator)
-    if noise_offset:
-        noise = noise + noise_offset * torch.randn((rows, shape[1], 1, 1), generator=generator)
-    timesteps = torch.randint(0, int(models.noise_scheduler.config.num_train_timesteps), (rows,),
+        eps.append(torch.randn((count, *latent_shape(training_set, models.vae, int(indices[-1][0]))),
+                               generator=generator))
+    shapes = [e.shape[1:] for e in eps]
+    parts = [len(sets)] if all(shape == shapes[0] for shape in shapes) else [1] * len(sets)
+    noises, first = [], 0
+    for size in parts:  # one draw for all rows when the sets share a size (as always before buckets)
+        rows = count * size
+        shape = (rows, *shapes[first])
+        part = torch.randn(shape, generator=generator)
+        if noise_offset:
+            part = part + noise_offset * torch.randn((rows, shape[1], 1, 1), generator=generator)
+        noises.append(part)
+        first += size
+    noise: torch.Tensor | list[torch.Tensor] = noises[0] if len(noises) == 1 else noises
+    timesteps = torch.randint(0, int(models.noise_scheduler.config.num_train_timesteps), (count * len(sets),),
                               generator=generator, dtype=torch.long)
     # drawn last, and only when on: a run without them draws what it always drew
     dropped = torch.rand(count, generator=generator) < caption_dropout if caption_dropout > 0 else None
@@ -559,23 +678,29 @@ def draw_batch(models: LoopModels, sets: Sequence[TrainingSet], streams: Sequenc
     return DrawnBatch(count, indices, flips, eps, noise, timesteps, dropped, texts)
 
 
+def masked_mse(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Each sample's squared error weighted by its loss weights (n, 1, h, w), divided by their
+    sum: the mean error of what counts, whatever its area. A cell of weight 0 adds nothing, not
+    even a gradient."""
+    error = (prediction.float() - target.float()).pow(2) * weights
+    return error.flatten(1).mean(dim=1) / weights.expand_as(error).flatten(1).mean(dim=1)
+
+
 def shard_loss(models: LoopModels, sets: Sequence[TrainingSet], drawn: DrawnBatch, rows: range,
                settings: LoopSettings) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Run the UNet once on ``rows`` of every set of a drawn batch; (total loss, loss per set),
-    each set's loss the mean over its rows."""
+    """Run the UNet on ``rows`` of every set of a drawn batch (once, or once per set when their
+    image sizes differ); (total loss, loss per set), each set's loss the mean over its rows."""
     device, dtype = model_device(models.unet), model_dtype(models.unet)
     chosen = torch.arange(rows.start, rows.stop)
+    per_sample_parts, outputs = [], []
     with autocast_context(device, settings.autocast_dtype):
-        latents, conditioning, noise_rows = [], [], []
+        latents, conditioning, noise_rows, noises, masks = [], [], [], [], []
         for i, training_set in enumerate(sets):
             indices, flips = drawn.indices[i][chosen], drawn.flips[i][chosen]
             if training_set.cached_latents:
-                assert training_set.latent_mean is not None and training_set.latent_std is not None
-                mean = training_set.latent_mean[flips, indices]
-                std = training_set.latent_std[flips, indices]
+                mean, std = training_set.latent_rows(flips, indices)
             else:
-                assert training_set.pixels is not None
-                pixels = training_set.pixels[indices]
+                pixels = training_set.pixel_rows(indices)
                 pixels = torch.where(flips.view(-1, 1, 1, 1).bool(), pixels.flip(-1), pixels)
                 mean, std = encode_latent_stats(models.vae, pixels)
             latents.append(mean + std * drawn.latent_eps[i][chosen])
@@ -584,23 +709,38 @@ def shard_loss(models: LoopModels, sets: Sequence[TrainingSet], drawn: DrawnBatc
             conditioning.append(batch_conditioning(training_set, indices, models.text_encoder, dropped, texts)
                                 .to(device))
             noise_rows.append(chosen + i * drawn.count)
-        clean = torch.cat(latents)
-        taken = torch.cat(noise_rows)
-        noise, timesteps = drawn.noise[taken], drawn.timesteps[taken]
-        noisy = models.noise_scheduler.add_noise(clean, noise, timesteps)
-        target = training_target(models.noise_scheduler, clean, noise, timesteps)
-        weights = (
-            min_snr_weights(models.noise_scheduler, timesteps, settings.min_snr_gamma)
-            if settings.min_snr_gamma > 0
-            else torch.ones(len(clean))
-        )
-        context = torch.cat(conditioning)
-        if settings.autocast_dtype is None:
-            context = context.to(dtype)
-        prediction = models.unet(
-            noisy.to(device, dtype), timesteps.to(device), encoder_hidden_states=context
-        ).sample
-    per_sample = per_sample_mse(prediction, target.to(device)) * weights.to(device)
+            noises.append(drawn.noise[i][chosen] if isinstance(drawn.noise, list) else None)
+            masks.append(training_set.weight_rows(flips, indices))
+        # the sets whose latents share a size go through the UNet together
+        groups = [list(range(len(sets)))] if not isinstance(drawn.noise, list) else [[i] for i in range(len(sets))]
+        for group in groups:
+            clean = torch.cat([latents[i] for i in group])
+            taken = torch.cat([noise_rows[i] for i in group])
+            noise = drawn.noise[taken] if isinstance(drawn.noise, torch.Tensor) else torch.cat([noises[i] for i in group])
+            timesteps = drawn.timesteps[taken]
+            noisy = models.noise_scheduler.add_noise(clean, noise, timesteps)
+            target = training_target(models.noise_scheduler, clean, noise, timesteps)
+            weights = (
+                min_snr_weights(models.noise_scheduler, timesteps, settings.min_snr_gamma)
+                if settings.min_snr_gamma > 0
+                else torch.ones(len(clean))
+            )
+            context = torch.cat([conditioning[i] for i in group])
+            if settings.autocast_dtype is None:
+                context = context.to(dtype)
+            prediction = models.unet(
+                noisy.to(device, dtype), timesteps.to(device), encoder_hidden_states=context
+            ).sample
+            cells = None
+            if any(masks[i] is not None for i in group):
+                cells = torch.cat([masks[i] if masks[i] is not None else torch.ones(len(latents[i]), 1, *clean.shape[2:])
+                                   for i in group])
+            outputs.append((prediction, target, weights, cells))
+    for prediction, target, weights, cells in outputs:  # in fp32, outside autocast
+        errors = (per_sample_mse(prediction, target.to(device)) if cells is None
+                  else masked_mse(prediction, target.to(device), cells.to(device)))
+        per_sample_parts.append(errors * weights.to(device))
+    per_sample = torch.cat(per_sample_parts)
     parts = [chunk.mean() for chunk in per_sample.split([len(rows)] * len(sets))]
     total = parts[0]
     for part in parts[1:]:
@@ -738,7 +878,7 @@ def run_training_loop(
     """
     generator = torch.Generator().manual_seed(derive_seed(settings.seed, "data"))
     sets = [instance] if prior is None else [instance, prior]
-    streams = [IndexStream(s.count, generator) for s in sets]
+    streams = [index_stream(s, generator) for s in sets]
     result = LoopResult()
     first = 1
     if resume is not None:

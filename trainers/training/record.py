@@ -99,6 +99,15 @@ MAX_VALIDATION_POINTS = 200
 _WORST_LOSS = -1.2345e-10  # the longest number a stored loss can print as
 
 
+def _bucket_info(subject: SubjectData) -> str:
+    """kohya's ss_bucket_info: {"buckets": {"0": {"resolution": [w, h], "count": n}, ...}}."""
+    counts: dict[tuple[int, int], int] = {}
+    for height, width in subject.sizes():
+        counts[(width, height)] = counts.get((width, height), 0) + 1
+    buckets = {str(i): {"resolution": list(size), "count": n} for i, (size, n) in enumerate(sorted(counts.items()))}
+    return json.dumps({"buckets": buckets, "mean_img_ar_error": 0.0})
+
+
 def _curve_stride(steps: int) -> int:
     return max(1, -(-steps // MAX_CURVE_POINTS))
 
@@ -181,6 +190,9 @@ def training_metadata(config: TrainConfig, subject: SubjectData, history: LossHi
         # kohya's caption options, when on
         **({"ss_caption_dropout_rate": f"{config.caption_dropout:g}"} if config.caption_dropout else {}),
         **({"ss_shuffle_caption": "True", "ss_keep_tokens": str(config.keep_tags)} if config.shuffle_tags else {}),
+        # aspect-ratio buckets and masked loss, when on (kohya's keys, and the images per bucket)
+        **({"ss_enable_bucket": "True", "ss_bucket_info": _bucket_info(subject)} if subject.bucketed else {}),
+        **({"ss_masked_loss": "True", "dbs.unmasked_weight": f"{config.unmasked_weight:g}"} if subject.masks else {}),
         "ss_clip_skip": "1",
         # ours
         "dbs.kind": config.method,

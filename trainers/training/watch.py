@@ -55,6 +55,7 @@ from .loop import (
     derive_seed,
     encode_latent_stats,
     encode_text,
+    masked_mse,
     min_snr_weights,
     model_device,
     model_dtype,
@@ -458,6 +459,7 @@ class _ValidationSet:
     latents: torch.Tensor  # (n, 4, h, w) latent means, CPU fp32
     input_ids: torch.Tensor  # (n, 77) token ids of each image's caption
     embeddings: torch.Tensor | None  # (n, 77, D) when the text encoder is frozen
+    weights: torch.Tensor | None = None  # (n, 1, h, w) loss weights (masked loss)
 
 
 def validation_timesteps(noise_scheduler: Any, count: int = VALIDATION_TIMESTEPS) -> list[int]:
@@ -486,7 +488,7 @@ class Watcher(LoopWatch):
         }) if sample_dir is not None and config.sample_every else None
         self._prompt_ids: torch.Tensor | None = None  # empty prompt first
         self._prompt_embeddings: torch.Tensor | None = None  # cached when the text encoder is frozen
-        self._validation: list[_ValidationSet] | None = None
+        self._validation: list[list[_ValidationSet]] | None = None
         self._timesteps = validation_timesteps(models.noise_scheduler)
         self._scheduler: Any = None
 
@@ -554,37 +556,53 @@ class Watcher(LoopWatch):
                 self._validation = [self._validation_set(s) for s in self.sets]
             generator = torch.Generator().manual_seed(derive_seed(self.settings.seed, "validation"))
             losses = []
-            for data in self._validation:
-                conditioning = data.embeddings if data.embeddings is not None else self._encode(data.input_ids)
-                count = len(data.latents)
-                noise = torch.randn((len(self._timesteps), *data.latents.shape), generator=generator)
+            for groups in self._validation:
                 errors = []
-                for row, timestep in enumerate(self._timesteps):
-                    timesteps = torch.full((count,), timestep, dtype=torch.long)
-                    noisy = models.noise_scheduler.add_noise(data.latents, noise[row], timesteps)
-                    target = training_target(models.noise_scheduler, data.latents, noise[row], timesteps)
-                    weights = (min_snr_weights(models.noise_scheduler, timesteps, self.settings.min_snr_gamma)
-                               if self.settings.min_snr_gamma > 0 else torch.ones(count))
-                    for start in range(0, count, VALIDATION_BATCH):
-                        chunk = slice(start, start + VALIDATION_BATCH)
-                        with autocast_context(device, self.settings.autocast_dtype):
-                            prediction = unet(noisy[chunk].to(device, dtype), timesteps[chunk].to(device),
-                                              encoder_hidden_states=conditioning[chunk].to(device, dtype)).sample
-                        errors.append(per_sample_mse(prediction, target[chunk].to(device)).cpu()
-                                       * weights[chunk])
+                for data in groups:  # one per image size (buckets), in a fixed order
+                    errors += self._validation_errors(data, generator, device, dtype)
                 losses.append(float(torch.cat(errors).mean()))
         return losses
 
-    def _validation_set(self, training_set: TrainingSet) -> _ValidationSet:
+    def _validation_errors(self, data: _ValidationSet, generator: torch.Generator, device: torch.device,
+                           dtype: torch.dtype) -> list[torch.Tensor]:
+        models, unet = self.models, self.models.unet
+        conditioning = data.embeddings if data.embeddings is not None else self._encode(data.input_ids)
+        count = len(data.latents)
+        noise = torch.randn((len(self._timesteps), *data.latents.shape), generator=generator)
+        errors = []
+        for row, timestep in enumerate(self._timesteps):
+            timesteps = torch.full((count,), timestep, dtype=torch.long)
+            noisy = models.noise_scheduler.add_noise(data.latents, noise[row], timesteps)
+            target = training_target(models.noise_scheduler, data.latents, noise[row], timesteps)
+            weights = (min_snr_weights(models.noise_scheduler, timesteps, self.settings.min_snr_gamma)
+                       if self.settings.min_snr_gamma > 0 else torch.ones(count))
+            for start in range(0, count, VALIDATION_BATCH):
+                chunk = slice(start, start + VALIDATION_BATCH)
+                with autocast_context(device, self.settings.autocast_dtype):
+                    prediction = unet(noisy[chunk].to(device, dtype), timesteps[chunk].to(device),
+                                      encoder_hidden_states=conditioning[chunk].to(device, dtype)).sample
+                error = (per_sample_mse(prediction, target[chunk].to(device)) if data.weights is None else
+                         masked_mse(prediction, target[chunk].to(device), data.weights[chunk].to(device)))
+                errors.append(error.cpu() * weights[chunk])
+        return errors
+
+    def _validation_set(self, training_set: TrainingSet) -> list[_ValidationSet]:
+        """The images the validation loss is computed on, a group per image size."""
         chosen = torch.tensor(_spread(training_set.count, MAX_VALIDATION_IMAGES), dtype=torch.long)
-        if training_set.latent_mean is not None:
-            latents = training_set.latent_mean[0, chosen].float()
-        else:
-            assert training_set.pixels is not None
-            latents = encode_latent_stats(self.models.vae, training_set.pixels[chosen])[0]
-        rows = training_set.caption_index[chosen]
-        embeddings = training_set.embeddings[rows].float() if training_set.embeddings is not None else None
-        return _ValidationSet(latents=latents, input_ids=training_set.input_ids[rows], embeddings=embeddings)
+        sizes = [training_set.sizes[int(i)] for i in chosen] if training_set.sizes else [None] * len(chosen)
+        groups = []
+        for size in dict.fromkeys(sizes):
+            members = chosen[[k for k, s in enumerate(sizes) if s == size]]
+            unflipped = torch.zeros(len(members), dtype=torch.long)
+            if training_set.latent_mean is not None:
+                latents = training_set.latent_rows(unflipped, members)[0].float()
+            else:
+                latents = encode_latent_stats(self.models.vae, training_set.pixel_rows(members))[0]
+            rows = training_set.caption_index[members]
+            embeddings = training_set.embeddings[rows].float() if training_set.embeddings is not None else None
+            groups.append(_ValidationSet(latents=latents, input_ids=training_set.input_ids[rows], embeddings=embeddings,
+                                         weights=training_set.weight_rows(unflipped, members)))
+        return groups
 
     def _encode(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Text embeddings through the text encoder as it is now (in chunks), CPU fp32."""
