@@ -40,7 +40,7 @@ def api_twin(stem: str) -> dict:
 @pytest.mark.trainers
 def test_one_workflow_per_experiment_each_with_note_thumbnail_and_twin():
     assert sorted(p.stem for p in UI_DIR.glob("*.json")) == STEMS
-    assert len(STEMS) == 10
+    assert len(STEMS) == 11
     for stem in STEMS:
         ui = ui_workflow(stem)
         notes = [n for n in ui["nodes"] if n["type"] == "Note"]
@@ -191,6 +191,14 @@ def test_every_api_workflow_runs_through_the_runner(comfy_server, workflow_input
             table = next(p for p in saved if f"rank{rank}_fidelity" in p)
             assert np.asarray(Image.open(table).convert("L")).std() > 5, table
             assert any(f"rank{rank}_" in p and "fidelity" not in p for p in saved)
+    if stem == "bucketed_masked_lora":  # the 1:2 bucket at 192 px and the face mask went into training
+        from safetensors import safe_open
+
+        lora = next(comfy_server.models_dir.glob(f"loras/{stem}_*.safetensors"))
+        with safe_open(str(lora), "pt") as handle:
+            meta = handle.metadata()
+        assert meta["ss_enable_bucket"] == "True" and '"resolution": [128, 256]' in meta["ss_bucket_info"], meta
+        assert meta["ss_masked_loss"] == "True" and meta["dbs.unmasked_weight"] == "0.1"
     for model in comfy_server.models_dir.glob(f"checkpoints/{stem}_*.safetensors"):
         model.unlink()  # 2 GB each
 
