@@ -230,3 +230,53 @@ def test_masks_from_a_masks_folder_or_a_mask_batch_are_cropped_like_their_photos
         load_subject(folder, PROMPT, resolution=128, loss_mask="mask")
     with pytest.raises(SubjectImageError, match="loss mask must be one of"):
         load_subject(folder, PROMPT, resolution=128, loss_mask="background")
+
+
+def test_an_exported_run_folder_keeps_the_buckets_and_masks_and_so_the_job_fingerprint(tmp_path):
+    from trainers.runfile import write_run
+
+    folder = tmp_path / "photos"
+    (folder / "masks").mkdir(parents=True)
+    for i, (w, h) in enumerate([(200, 400), (300, 300)]):
+        Image.fromarray(framed_photo(w, h, seed=i)).save(folder / f"p{i}.png")
+        mask = np.zeros((h, w), dtype=np.uint8)
+        mask[h // 4:, : w // 2] = 200
+        Image.fromarray(mask).save(folder / "masks" / f"p{i}.png")
+    subject = load_subject(folder, PROMPT, resolution=192, crop_mode="bucket", loss_mask="mask").subject
+    run = write_run(tmp_path / "run", command="lora", processes=1, checkpoint=tmp_path / "model.safetensors",
+                    tokenizer=None, subject=subject, config=LoRATrainConfig(unmasked_weight=0.5), output_name="out")
+    import json
+
+    options = json.loads(run.run_file.read_text())["options"]
+    assert (options["crop_mode"], options["loss_mask"], options["unmasked_weight"]) == ("bucket", "mask", 0.5)
+    again = load_subject(run.folder / options["images"], PROMPT, resolution=192, crop_mode=options["crop_mode"],
+                         loss_mask=options["loss_mask"], caption_mode="sidecar .txt").subject
+    assert again.sizes() == subject.sizes() == [(256, 128), (192, 192)]
+    assert again.fingerprint() == subject.fingerprint()
+
+
+def test_the_command_line_trains_buckets_with_mask_files_and_refuses_a_weight_without_masks(tmp_path, capsys,
+                                                                                               tiny_checkpoint):
+    from tests.support.paths import tokenizer_dir
+    from tests.test_trainers_lora import run_cli
+
+    checkpoint = tiny_checkpoint
+    folder = tmp_path / "photos"
+    (folder / "masks").mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(framed_photo(120, 240, seed=i)).save(folder / f"tall{i}.png")
+        mask = np.zeros((240, 120), dtype=np.uint8)
+        mask[40:200, 20:100] = 255
+        Image.fromarray(mask).save(folder / "masks" / f"tall{i}.png")
+    output = tmp_path / "out.safetensors"
+    argv = ["lora", "--checkpoint", str(checkpoint), "--images", str(folder), "--instance-prompt", PROMPT,
+            "--output", str(output), "--tokenizer", str(tokenizer_dir()), "--resolution", "192", "--steps", "2",
+            "--rank", "4", "--crop-mode", "bucket", "--sample-every", "0", "--validate-every", "0"]
+    code, _, err = run_cli(argv + ["--unmasked-weight", "0"], capsys)
+    assert code == 2 and "unmasked_weight=0 has no effect: the subject has no loss masks" in err
+    assert not output.exists()
+    code, _, err = run_cli(argv + ["--loss-mask", "mask", "--unmasked-weight", "0"], capsys)
+    assert code == 0, err[-2000:]
+    with safe_open(str(output), "pt") as handle:
+        meta = handle.metadata()
+    assert '"resolution": [128, 256], "count": 2' in meta["ss_bucket_info"] and meta["ss_masked_loss"] == "True"
