@@ -13,12 +13,25 @@ from safetensors import safe_open
 
 from tests.test_trainers_lora import make_subject, tiny  # noqa: F401 - tiny is a fixture
 from tests.test_trainers_resume import FINGERPRINT, SavePoints, fresh
-from trainers.data.images import SubjectImageError, crop_photo, load_subject, photo_from_tensor, prepare_subject
+from trainers.data.images import (
+    SubjectImageError,
+    crop_photo,
+    load_subject,
+    photo_from_tensor,
+    prepare_subject,
+)
 from trainers.data.subject import SubjectData, bucket_sizes, nearest_bucket
 from trainers.training.callbacks import TrainingStopped
 from trainers.training.config import DreamBoothTrainConfig, LoRATrainConfig
 from trainers.training.dreambooth import train_dreambooth
-from trainers.training.loop import BucketStream, LoopModels, LoopSettings, draw_batch, prepare_training_set, shard_loss
+from trainers.training.loop import (
+    BucketStream,
+    LoopModels,
+    LoopSettings,
+    draw_batch,
+    prepare_training_set,
+    shard_loss,
+)
 from trainers.training.lora import save_lora, train_lora
 from trainers.training.state import newest_state
 
