@@ -131,8 +131,8 @@ def config_kwargs(config_cls, values: dict) -> dict:
 class ComfyProgress(TrainingCallbacks):
     """Trainer callbacks -> ComfyUI progress bar (websocket `progress` events) and cancel check.
 
-    Cancel is checked explicitly every step: newest ComfyUI throttles the progress hook that
-    would otherwise do it. `preview` (optional) makes a PIL image of the run so far from its
+    Cancel is checked explicitly before each UNet block of a step's forward pass and after every
+    step: newest ComfyUI throttles the progress hook that would otherwise do it. `preview` (optional) makes a PIL image of the run so far from its
     `history` (a LossHistory); it is sent as the node's live preview at most every
     `preview_every` seconds. Class-image generation, when a run has it, reports its denoising
     steps on the same bar before training starts.
@@ -151,6 +151,9 @@ class ComfyProgress(TrainingCallbacks):
         self.bar.update_absolute(done, total)
 
     def on_train_begin(self, total_steps: int) -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+    def check_cancel(self) -> None:  # within a step: a cancel stops before the step's next UNet block
         comfy.model_management.throw_exception_if_processing_interrupted()
 
     def on_step_end(self, state) -> None:

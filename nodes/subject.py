@@ -145,7 +145,7 @@ class LoadSubjectImages(io.ComfyNode):
         if loss_masks is not None and loss_mask != "mask":
             raise ValueError(f"the loss_masks input is connected but loss_mask is {loss_mask!r}; set loss_mask to "
                              "'mask' to train with them, or disconnect them")
-        masks = list(loss_masks) if loss_masks is not None else None
+        masks = list(loss_masks if loss_masks.ndim == 3 else loss_masks[None]) if loss_masks is not None else None
         if images is not None:
             batch = images[:max_images] if max_images > 0 else images
             load = prepare_subject(list(batch), [f"batch[{i}]" for i in range(len(batch))], instance_prompt,

@@ -167,3 +167,46 @@ def test_keep_last_bounds_the_step_files_and_never_resumes_when_asked(base_file,
     fresh_steps = StopAt()
     job(base_file, output, config, fresh_steps, resume="never")
     assert fresh_steps.steps == list(range(1, 8))
+
+
+class CancelInsideStep(TrainingCallbacks):
+    """A user's cancel that arrives in the middle of step ``at``'s forward pass (at the UNet's
+    third block); the state the stop hands over is written to ``root``."""
+
+    def __init__(self, root, at: int):
+        super().__init__()
+        self.root, self.at, self.done, self.checks, self.stopped = root, at, 0, 0, []
+
+    def on_step_end(self, state) -> None:
+        self.done = state.step
+
+    def check_cancel(self) -> None:
+        if self.done == self.at - 1:
+            self.checks += 1
+            if self.checks == 3:
+                raise TrainingStopped("cancelled")
+
+    def on_stop(self, step, capture, snapshot, error) -> None:
+        self.stopped.append(step)
+        write_state(self.root, capture(), FINGERPRINT, {"step": step})
+
+
+def test_a_cancel_inside_a_step_stops_there_and_keeps_the_step_before_exactly(tmp_path):
+    # the forward pass of step 3 is cut short: the run stops as if cancelled after step 2, with
+    # step 3's draws undone, so its state resumes to the uninterrupted run's weights
+    config = LoRATrainConfig(steps=4, rank=4, unet_lr=1e-3, lr_scheduler="cosine", seed=7)
+    subject = make_subject(count=3, flip=True)
+    whole = train_lora(fresh(), subject, config)
+    cancel = CancelInsideStep(tmp_path, at=3)
+    with pytest.raises(TrainingStopped):
+        train_lora(fresh(), subject, config, cancel)
+    assert cancel.done == 2 and cancel.checks == 3 and cancel.stopped == [2]
+    state, _ = newest_state(tmp_path, FINGERPRINT)
+    assert state.step == 2 and state.history.losses == whole.history.losses[:2]
+    resumed = train_lora(fresh(), subject, config, resume=state)
+    assert all(torch.equal(resumed.state_dict[k], whole.state_dict[k]) for k in whole.state_dict)
+    # a cancel inside the first step has nothing to keep
+    first = CancelInsideStep(tmp_path / "first", at=1)
+    with pytest.raises(TrainingStopped):
+        train_lora(fresh(), subject, config, first)
+    assert first.checks == 3 and first.stopped == []

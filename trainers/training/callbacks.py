@@ -118,6 +118,12 @@ class TrainingCallbacks:
     def on_step_end(self, state: StepState) -> None:
         """Called after every optimizer step. Raise to stop training (nothing is saved)."""
 
+    def check_cancel(self) -> None:
+        """Called several times within every training step's forward pass (before each block of
+        the UNet; one process only). Raise to stop at once: nothing of that step is applied, and
+        the run stops as if ``on_step_end`` of the step before had raised (``on_stop`` gets that
+        step, unless it is the run's first)."""
+
     def on_validation(self, step: int, loss: float) -> None:
         """Called when the validation loss of ``step`` is computed: step 0 (the base model) right
         after ``on_train_begin``, then every ``validate_every`` steps and at the last step, always

@@ -826,9 +826,59 @@ def apply_gradients(loss: torch.Tensor, optimization: Optimization, max_grad_nor
     return finish_step(optimization, max_grad_norm, step)
 
 
+class StepCancelled(BaseException):
+    """A cancel found inside a step's forward pass (``TrainingCallbacks.check_cancel`` raised
+    ``error``): no weight has changed in that step."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class CancelChecks:
+    """``callbacks.check_cancel()`` before each of the UNet's down, mid and up blocks while a
+    training step's forward pass runs (not in its backward pass, where fused_backward steps
+    weights, nor in sample rounds, which check every denoising step): a cancel stops within the
+    step instead of after it."""
+
+    def __init__(self, unet: Any, callbacks: TrainingCallbacks) -> None:
+        self.callbacks = callbacks
+        self.active = False
+        blocks = [*getattr(unet, "down_blocks", []), *([unet.mid_block] if getattr(unet, "mid_block", None) else []),
+                  *getattr(unet, "up_blocks", [])]
+        self._handles = [block.register_forward_pre_hook(self._check) for block in blocks]
+
+    def _check(self, module: Any, args: Any) -> None:
+        if self.active:
+            try:
+                self.callbacks.check_cancel()
+            except BaseException as error:
+                raise StepCancelled(error) from None
+
+    def forward(self) -> Any:
+        """The context of a forward pass that may be cancelled."""
+        return _Active(self)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+class _Active:
+    def __init__(self, checks: CancelChecks) -> None:
+        self.checks = checks
+
+    def __enter__(self) -> None:
+        self.checks.active = True
+
+    def __exit__(self, *exc: Any) -> None:
+        self.checks.active = False
+
+
 def train_step(models: LoopModels, sets: Sequence[TrainingSet], streams: Sequence[IndexStream],
                settings: LoopSettings, generator: torch.Generator, optimization: Optimization,
-               step: int) -> tuple[float, list[float]]:
+               step: int, checks: CancelChecks | None = None) -> tuple[float, list[float]]:
     """One optimizer step on the global batch (``batch_size`` x processes x ``accumulation`` rows
     of every set): this process's rows in ``accumulation`` backward passes, gradients averaged
     over the processes. Returns the global batch's loss and loss per set (the same in every
@@ -841,7 +891,8 @@ def train_step(models: LoopModels, sets: Sequence[TrainingSet], streams: Sequenc
     begin_gradients(optimization, step)
     total, parts_total = 0.0, [0.0] * len(sets)
     for rows in processes.shard(count, accumulation):
-        loss, parts = shard_loss(models, sets, drawn, rows, settings)
+        with checks.forward() if checks is not None else nullcontext():
+            loss, parts = shard_loss(models, sets, drawn, rows, settings)
         # every process sees the global values, so all stop at the same non-finite loss
         values = processes.mean([float(loss.detach()), *(float(p.detach()) for p in parts)])
         if not math.isfinite(values[0]):
@@ -890,9 +941,45 @@ def run_training_loop(
     callbacks.on_train_begin(settings.steps)
     started = time.monotonic()
     watch.before_training(first - 1, result.history, callbacks)
+    # one process only: the others would wait for its gradients at the average
+    checks = CancelChecks(models.unet, callbacks) if settings.processes.world == 1 else None
+    try:
+        _train_steps(models, sets, streams, settings, generator, optimization, callbacks, result, first, started,
+                     snapshot, watch, prior is not None, checks)
+    finally:
+        if checks is not None:
+            checks.remove()
+    if optimization.average is not None:  # the final weights are the average
+        optimization.average.copy_to_weights()
+    result.seconds = time.monotonic() - started
+    callbacks.on_train_end(list(result.losses))
+    return result
+
+
+def _train_steps(models: LoopModels, sets: list[TrainingSet], streams: list[IndexStream], settings: LoopSettings,
+                 generator: torch.Generator, optimization: Optimization, callbacks: TrainingCallbacks,
+                 result: LoopResult, first: int, started: float, snapshot: Callable[[LossHistory], Any] | None,
+                 watch: LoopWatch, with_prior: bool, checks: CancelChecks | None) -> None:
     for step in range(first, settings.steps + 1):
         lr = step_lr(optimization.optimizer)
-        loss, parts = train_step(models, sets, streams, settings, generator, optimization, step)
+        drawn_from = (generator.get_state(), [list(stream._pending) for stream in streams])
+        try:
+            loss, parts = train_step(models, sets, streams, settings, generator, optimization, step, checks)
+        except StepCancelled as cancelled:
+            # nothing of this step was applied: the loop is as it was after the last one, draws included
+            generator.set_state(drawn_from[0])
+            for stream, pending in zip(streams, drawn_from[1], strict=True):
+                stream._pending = pending
+            if step > first:  # a step was trained in this run: what a cancel after it would have kept
+
+                def capture_last(step: int = step - 1) -> LoopState:
+                    return capture_state(step, optimization, generator, streams, result.history)
+
+                def current_last() -> Any:
+                    return snapshot(result.history) if snapshot is not None else None
+
+                callbacks.on_stop(step - 1, capture_last, current_last, cancelled.error)
+            raise cancelled.error from None
         state = StepState(
             step=step,
             total_steps=settings.steps,
@@ -900,7 +987,7 @@ def run_training_loop(
             lr=lr,
             elapsed=time.monotonic() - started,
             instance_loss=parts[0],
-            prior_loss=parts[1] if prior is not None else None,
+            prior_loss=parts[1] if with_prior else None,
         )
         result.history.add(state)
 
@@ -920,11 +1007,6 @@ def run_training_loop(
             if is_sharded(optimization.optimizer):  # every process sends its share of the states to the main one
                 optimization.optimizer.consolidate_state_dict(to=0)
             callbacks.on_save_point(step, capture, current)
-    if optimization.average is not None:  # the final weights are the average
-        optimization.average.copy_to_weights()
-    result.seconds = time.monotonic() - started
-    callbacks.on_train_end(list(result.losses))
-    return result
 
 
 # ---------------------------------------------------------------------------------------------

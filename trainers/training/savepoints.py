@@ -87,6 +87,9 @@ class SavePoints(TrainingCallbacks):
     def on_step_end(self, state: StepState) -> None:
         self.inner.on_step_end(state)
 
+    def check_cancel(self) -> None:
+        self.inner.check_cancel()
+
     def on_validation(self, step: int, loss: float) -> None:
         self.inner.on_validation(step, loss)
 
