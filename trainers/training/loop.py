@@ -37,6 +37,7 @@ import hashlib
 import logging
 import math
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -853,7 +854,8 @@ class CancelChecks:
             try:
                 self.callbacks.check_cancel()
             except BaseException as error:
-                raise StepCancelled(error) from None
+                traceback.clear_frames(error.__traceback__)
+                raise StepCancelled(error.with_traceback(None)) from None
 
     def forward(self) -> Any:
         """The context of a forward pass that may be cancelled."""
@@ -963,9 +965,14 @@ def _train_steps(models: LoopModels, sets: list[TrainingSet], streams: list[Inde
     for step in range(first, settings.steps + 1):
         lr = step_lr(optimization.optimizer)
         drawn_from = (generator.get_state(), [list(stream._pending) for stream in streams])
+        error: BaseException | None = None
         try:
             loss, parts = train_step(models, sets, streams, settings, generator, optimization, step, checks)
         except StepCancelled as cancelled:
+            # the forward pass's frames hold its activations: let them go with the step
+            traceback.clear_frames(cancelled.__traceback__)
+            error = cancelled.error
+        if error is not None:  # raised outside the except: no context chain back to those frames
             # nothing of this step was applied: the loop is as it was after the last one, draws included
             generator.set_state(drawn_from[0])
             for stream, pending in zip(streams, drawn_from[1], strict=True):
@@ -978,8 +985,8 @@ def _train_steps(models: LoopModels, sets: list[TrainingSet], streams: list[Inde
                 def current_last() -> Any:
                     return snapshot(result.history) if snapshot is not None else None
 
-                callbacks.on_stop(step - 1, capture_last, current_last, cancelled.error)
-            raise cancelled.error from None
+                callbacks.on_stop(step - 1, capture_last, current_last, error)
+            raise error
         state = StepState(
             step=step,
             total_steps=settings.steps,
