@@ -216,11 +216,19 @@ DORA_EPS = torch.finfo(torch.float32).eps
 
 
 class _Magnitude(torch.nn.Module):
-    """One magnitude per input feature (Linear) or input channel (Conv2d), fp32."""
+    """One magnitude per input feature (Linear) or input channel (Conv2d), fp32, starting at the
+    weight's column norms; and those norms squared (the frozen weight's share of ||W + ΔW||²)."""
 
-    def __init__(self, norms: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
+        norms = column_norms(weight)
         self.weight = torch.nn.Parameter(norms)
+        self.register_buffer("base_squares", norms.square(), persistent=False)
+
+    def reset(self, weight: torch.Tensor) -> None:
+        norms = column_norms(weight).to(self.weight.device)
+        self.weight.data.copy_(norms)
+        self.base_squares = norms.square()
 
 
 def column_norms(weight: torch.Tensor) -> torch.Tensor:
@@ -229,13 +237,19 @@ def column_norms(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _merged_norms(layer: Any) -> torch.Tensor:
-    """:func:`column_norms` of ``W + scale · up @ down`` of a LoRA layer, holding one fp32 copy of W."""
+    """:func:`column_norms` of ``W + s·up@down`` without forming it: per column,
+    ``||W||² + 2s·(upᵀW)·down + s²·down·(upᵀup)down``, where ``||W||²`` is kept from the start (W is
+    frozen) and ``upᵀW`` reads W once (rank rows), instead of an fp32 copy of W written and read."""
     weight = layer.get_base_layer().weight
-    down = layer.lora_A[ADAPTER_NAME].weight.float().flatten(1)
-    up = layer.lora_B[ADAPTER_NAME].weight.float().flatten(1)
-    merged = (up @ down).mul_(layer.scaling[ADAPTER_NAME]).reshape(weight.shape)
-    merged += weight
-    return column_norms(merged)
+    magnitudes = getattr(layer, MAGNITUDE)[ADAPTER_NAME]
+    down = layer.lora_A[ADAPTER_NAME].weight.float().flatten(1)  # rank x (in x kernel)
+    up = layer.lora_B[ADAPTER_NAME].weight.float().flatten(1)  # out x rank
+    scale = float(layer.scaling[ADAPTER_NAME])
+    cross = (up.t() @ weight.flatten(1).float()).mul_(down).sum(0)
+    square = ((up.t() @ up) @ down).mul_(down).sum(0)
+    per_element = cross.mul_(2 * scale).add_(square, alpha=scale * scale)
+    squares = magnitudes.base_squares + per_element.view(weight.shape[1], -1).sum(1)
+    return squares.clamp_min_(0).sqrt_()
 
 
 def _magnitude(layer: Any) -> torch.nn.Parameter | None:
@@ -260,8 +274,8 @@ def add_magnitudes(model: torch.nn.Module) -> int:
     starts at its weight's column norms, so the model's output is unchanged until training moves it."""
     count = 0
     for _, layer in _lora_layers(model):
-        norms = column_norms(layer.get_base_layer().weight).to(layer.lora_A[ADAPTER_NAME].weight.device)
-        layer.add_module(MAGNITUDE, torch.nn.ModuleDict({ADAPTER_NAME: _Magnitude(norms)}))
+        magnitude = _Magnitude(layer.get_base_layer().weight).to(layer.lora_A[ADAPTER_NAME].weight.device)
+        layer.add_module(MAGNITUDE, torch.nn.ModuleDict({ADAPTER_NAME: magnitude}))
         layer._dbs_dora_hook = layer.register_forward_pre_hook(_scale_input)
         count += 1
     return count
@@ -271,9 +285,8 @@ def reset_magnitudes(model: torch.nn.Module) -> None:
     """Set every magnitude to its weight's column norms again (after the base weights changed dtype)."""
     with torch.no_grad():
         for _, layer in _lora_layers(model):
-            magnitude = _magnitude(layer)
-            if magnitude is not None:
-                magnitude.copy_(column_norms(layer.get_base_layer().weight))
+            if MAGNITUDE in layer._modules:
+                getattr(layer, MAGNITUDE)[ADAPTER_NAME].reset(layer.get_base_layer().weight)
 
 
 def _remove_magnitude(layer: Any) -> None:

@@ -65,9 +65,9 @@ DORA_ATTENTION_INPUTS_PER_LATENT_PIXEL = 16_920
 DORA_CONV_INPUTS_PER_LATENT_PIXEL = 9_460
 DORA_CONTEXT_INPUTS = 32 * 77 * 768
 TEXT_TOKENS = 77
-# and computes each weight's column norms from an fp32 W + up @ down every forward: about two fp32
-# tensors of the largest adapted weight at once
-DORA_NORM_BUFFERS = 2
+# and computes each weight's column norms every forward from up^T @ W, which takes an fp32 copy of
+# W when the frozen weights are bf16/fp16 (one weight at a time)
+DORA_NORM_BUFFERS = 1
 
 
 class MemoryPlanError(MemoryError):
@@ -257,8 +257,8 @@ def plan_memory(config: Any, base_model: str | os.PathLike, resolution: int,
         states = STATES_PER_WEIGHT.get(config.optimizer, 1) * lora * 4
         parts += [("LoRA weights", trained), ("gradients", grads), (f"{config.optimizer} states", states)]
         if dora:
-            largest = max(n_in * n_out for n_in, n_out, part in pairs if part == "unet" or train_text)
-            parts.append(("DoRA norm buffers", DORA_NORM_BUFFERS * largest * 4))
+            widest = max(n_in * n_out for n_in, n_out, part in pairs if part == "unet" or train_text)
+            parts.append(("DoRA norm buffer", DORA_NORM_BUFFERS * widest * 4 if compute != "fp32" else 0))
     else:
         count = sizes.numel["unet"] + (sizes.numel["text_encoder"] if train_text else 0)
         trained_width = 2 if getattr(config, "weight_precision", "fp32") == "bf16" else 4
