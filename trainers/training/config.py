@@ -520,10 +520,10 @@ class LoRATrainConfig(_PriorFields, _ValidatedConfig):
     lora_type: str = _spec(
         "lora",
         "lora: the plain low-rank update. dora: DoRA (weight-decomposed LoRA) also learns a magnitude for each "
-        "input channel of every adapted layer, which brings results closer to full fine-tuning at the same rank, "
-        "for a slightly slower step and a slightly larger file. Use it when a LoRA misses the subject's detail and "
-        "a higher rank does not help. DoRA files load in ComfyUI's LoRA loader; diffusers' load_lora_weights does "
-        "not read them.",
+        "input channel of every adapted layer: closer to full fine-tuning quality at the same rank, for a somewhat "
+        "slower step (SD1.5 at 64 px on a CPU: +13%, +40% with conv_layers) and +0.2 MB per file. Try it when a LoRA misses the "
+        "subject's detail and a higher rank does not help. DoRA files load in ComfyUI's LoRA loader as trained; "
+        "diffusers' load_lora_weights drops the magnitudes (with a warning) and applies only the low-rank part.",
         choices=LORA_TYPES, omit_at_default=True,
     )
     ema_decay: float = _ema_decay()
