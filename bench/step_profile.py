@@ -6,7 +6,7 @@ and their shares. Options that may speed a step up can be switched on to compare
 per setting::
 
     .venv/bin/python bench/step_profile.py --method lora --size 64 [--precision bf16] \
-        [--channels-last] [--compile] [--steps 4] [--profile 25]
+        [--channels-last] [--compile] [--steps 4] [--profile 25] [--lora-type dora] [--conv-layers]
     .venv/bin/python bench/step_profile.py --method full --size 64 [--fused-backward]
 
 Parts: ``batch`` (draw latents, noise and timesteps), ``forward`` (UNet and loss), ``backward``,
@@ -35,6 +35,8 @@ def main() -> int:
     parser.add_argument("--compile", action="store_true", help="UNet compiled with torch.compile (inductor)")
     parser.add_argument("--fused-backward", action="store_true", help="full fine-tune: optimizer in the backward")
     parser.add_argument("--optimizer", choices=("adamw", "adafactor"), default="adamw")
+    parser.add_argument("--lora-type", choices=("lora", "dora"), default="lora")
+    parser.add_argument("--conv-layers", action="store_true", help="LoRA: the 3x3 convolutions too")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="after the timed steps, one more step under torch.profiler: its N costliest ops")
@@ -54,7 +56,8 @@ def main() -> int:
 
     default_inputs(args)
     if args.method == "lora":
-        config = LoRATrainConfig(rank=4, steps=args.steps + 1, precision=args.precision)
+        config = LoRATrainConfig(rank=4, steps=args.steps + 1, precision=args.precision, lora_type=args.lora_type,
+                                 conv_layers=args.conv_layers)
     else:
         config = DreamBoothTrainConfig(class_images=0, steps=args.steps + 1, precision=args.precision,
                                        optimizer=args.optimizer, fused_backward=args.fused_backward)
@@ -68,7 +71,8 @@ def main() -> int:
         model.requires_grad_(False)
     instance, _ = loop.prepare_training_sets(base, subject, None, cache_latents=True, cache_text=True)
     if args.method == "lora":
-        inject_lora(base.unet, unet_lora_targets(base.unet), 4, 4.0, 0)
+        inject_lora(base.unet, unet_lora_targets(base.unet, args.conv_layers), 4, 4.0, 0,
+                    dora=args.lora_type == "dora")
         params = lora_parameters(base.unet)
         for parameter in params:
             parameter.data = parameter.data.float()
@@ -116,7 +120,8 @@ def main() -> int:
             loss.backward()
         print(trace.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile), flush=True)
     total = sum(statistics.mean(values) for values in times.values())
-    label = (f"{args.method} {size}px {args.precision}" + (" channels-last" if args.channels_last else "")
+    label = (f"{args.method if args.method == 'full' else args.lora_type} {size}px {args.precision}"
+             + (" conv" if args.conv_layers else "") + (" channels-last" if args.channels_last else "")
              + (" compiled" if args.compile else "")
              + (f" {args.optimizer}" if args.method == "full" else ""))
     print(f"{label}: {total:.3f} s/step, " + ", ".join(

@@ -56,6 +56,7 @@ class LoRATrain(io.ComfyNode):
                 config_input(LoRATrainConfig, "record_sources", optional=True),
                 config_input(LoRATrainConfig, "optimizer", optional=True),
                 config_input(LoRATrainConfig, "conv_layers", optional=True),
+                config_input(LoRATrainConfig, "lora_type", optional=True),
                 *[config_input(LoRATrainConfig, name, optional=True) for name in EMA_FIELDS + CAPTION_FIELDS],
                 *durability_inputs(),
                 *watch_inputs(),

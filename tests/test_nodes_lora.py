@@ -103,6 +103,51 @@ def test_comfy_loads_every_key(env, trained, base_model, which, caplog):
         assert len(unet_modules) == 128
 
 
+@pytest.fixture(scope="module")
+def trained_dora(env):
+    # a learning rate that moves the magnitudes by more than the file's fp16 rounding in 2 steps
+    return _train_node(env, "inproc_dora", text_encoder_lr=1e-3, conv_layers=True, lora_type="dora", unet_lr=1e-2)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_comfy_loads_a_dora_file_and_patches_what_apply_lora_merges(env, trained_dora, base_model, scale, caplog):
+    """Every key of a DoRA file (attention, convolutions and text encoder, each with an input-axis
+    .dora_scale) loads in ComfyUI's LoRA loader, and ComfyUI's patched weights at strength 1 and
+    others (it interpolates W + k (W' - W)) are the engine's merge of the same tensors."""
+    import comfy.lora
+    import comfy.sd
+
+    lora = importlib.import_module("dreambooth_studio.trainers.training.lora")
+    model, clip, _ = base_model
+    lora_sd = trained_dora.result[0]
+    modules = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in lora_sd}
+    assert len(modules) == 128 + 50 + 48 and all(f"{m}.dora_scale" in lora_sd for m in modules)
+    with caplog.at_level(logging.WARNING):
+        patched_model, patched_clip = comfy.sd.load_lora_for_models(model, clip, lora_sd, scale, scale)
+    assert "lora key not loaded" not in caplog.text and "NOT LOADED" not in caplog.text and "ERROR" not in caplog.text
+    assert len(patched_model.patches) == 128 + 50 and len(patched_clip.patcher.patches) == 48
+    worst, moved = 0.0, 0.0
+    sides = [(patched_model, model, comfy.lora.model_lora_keys_unet(model.model, {})),
+             (patched_clip.patcher, clip.patcher, comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {}))]
+    for patched, original, key_map in sides:
+        weights = original.model.state_dict()
+        for module in sorted(m for m in modules if m in key_map):
+            key = key_map[module]
+            base_weight = weights[key].float()
+            theirs = comfy.lora.calculate_weight(patched.patches[key], base_weight.clone(), key)
+            down, up, dora_scale = (lora_sd[f"{module}.{part}"] for part in ("lora_down.weight", "lora_up.weight",
+                                                                               "dora_scale"))
+            ours = lora.merged_weight(base_weight, down, up, float(lora_sd[f"{module}.alpha"]), dora_scale, scale)
+            assert dora_scale.shape == (1, base_weight.shape[1], *[1] * (base_weight.dim() - 2)), module
+            worst = max(worst, float((theirs - ours).abs().max() / (theirs - base_weight).abs().max()))
+            if scale == 1.0:  # how far the magnitudes took the weight from the plain merge of the same up/down
+                plain = lora.merged_weight(base_weight, down, up, float(lora_sd[f"{module}.alpha"]), None)
+                moved = max(moved, float((ours - plain).abs().max() / (ours - base_weight).abs().max()))
+    logging.getLogger(__name__).info("scale %g: ComfyUI vs merged_weight %.2e of the update; DoRA vs plain %.2e",
+                                     scale, worst, moved)
+    assert worst < 1e-4 and (moved > 0.01 or scale != 1.0) and "ERROR" not in caplog.text  # calculate_weight logs its failures
+
+
 def _encode(clip, text="a photo of sks toy"):
     tokens = clip.tokenize(text)
     return clip.encode_from_tokens(tokens, return_pooled=False)
@@ -201,6 +246,9 @@ BAD_SETTINGS = [
     ({"rank": 0}, "rank"),
     ({"rank": 129}, "rank"),
     ({"steps": 0}, "steps"),
+    # ComfyUI does not check a V3 combo's value: the config names the choices
+    ({"lora_type": "loha"}, "lora_type must be one of 'lora', 'dora'"),
+    ({"lora_type": None}, "lora_type must be one of 'lora', 'dora'"),
 ]
 
 

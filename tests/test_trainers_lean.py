@@ -188,6 +188,33 @@ def test_the_plan_grows_with_what_a_run_keeps_and_the_leanest_full_fine_tune_fit
     assert peak(with_prior) > peak(adamw)
 
 
+def test_dora_adds_its_magnitudes_and_a_copy_of_each_adapted_input_to_the_plan_and_the_file(full_size):
+    from trainers.jobs import estimated_file_bytes
+
+    def parts(config) -> dict[str, int]:
+        return dict(memory.plan_memory(config, full_size, 512, "cuda").parts)
+
+    lora = LoRATrainConfig(rank=16, precision="bf16")
+    dora = replace(lora, lora_type="dora")
+    # one magnitude per input feature of SD1.5's 128 attention projections (6 x 320 + 2 x 768 in a
+    # 320-wide block, and so on): 99,456, 398 KB in fp32
+    magnitudes = 6 * (5 * 320 + 5 * 640 + 6 * 1280) + 16 * 2 * 768
+    assert estimated_file_bytes(full_size, dora) - estimated_file_bytes(full_size, lora) == 2 * magnitudes  # fp16
+    plain, more = parts(lora), parts(dora)
+    assert more["LoRA weights"] - plain["LoRA weights"] == more["gradients"] - plain["gradients"] == 4 * magnitudes
+    assert more["adamw states"] - plain["adamw states"] == 2 * 4 * magnitudes
+    assert more["DoRA norm buffer"] == 4 * 1280 * 1280  # an fp32 copy of the widest bf16 weight
+    # a bf16 copy of each adapted layer's scaled input: 16,920 per latent pixel (64 x 64 at 512 px) and
+    # the text context of the cross-attention's to_k/to_v; 142 MB
+    added = 2 * (16_920 * 64 * 64 + 32 * 77 * 768)
+    assert more["activations"] - plain["activations"] == added
+    conv = parts(replace(dora, conv_layers=True))["activations"] - parts(replace(lora, conv_layers=True))["activations"]
+    assert conv == added + 2 * 9_460 * 64 * 64  # and of each adapted convolution's
+    checkpointed = replace(dora, gradient_checkpointing=True)
+    assert parts(checkpointed)["activations"] - parts(replace(lora, gradient_checkpointing=True))["activations"] == \
+        int(0.2 * added)  # recomputed in the backward like the rest
+
+
 def test_a_run_that_cannot_fit_is_refused_before_loading_with_settings_that_would(full_size, base_file, tmp_path,
                                                                                   monkeypatch):
     with pytest.raises(memory.MemoryPlanError) as refused:

@@ -8,6 +8,7 @@ import logging
 import math
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -32,10 +33,19 @@ from trainers.training.config import (
 )
 from trainers.training.lora import (
     apply_lora,
+    column_norms,
     expected_kohya_keys,
+    inject_lora,
+    kohya_state_dict,
     kohya_text_encoder_name,
+    kohya_unet_name,
+    lora_parameters,
+    merged_weight,
+    remove_lora,
     save_lora,
+    text_encoder_lora_targets,
     train_lora,
+    unet_lora_targets,
 )
 from trainers.training.plot import loss_curve_image
 from trainers.training.record import Provenance, history_from_metadata, run_fingerprint
@@ -568,6 +578,124 @@ def test_non_finite_loss_stops_at_once(tiny, subject, monkeypatch):
     assert_unchanged(tiny, before)
 
 
+# -- DoRA (lora_type "dora"): a magnitude per input column, exported as .dora_scale -------------
+
+DORA = {"steps": 6, "rank": 4, "alpha": 2.0, "unet_lr": 1e-2, "text_encoder_lr": 1e-3, "conv_layers": True,
+        "lora_type": "dora", "seed": 5}
+
+
+def _adapted_modules(tiny) -> dict[str, torch.nn.Module]:
+    """Kohya name -> module of every layer a LoRA with conv_layers and the text encoder adapts."""
+    table = {kohya_unet_name(n): tiny.unet.get_submodule(n) for n in unet_lora_targets(tiny.unet, conv_layers=True)}
+    table.update({kohya_text_encoder_name(n): tiny.text_encoder.get_submodule(n)
+                  for n in text_encoder_lora_targets(tiny.text_encoder)})
+    return table
+
+
+def test_a_dora_lora_trains_repeats_and_holds_a_magnitude_per_input_column(tiny, subject, tmp_path):
+    """A DoRA starts as the base model (the first loss of a plain LoRA), its magnitudes move off their
+    start (the weights' column norms), the same seed gives the same bytes, and every module, linear
+    or convolution, holds a .dora_scale in ComfyUI's input-axis shape (1 x in, 1 x in x 1 x 1)."""
+    config = LoRATrainConfig(**DORA)
+    result = train_lora(tiny, subject, config)
+    plain = train_lora(tiny, subject, replace(config, lora_type="lora"))
+    assert all(math.isfinite(v) for v in result.losses)
+    assert result.losses[0] == pytest.approx(plain.losses[0], rel=1e-6)
+    assert result.losses[1:] != plain.losses[1:]  # the magnitudes train
+    assert sorted(result.state_dict) == expected_kohya_keys(tiny.unet, tiny.text_encoder, conv_layers=True, dora=True)
+    table = _adapted_modules(tiny)
+    assert len(table) == result.unet_modules + result.text_encoder_modules
+    moved = []
+    for name, module in table.items():
+        scale = result.state_dict[f"{name}.dora_scale"]
+        weight = module.weight.detach()
+        assert scale.shape == ((1, weight.shape[1]) if weight.dim() == 2 else (1, weight.shape[1], 1, 1)), name
+        moved.append(float((scale.flatten() - column_norms(weight)).abs().max() / column_norms(weight).max()))
+    logger.info("DoRA magnitudes moved by %.2e to %.2e of the largest column norm", min(moved), max(moved))
+    assert min(moved) > 1e-4  # every module's magnitudes trained
+    path = save_lora(result, tmp_path / "a.safetensors")
+    again = save_lora(train_lora(tiny, subject, config), tmp_path / "b.safetensors")
+    assert again.read_bytes() == path.read_bytes()
+    with safe_open(str(path), "pt") as handle:
+        meta = handle.metadata()
+        assert handle.get_tensor(next(k for k in handle.keys() if k.endswith(".dora_scale"))).dtype == torch.float16
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "2", "dora_wd": "True"}
+    assert meta["dbs.lora_type"] == "dora"
+
+
+class OutputsAtEnd(TrainingCallbacks):
+    """What the trained models (DoRA layers still injected) compute on fixed inputs, at the end."""
+
+    def __init__(self, tiny, ids: torch.Tensor, latents: torch.Tensor) -> None:
+        super().__init__()
+        self.tiny, self.ids, self.latents = tiny, ids, latents
+
+    def on_train_end(self, losses) -> None:
+        with torch.no_grad():
+            self.context = self.tiny.text_encoder(self.ids)[0]
+            self.sample = self.tiny.unet(self.latents, torch.tensor([500]), encoder_hidden_states=self.context).sample
+
+
+def _relative(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    return float((ours - theirs).abs().max() / theirs.abs().max())
+
+
+def test_a_trained_dora_computes_what_its_file_merged_by_apply_lora_computes(tiny, subject):
+    """Scaling each layer's input by m / ||W + dW|| while training is the file's merged weight: the
+    trained models and a copy of the base models with the file merged agree (attention, convolutions
+    and text encoder), and a file with a module the models lack is still refused."""
+    ids = tiny.tokenizer([PROMPT], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    outputs = OutputsAtEnd(tiny, ids, latents)
+    result = train_lora(tiny, subject, LoRATrainConfig(**{**DORA, "unet_lr": 3e-2, "text_encoder_lr": 1e-2}), outputs)
+    unet, text_encoder = copy.deepcopy(tiny.unet), copy.deepcopy(tiny.text_encoder)
+    assert apply_lora(unet, text_encoder, result.state_dict) == {"unet": 50, "text_encoder": result.text_encoder_modules}
+    with torch.no_grad():
+        context = text_encoder(ids)[0]
+        sample = unet(latents, torch.tensor([500]), encoder_hidden_states=context).sample
+        base = tiny.unet(latents, torch.tensor([500]), encoder_hidden_states=tiny.text_encoder(ids)[0]).sample
+    errors = _relative(outputs.context, context), _relative(outputs.sample, sample)
+    logger.info("trained DoRA vs merged file: text encoder %.2e, UNet %.2e relative (LoRA moved the UNet output "
+                "by %.2e)", *errors, _relative(sample, base))
+    assert max(errors) < 1e-5 and _relative(sample, base) > 1e-3
+    stray = {**{k: v for k, v in result.state_dict.items() if k.startswith("lora_unet_")},
+             "lora_unet_nowhere.dora_scale": torch.ones(1, 4)}
+    with pytest.raises(ValueError, match="1 LoRA modules match no layer.*lora_unet_nowhere"):
+        apply_lora(copy.deepcopy(tiny.unet), None, stray)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_a_dora_layer_is_its_exported_weight_merged(kind):
+    """Far from its start (random up/down, magnitudes 0.5-1.5x): a DoRA layer's output is the layer
+    with merged_weight(... dora_scale) as its weight, for a Linear and a 3x3 Conv2d; removing it
+    gives back the plain layer."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(12, 10) if kind == "linear" else torch.nn.Conv2d(6, 8, 3, padding=1)
+    x = torch.randn(3, 5, 12) if kind == "linear" else torch.randn(2, 6, 7, 7)
+    model = torch.nn.Sequential(layer)
+    plain = model(x).detach()
+    tuner = inject_lora(model, ["0"], rank=3, alpha=2.0, seed=0, dora=True)
+    try:
+        params = lora_parameters(model)
+        assert len(params) == 3 and params[-1].shape == (layer.weight.shape[1],)
+        torch.testing.assert_close(model(x), plain, rtol=1e-6, atol=1e-6)  # the start changes nothing
+        with torch.no_grad():
+            params[0].normal_()
+            params[1].normal_()
+            params[2].mul_(torch.rand(params[2].shape) + 0.5)
+        ours = model(x).detach()
+        state = kohya_state_dict(model, None, rank=3, alpha=2.0)
+    finally:
+        remove_lora(tuner)
+    assert type(model[0]) is type(layer) and not any("dora" in name for name, _ in model.named_modules())
+    weight = merged_weight(layer.weight, state["lora_unet_0.lora_down.weight"], state["lora_unet_0.lora_up.weight"],
+                           float(state["lora_unet_0.alpha"]), state["lora_unet_0.dora_scale"])
+    merged = (torch.nn.functional.linear(x, weight, layer.bias) if kind == "linear"
+              else torch.nn.functional.conv2d(x, weight, layer.bias, padding=1))
+    logger.info("DoRA %s layer vs merged weight: %.2e relative", kind, _relative(ours, merged))
+    assert _relative(ours, merged) < 1e-5 and _relative(merged, plain) > 0.1
+
+
 def test_huge_learning_rate_diverges_with_a_clear_error(tiny, subject):
     before = snapshot(tiny)
     config = LoRATrainConfig(steps=40, rank=128, alpha=1024, unet_lr=1.0, text_encoder_lr=1.0, max_grad_norm=0)
@@ -681,7 +809,7 @@ OTHER_VALUES = {
     "prior_loss_weight": 0.5, "class_steps": 10, "class_guidance": 5.0, "class_seed": 1, "save_precision": "fp32",
     "optimizer": "adafactor", "record_sources": True, "fused_backward": True, "weight_precision": "bf16",
     "gradient_accumulation": 2, "ema_decay": 0.99, "ema_on_cpu": True,
-    "caption_dropout": 0.1, "shuffle_tags": True, "keep_tags": 2, "conv_layers": True,
+    "caption_dropout": 0.1, "shuffle_tags": True, "keep_tags": 2, "conv_layers": True, "lora_type": "dora",
 }
 PRIOR_ONLY = {"prior_loss_weight", "class_steps", "class_guidance", "class_seed"}
 

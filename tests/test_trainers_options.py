@@ -1,7 +1,8 @@
 """Training options beyond the base recipe, each shown to do what it says on the tiny model:
 the Prodigy optimizer (its own step size, from a tiny start, without a learning rate to tune),
 the EMA of the trained weights (the hand-computed average is what is saved), caption dropout
-and shuffled tags (their share and their order, drawn from the run's seed)."""
+and shuffled tags (their share and their order, drawn from the run's seed), DoRA's magnitudes in a
+resumed run."""
 
 from __future__ import annotations
 
@@ -134,6 +135,30 @@ def test_ema_saves_the_hand_computed_average_of_the_weights_and_resumes_exactly(
     assert state.step == 2 and state.average is not None
     resumed = train_lora(fresh(), subject, config, resume=state)
     assert all(torch.equal(resumed.state_dict[k], whole.state_dict[k]) for k in whole.state_dict)
+
+
+def test_a_dora_run_resumed_from_its_state_gives_the_same_file(tmp_path):
+    """A DoRA's magnitudes are trained weights like its up/down ones: a training state holds them (and
+    their optimizer states), so a run stopped after step 3 (state at 2) and resumed writes the same
+    bytes as the run that went through."""
+    subject = make_subject(count=3)
+    config = LoRATrainConfig(steps=4, rank=4, unet_lr=1e-2, text_encoder_lr=1e-3, conv_layers=True,
+                             lora_type="dora", seed=2)
+    whole = train_lora(fresh(), subject, config)
+    with pytest.raises(TrainingStopped):
+        train_lora(fresh(), subject, config, SavePoints(tmp_path / "states", stop_after=3), save_every=2)
+    state, _ = newest_state(tmp_path / "states", FINGERPRINT)
+    modules = sum(1 for key in whole.state_dict if key.endswith(".dora_scale"))
+    assert state.step == 2 and len(state.parameters) == 3 * modules  # down, up and magnitudes of each
+    resumed = train_lora(fresh(), subject, config, resume=state)
+    assert save_lora(resumed, tmp_path / "resumed.safetensors").read_bytes() == \
+        save_lora(whole, tmp_path / "whole.safetensors").read_bytes()
+
+
+def test_an_unknown_lora_type_is_refused_with_the_choices():
+    for hostile in ("loha", "DoRA", "", 1, None):
+        with pytest.raises(ConfigError, match="lora_type must be one of 'lora', 'dora' \\(got "):
+            LoRATrainConfig(lora_type=hostile)
 
 
 def test_ema_on_cpu_needs_an_ema():

@@ -57,7 +57,9 @@ from .training.memory import (
     STATES_PER_WEIGHT,
     check_memory,
     load_dtypes,
+    lora_conv_shapes,
     lora_target_shapes,
+    magnitude_count,
     release_freed_memory,
 )
 from .training.record import (
@@ -230,6 +232,9 @@ def estimated_file_bytes(base_model: Path, config: TrainConfig) -> int:
     if config.method == "lora":
         total = sum(config.rank * (n_in + n_out) * width + 4 for n_in, n_out, part in lora_target_shapes(shapes, config.conv_layers)
                     if part == "unet" or config.train_text_encoder)
+        if config.lora_type == "dora":  # and a magnitude per input feature or channel (.dora_scale)
+            total += width * magnitude_count(lora_target_shapes(shapes), lora_conv_shapes(shapes) if config.conv_layers
+                                             else [], config.train_text_encoder)
         return total + _HEADER_ROOM
     count = sum(_numel(shape) for key, shape in shapes.items() if not key.startswith("model_ema."))
     return count * width + _HEADER_ROOM

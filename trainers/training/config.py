@@ -54,6 +54,9 @@ OPTIMIZERS = ("adamw", "adafactor", "adamw8bit", "prodigy")
 PRODIGY_HELP = ("prodigy: Adam that estimates its own step size while training, popular for LoRA when the right "
                 "learning rate is not known: set the learning rates to 1.0 (they multiply its estimate; 0.5 on the "
                 "text encoder steps it half as far)")
+# lora: the low-rank update alone. dora: DoRA with one learned magnitude per input channel of each
+# adapted weight (LyCORIS' dora_wd, the axis ComfyUI's loader normalises correctly; training/lora.py)
+LORA_TYPES = ("lora", "dora")
 MAX_SEED = 2**32 - 1
 
 
@@ -524,6 +527,15 @@ class LoRATrainConfig(_PriorFields, _ValidatedConfig):
         "blocks and down/upsamplers (LoCon, kohya's conv_dim): they learn textures and fine detail the attention "
         "layers alone miss, for a larger file (the UNet part 3.7x: 6.4 -> 23.8 MB at rank 16, fp16). Loads in ComfyUI, A1111/Forge.",
         omit_at_default=True,
+    )
+    lora_type: str = _spec(
+        "lora",
+        "lora: the plain low-rank update. dora: DoRA (weight-decomposed LoRA) also learns a magnitude for each "
+        "input channel of every adapted layer: closer to full fine-tuning quality at the same rank, for a somewhat "
+        "slower step (SD1.5 at 64 px on a CPU: +13%, +40% with conv_layers) and +0.2 MB per file. Try it when a LoRA misses the "
+        "subject's detail and a higher rank does not help. DoRA files load in ComfyUI's LoRA loader as trained; "
+        "diffusers' load_lora_weights drops the magnitudes (with a warning) and applies only the low-rank part.",
+        choices=LORA_TYPES, omit_at_default=True,
     )
     ema_decay: float = _ema_decay()
     ema_on_cpu: bool = _ema_on_cpu("a LoRA's are small: rarely worth it")

@@ -17,6 +17,16 @@ the update is ``up @ down * alpha / rank``, the same scale peft used in training
 names ComfyUI's LoraLoader, A1111/Forge and diffusers' kohya converter map. peft/diffusers key
 names are never written (ComfyUI does not load them).
 
+DoRA (``lora_type`` "dora", :func:`add_magnitudes`): each adapted weight W becomes
+``W' = (W + s·up@down) · m / ||W + s·up@down||``, the norm taken per INPUT column (over the output
+axis and the kernel) and ``m`` a learned vector with one magnitude per input feature or channel,
+exported as ``.dora_scale`` of shape (1, in) or (1, in, 1, 1): LyCORIS' ``dora_wd`` layout, which
+ComfyUI's loader normalises by ``W + ΔW`` as trained (its output-axis branch, peft's layout,
+normalises by the base weight alone). Scaling a column of W' by c_j is scaling input j by c_j, so
+training keeps peft's LoRA layer and multiplies its input by ``c = m / ||W + s·up@down||`` (the
+norm recomputed each forward without gradient, as the DoRA paper does to save memory). The bias
+is not scaled.
+
 The base models passed in are left as they came: adapters are injected for training and removed
 afterwards (no copy of the 860M-parameter UNet), and ``requires_grad``, train/eval mode, gradient
 checkpointing and each weight's dtype are restored, also when training fails or a callback raises.
@@ -120,12 +130,13 @@ def kohya_text_encoder_name(module_path: str) -> str:
 
 
 def expected_kohya_keys(unet: torch.nn.Module, text_encoder: torch.nn.Module | None = None,
-                        conv_layers: bool = False) -> list[str]:
+                        conv_layers: bool = False, dora: bool = False) -> list[str]:
     """Every tensor name a LoRA of these models holds (text encoder ones only if it is given)."""
     modules = [kohya_unet_name(n) for n in unet_lora_targets(unet, conv_layers)]
     if text_encoder is not None:
         modules += [kohya_text_encoder_name(n) for n in text_encoder_lora_targets(text_encoder)]
-    return sorted(f"{m}.{suffix}" for m in modules for suffix in ("lora_down.weight", "lora_up.weight", "alpha"))
+    suffixes = ("lora_down.weight", "lora_up.weight", "alpha") + (("dora_scale",) if dora else ())
+    return sorted(f"{m}.{suffix}" for m in modules for suffix in suffixes)
 
 
 def _module_table(unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> dict[str, torch.nn.Module]:
@@ -148,8 +159,10 @@ def _has_lora_layers(model: torch.nn.Module) -> bool:
     return any(isinstance(m, BaseTunerLayer) for m in model.modules())
 
 
-def inject_lora(model: torch.nn.Module, targets: list[str], rank: int, alpha: float, seed: int) -> Any:
-    """Add LoRA layers (peft) to ``targets`` in place; returns the peft tuner that removes them again.
+def inject_lora(model: torch.nn.Module, targets: list[str], rank: int, alpha: float, seed: int,
+                dora: bool = False) -> Any:
+    """Add LoRA layers (peft) to ``targets`` in place; returns the peft tuner that removes them again
+    (:func:`remove_lora`). ``dora``: DoRA layers (:func:`add_magnitudes`).
 
     The down weights are initialised from ``seed`` (Kaiming-uniform, peft's default), the up
     weights are zero, so the model's output is unchanged until training moves them.
@@ -166,11 +179,16 @@ def inject_lora(model: torch.nn.Module, targets: list[str], rank: int, alpha: fl
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return LoraModel(model, config, ADAPTER_NAME)
+        tuner = LoraModel(model, config, ADAPTER_NAME)
+    if dora:
+        add_magnitudes(model)
+    return tuner
 
 
 def remove_lora(tuner: Any) -> None:
     """Replace every LoRA layer by the original module it wrapped (no merging)."""
+    for _, layer in _lora_layers(tuner.model):
+        _remove_magnitude(layer)
     tuner.unload()
     if "peft_config" in vars(tuner.model):  # peft before 0.18 leaves its config on the model
         del tuner.model.peft_config
@@ -188,10 +206,102 @@ def _lora_layers(model: torch.nn.Module) -> Iterator[tuple[str, Any]]:
             yield name, module
 
 
+# ---------------------------------------------------------------------------------------------
+# DoRA: a magnitude per input column, trained by scaling the LoRA layer's input
+# ---------------------------------------------------------------------------------------------
+
+MAGNITUDE = "dora_magnitude"  # the LoRA layer's submodule (a ModuleDict by adapter, like lora_A)
+# ComfyUI adds the machine epsilon of the float32 copy of the weight it patches to the norm
+DORA_EPS = torch.finfo(torch.float32).eps
+
+
+class _Magnitude(torch.nn.Module):
+    """One magnitude per input feature (Linear) or input channel (Conv2d), fp32, starting at the
+    weight's column norms; and those norms squared (the frozen weight's share of ||W + ΔW||²)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        norms = column_norms(weight)
+        self.weight = torch.nn.Parameter(norms)
+        self.register_buffer("base_squares", norms.square(), persistent=False)
+
+    def reset(self, weight: torch.Tensor) -> None:
+        norms = column_norms(weight).to(self.weight.device)
+        self.weight.data.copy_(norms)
+        self.base_squares = norms.square()
+
+
+def column_norms(weight: torch.Tensor) -> torch.Tensor:
+    """The L2 norm of each input column of ``weight`` (over the output axis and the kernel), fp32."""
+    return torch.linalg.vector_norm(weight.float(), dim=[d for d in range(weight.dim()) if d != 1])
+
+
+def _merged_norms(layer: Any) -> torch.Tensor:
+    """:func:`column_norms` of ``W + s·up@down`` without forming it: per column,
+    ``||W||² + 2s·(upᵀW)·down + s²·down·(upᵀup)down``, where ``||W||²`` is kept from the start (W is
+    frozen) and ``upᵀW`` reads W once (rank rows), instead of an fp32 copy of W written and read."""
+    weight = layer.get_base_layer().weight
+    magnitudes = getattr(layer, MAGNITUDE)[ADAPTER_NAME]
+    down = layer.lora_A[ADAPTER_NAME].weight.float().flatten(1)  # rank x (in x kernel)
+    up = layer.lora_B[ADAPTER_NAME].weight.float().flatten(1)  # out x rank
+    scale = float(layer.scaling[ADAPTER_NAME])
+    cross = (up.t() @ weight.flatten(1).float()).mul_(down).sum(0)
+    square = ((up.t() @ up) @ down).mul_(down).sum(0)
+    per_element = cross.mul_(2 * scale).add_(square, alpha=scale * scale)
+    squares = magnitudes.base_squares + per_element.view(weight.shape[1], -1).sum(1)
+    return squares.clamp_min_(0).sqrt_()
+
+
+def _magnitude(layer: Any) -> torch.nn.Parameter | None:
+    magnitudes = getattr(layer, MAGNITUDE, None)
+    return magnitudes[ADAPTER_NAME].weight if magnitudes is not None else None
+
+
+def _scale_input(layer: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Forward pre-hook: the input times ``m / ||W + ΔW||`` per input feature or channel."""
+    x = args[0]
+    magnitude = _magnitude(layer)
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        norms = _merged_norms(layer)
+    factor = (magnitude / (norms + DORA_EPS)).to(x.dtype)
+    if x.dim() == 4 and isinstance(layer.get_base_layer(), torch.nn.Conv2d):
+        factor = factor.view(-1, 1, 1)  # (N, C, H, W): per channel, the same over the image
+    return (x * factor, *args[1:])
+
+
+def add_magnitudes(model: torch.nn.Module) -> int:
+    """Turn every injected LoRA layer of ``model`` into a DoRA layer; returns how many. Each magnitude
+    starts at its weight's column norms, so the model's output is unchanged until training moves it."""
+    count = 0
+    for _, layer in _lora_layers(model):
+        magnitude = _Magnitude(layer.get_base_layer().weight).to(layer.lora_A[ADAPTER_NAME].weight.device)
+        layer.add_module(MAGNITUDE, torch.nn.ModuleDict({ADAPTER_NAME: magnitude}))
+        layer._dbs_dora_hook = layer.register_forward_pre_hook(_scale_input)
+        count += 1
+    return count
+
+
+def reset_magnitudes(model: torch.nn.Module) -> None:
+    """Set every magnitude to its weight's column norms again (after the base weights changed dtype)."""
+    with torch.no_grad():
+        for _, layer in _lora_layers(model):
+            if MAGNITUDE in layer._modules:
+                getattr(layer, MAGNITUDE)[ADAPTER_NAME].reset(layer.get_base_layer().weight)
+
+
+def _remove_magnitude(layer: Any) -> None:
+    hook = vars(layer).pop("_dbs_dora_hook", None)
+    if hook is not None:
+        hook.remove()
+    if MAGNITUDE in layer._modules:
+        del layer._modules[MAGNITUDE]
+
+
 def kohya_state_dict(
     unet: torch.nn.Module, text_encoder: torch.nn.Module | None, rank: int, alpha: float
 ) -> dict[str, torch.Tensor]:
-    """The trained LoRA layers of models with injected adapters, as kohya tensors (fp32, CPU copies)."""
+    """The trained LoRA layers of models with injected adapters, as kohya tensors (fp32, CPU copies);
+    with DoRA layers, each module's magnitudes as ``.dora_scale`` (1 x in, or 1 x in x 1 x 1)."""
     state: dict[str, torch.Tensor] = {}
     parts: list[tuple[torch.nn.Module, Any]] = [(unet, kohya_unet_name)]
     if text_encoder is not None:
@@ -202,7 +312,38 @@ def kohya_state_dict(
             state[f"{name}.lora_down.weight"] = layer.lora_A[ADAPTER_NAME].weight.detach().float().cpu().clone()
             state[f"{name}.lora_up.weight"] = layer.lora_B[ADAPTER_NAME].weight.detach().float().cpu().clone()
             state[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+            magnitude = _magnitude(layer)
+            if magnitude is not None:
+                shape = (1, -1) + (1,) * (layer.get_base_layer().weight.dim() - 2)
+                state[f"{name}.dora_scale"] = magnitude.detach().float().cpu().reshape(shape).clone()
     return state
+
+
+def merged_weight(weight: torch.Tensor, down: torch.Tensor, up: torch.Tensor, alpha: float | None,
+                  dora_scale: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
+    """``weight`` with one kohya module merged at ``strength``, fp32, computed as ComfyUI's LoRA
+    loader does (``comfy/weight_adapter``): ``W + strength · alpha/rank · up @ down``; with a
+    ``dora_scale``, ``W' = (W + alpha/rank · up @ down) · dora_scale / (||·|| + eps)`` and then
+    ``W + strength · (W' - W)``. The norm is per input column for a (1, in, ...) scale (our files,
+    LyCORIS' ``dora_wd``); for a scale with one value per output row ComfyUI divides by the norm of
+    the BASE weight's rows, and so does this, so the merge matches what ComfyUI generates."""
+    weight = weight.float()
+    down, up = down.float(), up.float()
+    rank = down.shape[0]
+    scale = (float(alpha) if alpha is not None else float(rank)) / rank
+    update = (up.flatten(1) @ down.flatten(1)).reshape(weight.shape)
+    if dora_scale is None:
+        return weight + (strength * scale) * update
+    dora_scale = dora_scale.float()
+    merged = weight + update * scale
+    if dora_scale.shape[0] == merged.shape[0]:  # one magnitude per output row
+        norms = weight.flatten(1).norm(dim=1).reshape(-1, *[1] * (weight.dim() - 1))
+    else:  # ComfyUI's own sequence of operations (the same float sums)
+        norms = merged.transpose(0, 1).flatten(1).norm(dim=1).reshape(1, -1, *[1] * (weight.dim() - 2))
+    merged = merged * (dora_scale / (norms + DORA_EPS))
+    if strength == 1.0:
+        return merged
+    return weight + strength * (merged - weight)
 
 
 @torch.no_grad()
@@ -216,7 +357,9 @@ def apply_lora(
     """Merge a kohya LoRA into the weights of ``unet`` / ``text_encoder`` IN PLACE (pass copies).
 
     ``W += scale * alpha / rank * up @ down`` (for a convolution, its kernel ``down`` as a matrix
-    of rank x (in x kh x kw) and ``up`` as out x rank, the product reshaped to the kernel). Returns ``{"unet": n, "text_encoder": m}`` modules
+    of rank x (in x kh x kw) and ``up`` as out x rank, the product reshaped to the kernel); a
+    module with a ``.dora_scale`` (DoRA) is merged as ComfyUI merges it, the scale being its
+    strength (:func:`merged_weight`). Returns ``{"unet": n, "text_encoder": m}`` modules
     patched; raises ValueError listing keys that match no module of these models.
     """
     table = _module_table(unet, text_encoder)
@@ -228,14 +371,21 @@ def apply_lora(
     for name in sorted(modules):
         down = state_dict[f"{name}.lora_down.weight"].float()
         up = state_dict[f"{name}.lora_up.weight"].float()
-        rank = down.shape[0]
         alpha_key = f"{name}.alpha"
-        alpha = float(state_dict[alpha_key]) if alpha_key in state_dict else float(rank)
+        alpha = float(state_dict[alpha_key]) if alpha_key in state_dict else None
         is_unet = name.startswith(UNET_PREFIX)
-        scale = (unet_scale if is_unet else text_encoder_scale) * alpha / rank
+        strength = unet_scale if is_unet else text_encoder_scale
         layer = table[name]
-        delta = up.flatten(1) @ down.flatten(1)
-        layer.weight += (scale * delta.reshape(layer.weight.shape)).to(layer.weight.device, layer.weight.dtype)
+        dora_scale = state_dict.get(f"{name}.dora_scale")
+        if dora_scale is None:  # in the layer's dtype, as before DoRA existed (same merged bits)
+            rank = down.shape[0]
+            scale = strength * (alpha if alpha is not None else float(rank)) / rank
+            delta = up.flatten(1) @ down.flatten(1)
+            layer.weight += (scale * delta.reshape(layer.weight.shape)).to(layer.weight.device, layer.weight.dtype)
+        else:
+            device = layer.weight.device
+            merged = merged_weight(layer.weight, down.to(device), up.to(device), alpha, dora_scale.to(device), strength)
+            layer.weight.copy_(merged.to(layer.weight.dtype))
         counts["unet" if is_unet else "text_encoder"] += 1
     return counts
 
@@ -318,6 +468,13 @@ def _check_inputs(
             raise ValueError(f"the {name} already has LoRA layers injected; pass a clean base model")
 
 
+def _network_args(config: LoRATrainConfig) -> dict[str, str]:
+    args = {"conv_dim": str(config.rank), "conv_alpha": f"{config.effective_alpha:g}"} if config.conv_layers else {}
+    if config.lora_type == "dora":
+        args["dora_wd"] = "True"
+    return args
+
+
 def _lora_metadata(config: LoRATrainConfig, counts: tuple[int, int]) -> dict[str, str]:
     """The keys only a LoRA file has (network shape, optimizer, which modules)."""
     return {
@@ -327,8 +484,9 @@ def _lora_metadata(config: LoRATrainConfig, counts: tuple[int, int]) -> dict[str
         "ss_network_train_unet_only": str(not config.train_text_encoder),
         "ss_optimizer": OPTIMIZER_DESCRIPTIONS[config.optimizer],
         # kohya's LoCon arguments (the convolutions with the same rank and alpha), when on
-        **({"ss_network_args": json.dumps({"conv_dim": str(config.rank), "conv_alpha": f"{config.effective_alpha:g}"})}
-           if config.conv_layers else {}),
+        # and LyCORIS' DoRA flag (magnitudes per input column, the .dora_scale keys)
+        **({"ss_network_args": json.dumps(_network_args(config))} if _network_args(config) else {}),
+        **({"dbs.lora_type": config.lora_type} if config.lora_type != "lora" else {}),
         "dbs.unet_modules": str(counts[0]),
         "dbs.text_encoder_modules": str(counts[1]),
         "dbs.lora_targets": json.dumps(
@@ -376,10 +534,11 @@ def train_lora(
     frozen_dtype = autocast_dtype or torch.float32
     train_text = config.train_text_encoder
     alpha = config.effective_alpha
+    dora = config.lora_type == "dora"
     started = time.monotonic()
     logger.info(
-        "LoRA training: %d images at %dpx, rank %d, alpha %g, %d steps, unet lr %g, text encoder %s, on %s",
-        len(subject), subject.resolution, config.rank, alpha, config.steps, config.unet_lr,
+        "%s training: %d images at %dpx, rank %d, alpha %g, %d steps, unet lr %g, text encoder %s, on %s",
+        "DoRA" if dora else "LoRA", len(subject), subject.resolution, config.rank, alpha, config.steps, config.unet_lr,
         f"lr {config.text_encoder_lr:g}" if train_text else "frozen", device,
     )  # fmt: skip
 
@@ -408,7 +567,7 @@ def train_lora(
             try:
                 tuners.append(
                     inject_lora(unet, unet_lora_targets(unet, config.conv_layers), config.rank, alpha,
-                                derive_seed(config.seed, "unet"))
+                                derive_seed(config.seed, "unet"), dora=dora)
                 )
                 if train_text:
                     tuners.append(
@@ -418,6 +577,7 @@ def train_lora(
                             config.rank,
                             alpha,
                             derive_seed(config.seed, "text_encoder"),
+                            dora=dora,
                         )
                     )
                 unet_params = lora_parameters(unet)
@@ -428,6 +588,9 @@ def train_lora(
                 cast_frozen(unet, frozen_dtype, keep=unet_params)
                 if train_text:
                     cast_frozen(text_encoder, frozen_dtype, keep=text_params)
+                if dora:  # the magnitudes start at the norms of the weights as they now compute
+                    for model in (unet, text_encoder) if train_text else (unet,):
+                        reset_magnitudes(model)
                 if config.gradient_checkpointing:
                     unet.enable_gradient_checkpointing()
                 unet.train()

@@ -57,6 +57,17 @@ UPDATE_BUFFERS = 4.5
 # Encoding images for the latent cache (up to 4 at a time): bytes per image pixel in fp32.
 ENCODE_BYTES_PER_PIXEL = 2500
 SKIP_ENV = "DBS_SKIP_MEMORY_CHECK"
+# DoRA keeps one more copy of each adapted layer's input for the backward pass (the input scaled by
+# its magnitudes), counted with forward hooks on SD1.5's UNet at 64 and 128 px: elements per latent
+# pixel of a batch image for the attention projections and for the 3x3 convolutions (conv_layers),
+# and the 77 x 768 text context that the 32 cross-attention to_k/to_v read, whatever the size.
+DORA_ATTENTION_INPUTS_PER_LATENT_PIXEL = 16_920
+DORA_CONV_INPUTS_PER_LATENT_PIXEL = 9_460
+DORA_CONTEXT_INPUTS = 32 * 77 * 768
+TEXT_TOKENS = 77
+# and computes each weight's column norms every forward from up^T @ W, which takes an fp32 copy of
+# W when the frozen weights are bf16/fp16 (one weight at a time)
+DORA_NORM_BUFFERS = 1
 
 
 class MemoryPlanError(MemoryError):
@@ -183,6 +194,25 @@ def activation_bytes(config: Any, resolution: int, batch: int, compute: str) -> 
     return int((ACTIVATION_BASE_BYTES + ACTIVATION_BYTES_PER_LATENT_PIXEL * latent_pixels * batch * share) * width)
 
 
+def magnitude_count(pairs: Iterable[tuple[int, int, str]], conv_pairs: Iterable[tuple[int, int, str]],
+                    train_text: bool) -> int:
+    """DoRA's magnitudes: one per input feature of each adapted linear layer and per input channel of
+    each adapted convolution (``conv_pairs`` hold in x 3 x 3)."""
+    linear = sum(n_in for n_in, _, part in pairs if part == "unet" or train_text)
+    return linear + sum(n_in // 9 for n_in, _, _ in conv_pairs)
+
+
+def dora_input_bytes(config: Any, resolution: int, batch: int, compute: str, text_inputs: int) -> int:
+    """The activations DoRA adds: a copy of each adapted layer's scaled input (see the constants);
+    ``text_inputs``: the summed input widths of the adapted text-encoder layers."""
+    latent_pixels = (resolution // 8) ** 2
+    share = CHECKPOINTING_SHARE if config.gradient_checkpointing else 1.0
+    per_pixel = DORA_ATTENTION_INPUTS_PER_LATENT_PIXEL + (DORA_CONV_INPUTS_PER_LATENT_PIXEL if config.conv_layers else 0)
+    unet = (per_pixel * latent_pixels + DORA_CONTEXT_INPUTS) * share
+    text = text_inputs * TEXT_TOKENS if config.train_text_encoder else 0
+    return int((unet + text) * batch * _BYTES[compute])
+
+
 def encode_bytes(resolution: int, images: int, compute: str) -> int:
     """What encoding the images for the latent cache adds (the VAE encodes up to 4 at a time)."""
     return int(ENCODE_BYTES_PER_PIXEL * resolution**2 * min(images, 4) * _BYTES[compute] / 4)
@@ -220,9 +250,15 @@ def plan_memory(config: Any, base_model: str | os.PathLike, resolution: int,
     if config.method == "lora":
         pairs = sizes.lora_pairs + (sizes.conv_pairs if config.conv_layers else [])
         lora = sum(config.rank * (n_in + n_out) for n_in, n_out, part in pairs if part == "unet" or train_text)
+        dora = config.lora_type == "dora"
+        if dora:  # the magnitudes: weights, gradients, states and EMA like the rest
+            lora += magnitude_count(sizes.lora_pairs, sizes.conv_pairs if config.conv_layers else [], train_text)
         trained, grads = lora * 4, lora * 4
         states = STATES_PER_WEIGHT.get(config.optimizer, 1) * lora * 4
         parts += [("LoRA weights", trained), ("gradients", grads), (f"{config.optimizer} states", states)]
+        if dora:
+            widest = max(n_in * n_out for n_in, n_out, part in pairs if part == "unet" or train_text)
+            parts.append(("DoRA norm buffer", DORA_NORM_BUFFERS * widest * 4 if compute != "fp32" else 0))
     else:
         count = sizes.numel["unet"] + (sizes.numel["text_encoder"] if train_text else 0)
         trained_width = 2 if getattr(config, "weight_precision", "fp32") == "bf16" else 4
@@ -247,6 +283,9 @@ def plan_memory(config: Any, base_model: str | os.PathLike, resolution: int,
     activations = activation_bytes(config, resolution, batch, compute)
     if not config.cache_latents:  # the VAE encodes the batch every step
         activations += encode_bytes(resolution, batch, compute)
+    if config.method == "lora" and config.lora_type == "dora":
+        text_inputs = sum(n_in for n_in, _, part in sizes.lora_pairs if part == "text_encoder")
+        activations += dora_input_bytes(config, resolution, batch, compute, text_inputs)
     parts.append(("activations", activations))
     train = sum(size for _, size in parts)
     if samples and config.cache_latents:  # the VAE comes back to decode each sample
