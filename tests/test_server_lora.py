@@ -239,15 +239,15 @@ def portrait_subject(folder: Path) -> None:
 
 def test_a_run_with_the_training_options_on_saves_them_and_the_loop_applies_it(comfy_server, comfy_client,
                                                                                 test_models):
-    """LoRA Train through /prompt with Prodigy, the EMA, caption dropout, LoRA on the convolutions,
-    aspect-ratio buckets and a masked loss from painted masks: the file records them and the
+    """LoRA Train through /prompt with Prodigy, the EMA, caption dropout, DoRA on the attention
+    layers and the convolutions, aspect-ratio buckets and a masked loss from painted masks: the file records them and the
     loop's sampler runs with it applied (every key loaded); hostile optimizer and loss-mask
     names are errors naming the choices, before any model loads."""
     from safetensors import safe_open
 
     portrait_subject(comfy_server.input_dir / "portraits")
     options = {"optimizer": "prodigy", "unet_lr": 1.0, "ema_decay": 0.9, "caption_dropout": 0.5, "conv_layers": True,
-               "unmasked_weight": 0.2, "sample_every": 0, "validate_every": 0}
+               "lora_type": "dora", "unmasked_weight": 0.2, "sample_every": 0, "validate_every": 0}
     graph = lora_graph(test_models["checkpoint"].name, "options_lora", steps=1, prefix="options_e2e", **options)
     graph["subject"]["inputs"].update(folder="portraits", resolution=192, crop_mode="bucket", loss_mask="mask")
     graph["crops"] = {"class_type": "SaveImage", "inputs": {"images": ["subject", 1], "filename_prefix": "bucket_crops"}}
@@ -266,6 +266,7 @@ def test_a_run_with_the_training_options_on_saves_them_and_the_loop_applies_it(c
     assert '"conv_dim"' in meta["ss_network_args"] and '"ema_decay": 0.9' in meta["dbs.config"]
     assert meta["ss_enable_bucket"] == "True" and '"resolution": [128, 256], "count": 2' in meta["ss_bucket_info"]
     assert meta["ss_masked_loss"] == "True" and meta["dbs.unmasked_weight"] == "0.2"
+    assert '"dora_wd": "True"' in meta["ss_network_args"]  # DoRA: every dora_scale loaded too (no key left)
 
     for node, change, message in [
         ("train", {"optimizer": "sgd"}, "optimizer must be one of 'adamw', 'adafactor', 'adamw8bit', 'prodigy' (got 'sgd')"),

@@ -810,6 +810,7 @@ OTHER_VALUES = {
     "optimizer": "adafactor", "record_sources": True, "fused_backward": True, "weight_precision": "bf16",
     "gradient_accumulation": 2, "ema_decay": 0.99, "ema_on_cpu": True,
     "caption_dropout": 0.1, "shuffle_tags": True, "keep_tags": 2, "conv_layers": True, "lora_type": "dora",
+    "unmasked_weight": 0.5,
 }
 PRIOR_ONLY = {"prior_loss_weight", "class_steps", "class_guidance", "class_seed"}
 
