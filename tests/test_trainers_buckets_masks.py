@@ -192,6 +192,8 @@ def test_a_masked_lora_resumes_exactly_and_records_the_mask(tmp_path):
     resumed = train_lora(fresh(), subject, config, resume=state)
     assert all(torch.equal(resumed.state_dict[k], whole.state_dict[k]) for k in whole.state_dict)
     path = save_lora(whole, tmp_path / "masked.safetensors")
+    again = save_lora(train_lora(fresh(), subject, config), tmp_path / "again.safetensors")
+    assert again.read_bytes() == path.read_bytes()  # the same seed, the same file
     with safe_open(str(path), "pt") as handle:
         meta = handle.metadata()
     assert meta["ss_masked_loss"] == "True" and meta["dbs.unmasked_weight"] == "0"
