@@ -65,8 +65,9 @@ def user_env(tmp_path_factory):
     env = dict(os.environ)
     if env.get("PIP_FIND_LINKS"):  # this machine's local wheels (torch)
         env["UV_FIND_LINKS"] = env["PIP_FIND_LINKS"]
-    # compiled to bytecode as pip does, so that ComfyUI starts as fast as in a real install
-    run(uv, "pip", "install", "--quiet", "--compile-bytecode", "--python", python, *TORCH, *requirements, OPENCV_5,
+    # not compiled to bytecode ahead (pip would): Python compiles what ComfyUI imports on its first
+    # start, which costs seconds, where compiling every installed package took about a minute
+    run(uv, "pip", "install", "--quiet", "--python", python, *TORCH, *requirements, OPENCV_5,
         env=env)
     return python
 
