@@ -162,11 +162,7 @@ class TrainingSet:
     def latent_rows(self, flips: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std) of the cached latents of ``indices`` (all of one size), mirrored where ``flips``."""
         assert self.latent_mean is not None and self.latent_std is not None
-        if isinstance(self.latent_mean, torch.Tensor):
-            return self.latent_mean[flips, indices], self.latent_std[flips, indices]
-        pairs = list(zip(flips.tolist(), indices.tolist(), strict=True))
-        return (torch.stack([self.latent_mean[i][f] for f, i in pairs]),
-                torch.stack([self.latent_std[i][f] for f, i in pairs]))
+        return _views(self.latent_mean, flips, indices), _views(self.latent_std, flips, indices)
 
     def pixel_rows(self, indices: torch.Tensor) -> torch.Tensor:
         assert self.pixels is not None
@@ -176,11 +172,14 @@ class TrainingSet:
 
     def weight_rows(self, flips: torch.Tensor, indices: torch.Tensor) -> torch.Tensor | None:
         """The loss weights of ``indices`` (n, 1, h, w), or None without masked loss."""
-        if self.loss_weights is None:
-            return None
-        if isinstance(self.loss_weights, torch.Tensor):
-            return self.loss_weights[flips, indices]
-        return torch.stack([self.loss_weights[i][f] for f, i in zip(flips.tolist(), indices.tolist(), strict=True)])
+        return _views(self.loss_weights, flips, indices) if self.loss_weights is not None else None
+
+
+def _views(store: torch.Tensor | list[torch.Tensor], flips: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Rows ``indices`` in view ``flips`` of a (V, N, ...) tensor or of a list of (V, ...) per image."""
+    if isinstance(store, torch.Tensor):
+        return store[flips, indices]
+    return torch.stack([store[i][f] for f, i in zip(flips.tolist(), indices.tolist(), strict=True)])
 
 
 def tokenize(tokenizer: Any, captions: Sequence[str], warn: bool = True) -> torch.Tensor:
@@ -945,9 +944,52 @@ def run_training_loop(
     watch.before_training(first - 1, result.history, callbacks)
     # one process only: the others would wait for its gradients at the average
     checks = CancelChecks(models.unet, callbacks) if settings.processes.world == 1 else None
+
+    def capture_at(done: int) -> Callable[[], LoopState]:
+        return lambda: capture_state(done, optimization, generator, streams, result.history)
+
+    def current() -> Any:
+        return snapshot(result.history) if snapshot is not None else None
+
     try:
-        _train_steps(models, sets, streams, settings, generator, optimization, callbacks, result, first, started,
-                     snapshot, watch, prior is not None, checks)
+        for step in range(first, settings.steps + 1):
+            lr = step_lr(optimization.optimizer)
+            drawn_from = (generator.get_state(), [list(stream._pending) for stream in streams])
+            error: BaseException | None = None
+            try:
+                loss, parts = train_step(models, sets, streams, settings, generator, optimization, step, checks)
+            except StepCancelled as cancelled:
+                # the forward pass's frames hold its activations: let them go with the step
+                traceback.clear_frames(cancelled.__traceback__)
+                error = cancelled.error
+            if error is not None:  # raised outside the except: no context chain back to those frames
+                # nothing of this step was applied: the loop is as it was after the last one, draws included
+                generator.set_state(drawn_from[0])
+                for stream, pending in zip(streams, drawn_from[1], strict=True):
+                    stream._pending = pending
+                if step > first:  # a step was trained in this run: what a cancel after it would have kept
+                    callbacks.on_stop(step - 1, capture_at(step - 1), current, error)
+                raise error
+            state = StepState(
+                step=step,
+                total_steps=settings.steps,
+                loss=loss,
+                lr=lr,
+                elapsed=time.monotonic() - started,
+                instance_loss=parts[0],
+                prior_loss=parts[1] if prior is not None else None,
+            )
+            result.history.add(state)
+            try:
+                watch.after_step(state, result.history, callbacks)
+                callbacks.on_step_end(state)
+            except BaseException as stop:
+                callbacks.on_stop(step, capture_at(step), current, stop)
+                raise
+            if settings.save_every and step % settings.save_every == 0 and step < settings.steps:
+                if is_sharded(optimization.optimizer):  # every process sends its share of the states to the main one
+                    optimization.optimizer.consolidate_state_dict(to=0)
+                callbacks.on_save_point(step, capture_at(step), current)
     finally:
         if checks is not None:
             checks.remove()
@@ -956,64 +998,6 @@ def run_training_loop(
     result.seconds = time.monotonic() - started
     callbacks.on_train_end(list(result.losses))
     return result
-
-
-def _train_steps(models: LoopModels, sets: list[TrainingSet], streams: list[IndexStream], settings: LoopSettings,
-                 generator: torch.Generator, optimization: Optimization, callbacks: TrainingCallbacks,
-                 result: LoopResult, first: int, started: float, snapshot: Callable[[LossHistory], Any] | None,
-                 watch: LoopWatch, with_prior: bool, checks: CancelChecks | None) -> None:
-    for step in range(first, settings.steps + 1):
-        lr = step_lr(optimization.optimizer)
-        drawn_from = (generator.get_state(), [list(stream._pending) for stream in streams])
-        error: BaseException | None = None
-        try:
-            loss, parts = train_step(models, sets, streams, settings, generator, optimization, step, checks)
-        except StepCancelled as cancelled:
-            # the forward pass's frames hold its activations: let them go with the step
-            traceback.clear_frames(cancelled.__traceback__)
-            error = cancelled.error
-        if error is not None:  # raised outside the except: no context chain back to those frames
-            # nothing of this step was applied: the loop is as it was after the last one, draws included
-            generator.set_state(drawn_from[0])
-            for stream, pending in zip(streams, drawn_from[1], strict=True):
-                stream._pending = pending
-            if step > first:  # a step was trained in this run: what a cancel after it would have kept
-
-                def capture_last(step: int = step - 1) -> LoopState:
-                    return capture_state(step, optimization, generator, streams, result.history)
-
-                def current_last() -> Any:
-                    return snapshot(result.history) if snapshot is not None else None
-
-                callbacks.on_stop(step - 1, capture_last, current_last, error)
-            raise error
-        state = StepState(
-            step=step,
-            total_steps=settings.steps,
-            loss=loss,
-            lr=lr,
-            elapsed=time.monotonic() - started,
-            instance_loss=parts[0],
-            prior_loss=parts[1] if with_prior else None,
-        )
-        result.history.add(state)
-
-        def capture(step: int = step) -> LoopState:
-            return capture_state(step, optimization, generator, streams, result.history)
-
-        def current(step: int = step) -> Any:
-            return snapshot(result.history) if snapshot is not None else None
-
-        try:
-            watch.after_step(state, result.history, callbacks)
-            callbacks.on_step_end(state)
-        except BaseException as error:
-            callbacks.on_stop(step, capture, current, error)
-            raise
-        if settings.save_every and step % settings.save_every == 0 and step < settings.steps:
-            if is_sharded(optimization.optimizer):  # every process sends its share of the states to the main one
-                optimization.optimizer.consolidate_state_dict(to=0)
-            callbacks.on_save_point(step, capture, current)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -589,7 +589,7 @@ class Watcher(LoopWatch):
     def _validation_set(self, training_set: TrainingSet) -> list[_ValidationSet]:
         """The images the validation loss is computed on, a group per image size."""
         chosen = torch.tensor(_spread(training_set.count, MAX_VALIDATION_IMAGES), dtype=torch.long)
-        sizes = [training_set.sizes[int(i)] for i in chosen] if training_set.sizes else [None] * len(chosen)
+        sizes = [training_set.sizes[int(i)] for i in chosen]
         groups = []
         for size in dict.fromkeys(sizes):
             members = chosen[[k for k, s in enumerate(sizes) if s == size]]
