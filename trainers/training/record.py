@@ -105,7 +105,7 @@ def _bucket_info(subject: SubjectData) -> str:
     for height, width in subject.sizes():
         counts[(width, height)] = counts.get((width, height), 0) + 1
     buckets = {str(i): {"resolution": list(size), "count": n} for i, (size, n) in enumerate(sorted(counts.items()))}
-    return json.dumps({"buckets": buckets, "mean_img_ar_error": 0.0})
+    return json.dumps({"buckets": buckets})  # kohya's mean_img_ar_error left out: the photos' own ratios are gone
 
 
 def _curve_stride(steps: int) -> int:
