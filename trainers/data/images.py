@@ -671,22 +671,12 @@ def apply_crop(photo: Photo, geometry: CropGeometry, fill: tuple[float, float, f
     return canvas
 
 
-def _square(photo: Photo, top: int, left: int, side: int, resolution: int) -> torch.Tensor:
-    """The square at (top, left) at `resolution` (as center_crop_resize makes it from a float image)."""
-    return apply_crop(photo, _square_geometry(top, left, side, resolution))
-
-
 def pad_geometry(height: int, width: int, resolution: int) -> CropGeometry:
     """The whole photo, longest side scaled to `resolution`, centred on a square canvas."""
     scale = resolution / max(height, width)
     new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
     return CropGeometry(0, 0, height, width, new_h, new_w, resolution, resolution,
                         (resolution - new_h) // 2, (resolution - new_w) // 2)
-
-
-def pad_resize(photo: Photo, resolution: int) -> torch.Tensor:
-    """The whole photo, longest side scaled to `resolution`, centred on a BACKGROUND_RGB square."""
-    return apply_crop(photo, pad_geometry(photo.height, photo.width, resolution))
 
 
 def bucket_geometry(height: int, width: int, resolution: int) -> CropGeometry:
