@@ -556,17 +556,32 @@ def capture_state(step: int, optimization: Optimization, generator: torch.Genera
     """The loop's state after ``step``. The weights and optimizer moments are the live tensors,
     not copies (a full fine-tune's state is as large as 3 UNets): write it before the next step."""
     scaler = optimization.grad_scaler
+    position = data_position(generator, streams)
     return LoopState(
         step=step,
         parameters=[p.detach() for p in optimization.parameters],
         optimizer=optimization.optimizer.state_dict(),
         lr_scheduler=copy.deepcopy(optimization.lr_scheduler.state_dict()),
         grad_scaler=copy.deepcopy(scaler.state_dict()) if scaler is not None else None,
-        generator=generator.get_state().clone(),
-        pending=[list(stream._pending) for stream in streams],
+        generator=position[0],
+        pending=position[1],
         history=history.copy(),
         average=list(optimization.average.average) if optimization.average is not None else None,
     )
+
+
+def data_position(generator: torch.Generator,
+                  streams: Sequence[IndexStream]) -> tuple[torch.Tensor, list[list[int]]]:
+    """Where the run's data draws stand: the generator's state and each stream's pending indices."""
+    return generator.get_state().clone(), [list(stream._pending) for stream in streams]
+
+
+def set_data_position(generator: torch.Generator, streams: Sequence[IndexStream],
+                      position: tuple[torch.Tensor, Sequence[Sequence[int]]]) -> None:
+    """Put the data draws back where :func:`data_position` found them."""
+    generator.set_state(position[0])
+    for stream, pending in zip(streams, position[1], strict=True):
+        stream._pending = list(pending)
 
 
 def restore_state(state: LoopState, optimization: Optimization, generator: torch.Generator,
@@ -588,9 +603,7 @@ def restore_state(state: LoopState, optimization: Optimization, generator: torch
         optimization.grad_scaler.load_state_dict(state.grad_scaler)
     if optimization.average is not None:
         optimization.average.load(state.average)
-    generator.set_state(state.generator)
-    for stream, pending in zip(streams, state.pending, strict=True):
-        stream._pending = list(pending)
+    set_data_position(generator, streams, (state.generator, state.pending))
     return state.history.copy()
 
 
@@ -954,7 +967,7 @@ def run_training_loop(
     try:
         for step in range(first, settings.steps + 1):
             lr = step_lr(optimization.optimizer)
-            drawn_from = (generator.get_state(), [list(stream._pending) for stream in streams])
+            drawn_from = data_position(generator, streams)
             error: BaseException | None = None
             try:
                 loss, parts = train_step(models, sets, streams, settings, generator, optimization, step, checks)
@@ -964,9 +977,7 @@ def run_training_loop(
                 error = cancelled.error
             if error is not None:  # raised outside the except: no context chain back to those frames
                 # nothing of this step was applied: the loop is as it was after the last one, draws included
-                generator.set_state(drawn_from[0])
-                for stream, pending in zip(streams, drawn_from[1], strict=True):
-                    stream._pending = pending
+                set_data_position(generator, streams, drawn_from)
                 if step > first:  # a step was trained in this run: what a cancel after it would have kept
                     callbacks.on_stop(step - 1, capture_at(step - 1), current, error)
                 raise error
