@@ -276,10 +276,7 @@ def prepare_training_set(
         signed = torch.stack(list(pixels)).float().clamp(0, 1) * 2 - 1 if not isinstance(pixels, torch.Tensor) \
             else pixels.float().clamp(0, 1) * 2 - 1
         if cache_latents:
-            variants = [signed, signed.flip(-1)] if flip else [signed]
-            stats = [encode_latent_stats(vae, variant) for variant in variants]
-            training_set.latent_mean = torch.stack([mean for mean, _ in stats])
-            training_set.latent_std = torch.stack([std for _, std in stats])
+            training_set.latent_mean, training_set.latent_std = _encode_views(vae, signed, flip)
         else:
             training_set.pixels = signed
         return training_set
@@ -290,14 +287,17 @@ def prepare_training_set(
     means: list[torch.Tensor] = [torch.empty(0)] * len(images)
     stds: list[torch.Tensor] = [torch.empty(0)] * len(images)
     for members in training_set.buckets():  # encoded a size at a time
-        signed = torch.stack([images[i] for i in members])
-        variants = [signed, signed.flip(-1)] if flip else [signed]
-        stats = [encode_latent_stats(vae, variant) for variant in variants]
+        mean, std = _encode_views(vae, torch.stack([images[i] for i in members]), flip)
         for row, index in enumerate(members):
-            means[index] = torch.stack([mean[row] for mean, _ in stats])
-            stds[index] = torch.stack([std[row] for _, std in stats])
+            means[index], stds[index] = mean[:, row], std[:, row]
     training_set.latent_mean, training_set.latent_std = means, stds
     return training_set
+
+
+def _encode_views(vae: Any, signed: torch.Tensor, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latent (mean, std) of images in [-1, 1], (V, n, 4, h, w): V = 2 with flip (index 1 mirrored)."""
+    stats = [encode_latent_stats(vae, variant) for variant in ([signed, signed.flip(-1)] if flip else [signed])]
+    return torch.stack([mean for mean, _ in stats]), torch.stack([std for _, std in stats])
 
 
 def prepare_training_sets(base: SD15Components, subject: SubjectData, class_subject: SubjectData | None, *,
@@ -635,14 +635,17 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None) -> Any:
 @dataclass
 class DrawnBatch:
     """The random draws of one optimizer step's global batch (CPU tensors): for each set its
-    image indices, flips and latent-sample noise; for all rows (set after set) the training
-    noise and timesteps. Every process draws the same; each computes its own rows."""
+    image indices, flips and latent-sample noise; for all rows (set after set) the timesteps, and
+    per group of sets the training noise. Every process draws the same; each computes its own rows."""
 
     count: int  # rows per set
     indices: list[torch.Tensor]
     flips: list[torch.Tensor]
     latent_eps: list[torch.Tensor]
-    noise: torch.Tensor | list[torch.Tensor]  # all rows, or one per set when the sets' sizes differ
+    # the sets that go through the UNet together (all, or each alone when their sizes differ) and
+    # the noise of each group, its sets' rows in order
+    groups: list[list[int]]
+    noise: list[torch.Tensor]
     timesteps: torch.Tensor
     # the subject set's rows trained with the empty caption (caption_dropout), and their
     # captions with shuffled tags (shuffle_tags; None: unchanged)
@@ -668,17 +671,14 @@ def draw_batch(models: LoopModels, sets: Sequence[TrainingSet], streams: Sequenc
         eps.append(torch.randn((count, *latent_shape(training_set, models.vae, int(indices[-1][0]))),
                                generator=generator))
     shapes = [e.shape[1:] for e in eps]
-    parts = [len(sets)] if all(shape == shapes[0] for shape in shapes) else [1] * len(sets)
-    noises, first = [], 0
-    for size in parts:  # one draw for all rows when the sets share a size (as always before buckets)
-        rows = count * size
-        shape = (rows, *shapes[first])
+    groups = [list(range(len(sets)))] if all(shape == shapes[0] for shape in shapes) else [[i] for i in range(len(sets))]
+    noise = []
+    for group in groups:  # one draw for all rows when the sets share a size (as always before buckets)
+        shape = (count * len(group), *shapes[group[0]])
         part = torch.randn(shape, generator=generator)
         if noise_offset:
-            part = part + noise_offset * torch.randn((rows, shape[1], 1, 1), generator=generator)
-        noises.append(part)
-        first += size
-    noise: torch.Tensor | list[torch.Tensor] = noises[0] if len(noises) == 1 else noises
+            part = part + noise_offset * torch.randn((shape[0], shape[1], 1, 1), generator=generator)
+        noise.append(part)
     timesteps = torch.randint(0, int(models.noise_scheduler.config.num_train_timesteps), (count * len(sets),),
                               generator=generator, dtype=torch.long)
     # drawn last, and only when on: a run without them draws what it always drew
@@ -688,7 +688,7 @@ def draw_batch(models: LoopModels, sets: Sequence[TrainingSet], streams: Sequenc
         subject = sets[0]
         texts = [shuffled_caption(subject.captions[int(subject.caption_index[i])], keep_tags, generator)
                  for i in indices[0]]
-    return DrawnBatch(count, indices, flips, eps, noise, timesteps, dropped, texts)
+    return DrawnBatch(count, indices, flips, eps, groups, noise, timesteps, dropped, texts)
 
 
 def masked_mse(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -707,7 +707,7 @@ def shard_loss(models: LoopModels, sets: Sequence[TrainingSet], drawn: DrawnBatc
     chosen = torch.arange(rows.start, rows.stop)
     per_sample_parts, outputs = [], []
     with autocast_context(device, settings.autocast_dtype):
-        latents, conditioning, noise_rows, noises, masks = [], [], [], [], []
+        latents, conditioning, batch_rows, masks = [], [], [], []
         for i, training_set in enumerate(sets):
             indices, flips = drawn.indices[i][chosen], drawn.flips[i][chosen]
             if training_set.cached_latents:
@@ -721,16 +721,12 @@ def shard_loss(models: LoopModels, sets: Sequence[TrainingSet], drawn: DrawnBatc
             texts = [drawn.texts[j] for j in chosen.tolist()] if i == 0 and drawn.texts is not None else None
             conditioning.append(batch_conditioning(training_set, indices, models.text_encoder, dropped, texts)
                                 .to(device))
-            noise_rows.append(chosen + i * drawn.count)
-            noises.append(drawn.noise[i][chosen] if isinstance(drawn.noise, list) else None)
+            batch_rows.append(chosen + i * drawn.count)
             masks.append(training_set.weight_rows(flips, indices))
-        # the sets whose latents share a size go through the UNet together
-        groups = [list(range(len(sets)))] if not isinstance(drawn.noise, list) else [[i] for i in range(len(sets))]
-        for group in groups:
+        for group, group_noise in zip(drawn.groups, drawn.noise, strict=True):
             clean = torch.cat([latents[i] for i in group])
-            taken = torch.cat([noise_rows[i] for i in group])
-            noise = drawn.noise[taken] if isinstance(drawn.noise, torch.Tensor) else torch.cat([noises[i] for i in group])
-            timesteps = drawn.timesteps[taken]
+            noise = group_noise[torch.cat([chosen + place * drawn.count for place in range(len(group))])]
+            timesteps = drawn.timesteps[torch.cat([batch_rows[i] for i in group])]
             noisy = models.noise_scheduler.add_noise(clean, noise, timesteps)
             target = training_target(models.noise_scheduler, clean, noise, timesteps)
             weights = (
