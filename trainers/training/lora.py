@@ -236,34 +236,35 @@ def column_norms(weight: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(weight.float(), dim=[d for d in range(weight.dim()) if d != 1])
 
 
-def _merged_norms(layer: Any) -> torch.Tensor:
+def _merged_norms(layer: Any, magnitude: _Magnitude) -> torch.Tensor:
     """:func:`column_norms` of ``W + s·up@down`` without forming it: per column,
     ``||W||² + 2s·(upᵀW)·down + s²·down·(upᵀup)down``, where ``||W||²`` is kept from the start (W is
     frozen) and ``upᵀW`` reads W once (rank rows), instead of an fp32 copy of W written and read."""
     weight = layer.get_base_layer().weight
-    magnitudes = getattr(layer, MAGNITUDE)[ADAPTER_NAME]
     down = layer.lora_A[ADAPTER_NAME].weight.float().flatten(1)  # rank x (in x kernel)
     up = layer.lora_B[ADAPTER_NAME].weight.float().flatten(1)  # out x rank
     scale = float(layer.scaling[ADAPTER_NAME])
     cross = (up.t() @ weight.flatten(1).float()).mul_(down).sum(0)
     square = ((up.t() @ up) @ down).mul_(down).sum(0)
     per_element = cross.mul_(2 * scale).add_(square, alpha=scale * scale)
-    squares = magnitudes.base_squares + per_element.view(weight.shape[1], -1).sum(1)
+    squares = magnitude.base_squares + per_element.view(weight.shape[1], -1).sum(1)
     return squares.clamp_min_(0).sqrt_()
 
 
-def _magnitude(layer: Any) -> torch.nn.Parameter | None:
+def _magnitude(layer: Any) -> _Magnitude | None:
+    """A DoRA layer's magnitudes (None on a plain LoRA layer)."""
     magnitudes = getattr(layer, MAGNITUDE, None)
-    return magnitudes[ADAPTER_NAME].weight if magnitudes is not None else None
+    return magnitudes[ADAPTER_NAME] if magnitudes is not None else None
 
 
 def _scale_input(layer: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
     """Forward pre-hook: the input times ``m / ||W + ΔW||`` per input feature or channel."""
     x = args[0]
     magnitude = _magnitude(layer)
+    assert magnitude is not None  # the hook is on DoRA layers only
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-        norms = _merged_norms(layer)
-    factor = (magnitude / (norms + DORA_EPS)).to(x.dtype)
+        norms = _merged_norms(layer, magnitude)
+    factor = (magnitude.weight / (norms + DORA_EPS)).to(x.dtype)
     if x.dim() == 4 and isinstance(layer.get_base_layer(), torch.nn.Conv2d):
         factor = factor.view(-1, 1, 1)  # (N, C, H, W): per channel, the same over the image
     return (x * factor, *args[1:])
@@ -285,8 +286,9 @@ def reset_magnitudes(model: torch.nn.Module) -> None:
     """Set every magnitude to its weight's column norms again (after the base weights changed dtype)."""
     with torch.no_grad():
         for _, layer in _lora_layers(model):
-            if MAGNITUDE in layer._modules:
-                getattr(layer, MAGNITUDE)[ADAPTER_NAME].reset(layer.get_base_layer().weight)
+            magnitude = _magnitude(layer)
+            if magnitude is not None:
+                magnitude.reset(layer.get_base_layer().weight)
 
 
 def _remove_magnitude(layer: Any) -> None:
@@ -315,7 +317,7 @@ def kohya_state_dict(
             magnitude = _magnitude(layer)
             if magnitude is not None:
                 shape = (1, -1) + (1,) * (layer.get_base_layer().weight.dim() - 2)
-                state[f"{name}.dora_scale"] = magnitude.detach().float().cpu().reshape(shape).clone()
+                state[f"{name}.dora_scale"] = magnitude.weight.detach().float().cpu().reshape(shape).clone()
     return state
 
 
